@@ -1,0 +1,15 @@
+"""Horizon: train models larger than device memory, with the host store as their home.
+
+The public surface: ``Trainer`` and its ``TrainConfig``, the optimizer ``AdamW``, ``Plan`` and
+``ActivationPolicy`` for activation placement, ``Units`` to name a model's parts by hand, and
+the reference decoder in ``horizon.models``.
+"""
+
+from horizon.config import TrainConfig
+from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.metrics import MemoryReport, StepMetrics
+from horizon.models.units import Units
+from horizon.optim.adamw import AdamW
+from horizon.trainer import Trainer
+
+__all__ = ["Trainer", "TrainConfig", "AdamW", "Plan", "ActivationPolicy", "Units", "StepMetrics", "MemoryReport"]

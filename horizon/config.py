@@ -1,0 +1,77 @@
+"""The trainer's configuration: one keyword-only dataclass, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.models.units import Units
+from horizon.optim.adamw import AdamW
+
+__all__ = ["TrainConfig"]
+
+_PLAN_WORDS = {p.value for p in ActivationPolicy}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    device: str = "cpu"
+    """Where units compute: "cpu" or "cuda" / "cuda:N". The host store is always in RAM."""
+    optimizer: AdamW = dataclasses.field(default_factory=AdamW)
+    """The optimizer and its hyper-parameters."""
+    grad_clip_norm: float | None = None
+    """Clip the global gradient 2-norm to this value (exact, as clip_grad_norm_); None = off."""
+    plan: str | Plan = "recompute"
+    """"recompute" or "keep" for every block, or a horizon.Plan."""
+    compute_dtype: torch.dtype | None = None
+    """dtype of the weights and activations on the device; None = fp32 on CPU, bf16 on CUDA."""
+    units: Units | None = None
+    """Name the model's embedding, blocks, norm and head by hand; None = detect them."""
+    pin_memory: bool = True
+    """Page-lock the buffers that cross PCIe (CUDA only; falls back with a warning if short)."""
+    cpu_link_bytes_per_s: float | None = None
+    """device="cpu" only: throttle the transfer thread to this bandwidth (to model a PCIe link)."""
+
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"TrainConfig.device={self.device!r} is not a device: use 'cpu' or 'cuda'") from e
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device={self.device!r}: horizon runs on 'cpu' or 'cuda'")
+        if not isinstance(self.optimizer, AdamW):
+            raise ValueError(f"TrainConfig.optimizer must be horizon.AdamW(...), got {type(self.optimizer).__name__}")
+        if self.grad_clip_norm is not None and not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0):
+            raise ValueError(f"TrainConfig.grad_clip_norm must be a positive number or None, got {self.grad_clip_norm}")
+        if isinstance(self.plan, str) and self.plan not in _PLAN_WORDS:
+            raise ValueError(f"TrainConfig.plan={self.plan!r}: use one of {sorted(_PLAN_WORDS)} or a horizon.Plan")
+        if not isinstance(self.plan, (str, Plan)):
+            raise ValueError(f"TrainConfig.plan must be a string or a horizon.Plan, got {type(self.plan).__name__}")
+        if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype}")
+        if self.cpu_link_bytes_per_s is not None:
+            if device.type != "cpu":
+                raise ValueError("TrainConfig.cpu_link_bytes_per_s throttles the CPU transfer thread; "
+                                 "it has no meaning on CUDA")
+            if not self.cpu_link_bytes_per_s > 0:
+                raise ValueError(f"TrainConfig.cpu_link_bytes_per_s must be positive, got {self.cpu_link_bytes_per_s}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    @property
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+
+    @property
+    def resolved_plan(self) -> Plan:
+        return self.plan if isinstance(self.plan, Plan) else Plan.uniform(self.plan)

@@ -1,0 +1,4 @@
+from horizon.engine.engine import Engine
+from horizon.engine.plan import ActivationPolicy, Plan
+
+__all__ = ["Engine", "Plan", "ActivationPolicy"]

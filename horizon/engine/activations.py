@@ -1,0 +1,96 @@
+"""Where a block's activations wait between its forward and its backward.
+
+KEEP holds the block's autograd graph, but a graph saves the weights it used, and those weights
+are views into a slot that will hold other units by the time backward runs. ``KeptGraph``
+therefore saves every tensor that aliases the slot as its place in the slot (offset, size,
+stride) and, in backward, reads it from whichever slot holds the unit then: the weights are the
+same because the optimizer has not run yet. Everything else it saves is a real activation and is
+counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["KeptGraph", "HostActivations"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlotRef:
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class KeptGraph:
+    """One KEEP block: its graph roots, the forward template's parameters, the saved bytes."""
+
+    def __init__(self, forward_slot: torch.Tensor) -> None:
+        self._forward_storage = forward_slot.untyped_storage().data_ptr()
+        self._seen_storages: set[int] = set()
+        self.saved_bytes = 0
+        self.backward_slot: torch.Tensor | None = None
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.params: list[torch.Tensor] = []
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() == self._forward_storage:
+            return _SlotRef(t.storage_offset(), tuple(t.size()), tuple(t.stride()))
+        if storage.data_ptr() not in self._seen_storages:
+            self._seen_storages.add(storage.data_ptr())
+            self.saved_bytes += storage.nbytes()
+        return t
+
+    def _unpack(self, packed):
+        if isinstance(packed, _SlotRef):
+            assert self.backward_slot is not None, "backward_slot is set before the kept graph is replayed"
+            return torch.as_strided(self.backward_slot, packed.size, packed.stride, packed.offset)
+        return packed
+
+    def backward(self, grad_y: torch.Tensor, backward_slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.backward_slot = backward_slot
+        inputs = ([self.x] if self.x is not None else []) + self.params
+        grads = torch.autograd.grad(self.y, inputs, grad_y)
+        self.x = self.y = self.backward_slot = None
+        self.params = []
+        return grads
+
+
+class HostActivations:
+    """Host buffers for the inputs of RECOMPUTE blocks, one per block, reused across steps."""
+
+    def __init__(self, *, pin: bool) -> None:
+        self.pin = pin
+        self._flat: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._count = 0
+        self._region = None
+
+    def buffers(self, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+        numel = int(torch.Size(shape).numel())
+        if self._flat is None or self._shape != shape or self._count != count or self._flat.dtype != dtype:
+            self.close()
+            self._flat = torch.empty(count * numel, dtype=dtype)
+            self._shape, self._count = shape, count
+            if self.pin:
+                from horizon.store.pinning import PinnedRegion
+
+                self._region = PinnedRegion(self._flat)
+        return [self._flat[i * numel:(i + 1) * numel].view(shape) for i in range(count)]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+
+    def close(self) -> None:
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+        self._flat = None

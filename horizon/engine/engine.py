@@ -1,0 +1,282 @@
+"""The streaming engine: one forward sweep and one backward sweep over the chain of units.
+
+Why by hand: the device never holds the model, so autograd never sees more than one unit. The
+forward sweep runs each unit without autograd (or, for KEEP blocks, with a graph whose weights
+are slot references); the loss head runs forward and backward in chunks; the backward sweep
+walks the units in reverse, recomputing from the saved input (RECOMPUTE) or replaying the kept
+graph (KEEP), and ``torch.autograd.grad`` yields the gradient of the unit input and parameters.
+Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
+leave for the host store as soon as a unit's backward is done.
+
+The order of units in one step is ``embedding, block 0 … block N-1, head, block N-1 … block 0,
+embedding``; ``assign_slots`` maps it onto the slots once per step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+from torch import nn
+
+from horizon.engine.activations import HostActivations, KeptGraph
+from horizon.engine.ledger import DeviceLedger
+from horizon.engine.loss import head_forward_backward
+from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.slots import SlotPool, SlotUse, assign_slots
+from horizon.engine.transfer import DONE, Handle, Transfer
+from horizon.models.units import UnitKind, UnitSpec
+from horizon.store.host_store import HostStore
+
+__all__ = ["Engine"]
+
+_GRADS_IN_FLIGHT = 2
+"""Units whose gradients may still be on their way to the host before the engine waits."""
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
+@dataclasses.dataclass
+class _Sweep:
+    """The state of one step's sweeps."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    num_valid: int
+    order: list[int]
+    uses: list[SlotUse]
+    checkpoints: dict[int, torch.Tensor] | None = None    # host inputs of RECOMPUTE blocks, by unit
+    ready: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)
+    restored: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # device inputs, by unit
+    kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
+    rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    offloads: collections.deque = dataclasses.field(default_factory=collections.deque)
+    grads: collections.deque = dataclasses.field(default_factory=collections.deque)
+    hidden: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+
+
+class Engine:
+    """Executes a ``Plan`` for a chain of units whose state lives in a ``HostStore``."""
+
+    def __init__(self, specs: list[UnitSpec], store: HostStore, *, plan: Plan, device: torch.device,
+                 transfer: Transfer) -> None:
+        self.specs, self.store, self.plan = specs, store, plan
+        self.device, self.transfer = device, transfer
+        self.layouts = [unit.layout for unit in store.units]
+        plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
+        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots,
+                             device=device, dtype=store.compute_dtype)
+        self.ledger = DeviceLedger()
+        for slot in range(self.pool.num_slots):
+            self.ledger.hold(("slot", slot), self.pool.slot_bytes)
+        self.policies = [plan.policy(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
+        self._recompute_blocks = [u for u, p in enumerate(self.policies) if p is ActivationPolicy.RECOMPUTE]
+        self._stochastic = [_is_stochastic(s.module) for s in specs]
+        self.host_activations = HostActivations(pin=store.pinned)
+        self.vocab_size = specs[-1].module.head.out_features
+        self.kept_bytes_last_step = 0
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_valid: int) -> torch.Tensor:
+        """One forward and backward; gradients are in the store's GRAD buffers when it returns.
+
+        Returns the sum of token losses (a 0-d fp32 tensor on the device).
+        """
+        num_units = len(self.specs)
+        order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
+        sweep = _Sweep(input_ids=input_ids, labels=labels, num_valid=num_valid, order=order,
+                       uses=assign_slots(order, self.pool.num_slots))
+        depth = self.pool.num_slots - 1
+        for position in range(min(depth, len(order))):
+            self._issue(sweep, position)
+        for position, unit in enumerate(order):
+            if position + depth < len(order):
+                self._issue(sweep, position + depth)
+            for handle in sweep.ready.pop(position):
+                handle.wait_device()
+            slot = sweep.uses[position].slot
+            if position < num_units:
+                self._forward_unit(sweep, unit, slot)
+            else:
+                self._backward_unit(sweep, unit, slot)
+        self._drain(sweep)
+        assert sweep.loss_sum is not None
+        return sweep.loss_sum
+
+    def _issue(self, sweep: _Sweep, position: int) -> None:
+        """Start the copies position ``position`` needs: its weights and, in backward, its saved input."""
+        unit, use = sweep.order[position], sweep.uses[position]
+        handles = [self._load_weights(unit, use.slot) if use.load else DONE]
+        backward = position >= len(self.specs)
+        if backward and self.policies[unit] is ActivationPolicy.RECOMPUTE:
+            host = sweep.checkpoints[unit]
+            device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            self.ledger.hold(("input", unit), _nbytes(device_input))
+            sweep.restored[unit] = device_input
+            handles.append(self.transfer.h2d([device_input], [host]))
+        sweep.ready[position] = handles
+
+    def _load_weights(self, unit: int, slot: int) -> Handle:
+        layout, buffers = self.layouts[unit], self.store.units[unit]
+        flat = self.pool.slots[slot]
+        dsts, srcs = [flat[:layout.numel]], [buffers.compute]
+        for b in layout.borrowed:
+            owner = self.store.units[b.owner].compute
+            dsts.append(flat[b.offset:b.offset + b.owner_slot.numel])
+            srcs.append(owner[b.owner_slot.offset:b.owner_slot.offset + b.owner_slot.numel])
+        return self.transfer.h2d(dsts, srcs)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _forward_unit(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        spec, template = self.specs[unit], self.pool.template(slot, unit)
+        if spec.kind is UnitKind.EMBEDDING:
+            with torch.no_grad():
+                self._set_hidden(sweep, spec.call(template, sweep.input_ids))
+        elif spec.kind is UnitKind.HEAD:
+            self._loss_head(sweep, unit, slot)
+        elif self.policies[unit] is ActivationPolicy.KEEP:
+            self._forward_keep(sweep, unit, slot)
+        else:
+            self._forward_recompute(sweep, unit, slot)
+
+    def _set_hidden(self, sweep: _Sweep, hidden: torch.Tensor | None) -> None:
+        if sweep.hidden is not None:
+            self.ledger.release(("hidden", id(sweep.hidden)))
+        sweep.hidden = hidden
+        if hidden is not None:
+            self.ledger.hold(("hidden", id(hidden)), _nbytes(hidden))
+
+    def _forward_recompute(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        x = sweep.hidden
+        if sweep.checkpoints is None:
+            buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
+            sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
+        handle = self.transfer.d2h([sweep.checkpoints[unit]], [x])
+        if self._stochastic[unit]:
+            sweep.rng[unit] = self._rng_state()
+        with torch.no_grad():
+            y = self.specs[unit].call(self.pool.template(slot, unit), x)
+        # x outlives its role as the hidden state until its offload is done (its handle holds it).
+        self.ledger.hold(("offloading", unit), _nbytes(x))
+        sweep.offloads.append((unit, handle))
+        self._set_hidden(sweep, y)
+        while len(sweep.offloads) > 1:
+            self._wait_offload(sweep)
+
+    def _wait_offload(self, sweep: _Sweep) -> None:
+        unit, handle = sweep.offloads.popleft()
+        handle.wait_host()
+        self.ledger.release(("offloading", unit))
+
+    def _forward_keep(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        kept = KeptGraph(self.pool.slots[slot])
+        kept.params = self.pool.params(slot, unit)
+        kept.x = sweep.hidden.detach().requires_grad_()
+        with torch.enable_grad(), kept.hooks():
+            kept.y = self.specs[unit].call(self.pool.template(slot, unit), kept.x)
+        sweep.kept[unit] = kept
+        self.ledger.hold(("kept", unit), kept.saved_bytes)
+        self._set_hidden(sweep, kept.y.detach())
+
+    def _loss_head(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        template = self.pool.template(slot, unit)
+        loss_sum, grad_hidden, grads = head_forward_backward(
+            lambda x: self.specs[unit].call(template, x), self.pool.params(slot, unit), sweep.hidden,
+            sweep.labels, num_valid=sweep.num_valid, chunk_tokens=self.plan.loss_chunk(self.vocab_size))
+        sweep.loss_sum = loss_sum
+        self._set_hidden(sweep, grad_hidden)  # from here on, "hidden" is the gradient flowing back
+        self._land_grads(sweep, unit, grads)
+
+    # -- backward ---------------------------------------------------------------------------
+
+    def _backward_unit(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        spec, template = self.specs[unit], self.pool.template(slot, unit)
+        grad_y = sweep.hidden
+        if spec.kind is UnitKind.EMBEDDING:
+            params = self.pool.params(slot, unit)
+            with torch.enable_grad():
+                y = spec.call(template, sweep.input_ids)
+                grads = torch.autograd.grad(y, params, grad_y)
+            self._set_hidden(sweep, None)
+            self._land_grads(sweep, unit, list(grads))
+            return
+        if self.policies[unit] is ActivationPolicy.KEEP:
+            grads = sweep.kept.pop(unit).backward(grad_y, self.pool.slots[slot])
+            self.ledger.release(("kept", unit))
+        else:
+            grads = self._recompute_backward(sweep, unit, slot, grad_y)
+        self._set_hidden(sweep, grads[0])
+        self._land_grads(sweep, unit, list(grads[1:]))
+
+    def _recompute_backward(self, sweep: _Sweep, unit: int, slot: int, grad_y: torch.Tensor):
+        x = sweep.restored.pop(unit).requires_grad_()
+        params = self.pool.params(slot, unit)
+        with torch.random.fork_rng(devices=self._rng_devices(), enabled=self._stochastic[unit]):
+            if self._stochastic[unit]:
+                self._set_rng_state(sweep.rng.pop(unit))
+            with torch.enable_grad():
+                y = self.specs[unit].call(self.pool.template(slot, unit), x)
+                grads = torch.autograd.grad(y, [x, *params], grad_y)
+        self.ledger.release(("input", unit))
+        return grads
+
+    def _land_grads(self, sweep: _Sweep, unit: int, grads: list[torch.Tensor]) -> None:
+        """Route a unit's parameter gradients: own ones to its host GRAD buffer, borrowed ones to their owner."""
+        layout = self.layouts[unit]
+        own = grads[:len(layout.own)]
+        for b, g in zip(layout.borrowed, grads[len(layout.own):]):
+            index = next(i for i, p in enumerate(self.layouts[b.owner].own) if p.offset == b.owner_slot.offset)
+            sweep.pending.setdefault(b.owner, []).append((index, g))
+            self.ledger.hold(("pending", b.owner, index), _nbytes(g))
+        for index, g in sweep.pending.pop(unit, []):
+            own[index] = own[index] + g
+            self.ledger.release(("pending", unit, index))
+        dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())
+        sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
+        self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
+        while len(sweep.grads) > _GRADS_IN_FLIGHT:
+            self._wait_grad(sweep)
+
+    def _wait_grad(self, sweep: _Sweep) -> None:
+        unit, handle = sweep.grads.popleft()
+        handle.wait_host()
+        self.ledger.release(("grad", unit))
+
+    def _drain(self, sweep: _Sweep) -> None:
+        while sweep.grads:
+            self._wait_grad(sweep)
+        while sweep.offloads:
+            self._wait_offload(sweep)
+        assert not sweep.pending and not sweep.kept and not sweep.restored, "every unit's backward ran"
+
+    # -- randomness for recomputed dropout -----------------------------------------------------
+
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _rng_state(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def set_training(self, training: bool) -> None:
+        """Put every template in the user's model's mode (dropout on or off)."""
+        self.pool.set_training(training)
+
+    def close(self) -> None:
+        self.host_activations.close()

@@ -1,0 +1,136 @@
+"""Device slots and the templates bound to them.
+
+Why: the device holds no model, only ``num_slots`` flat buffers, each big enough for the largest
+unit, and for each slot one template module per unit structure whose parameters are views into
+that slot. Loading a unit is one copy into a slot; binding is aliasing, never a second copy.
+Which slot each load goes to is decided once per step by ``assign_slots`` from the known order
+of units, so a unit still resident (the last block, used on both sides of the loss head) is not
+copied again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from horizon.store.layout import UnitLayout
+
+__all__ = ["SlotUse", "assign_slots", "SlotPool"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotUse:
+    slot: int
+    load: bool  # False when the unit is already resident in that slot
+
+
+def assign_slots(order: list[int], num_slots: int) -> list[SlotUse]:
+    """Slot for each position of ``order``; loads for position j are issued ``num_slots - 1`` ahead.
+
+    A load may not evict a slot used by any of the positions between its issue and its use
+    (those units are computing or prefetched); among the others it evicts the unit whose next
+    use is farthest (Belady), so resident units are reused when the order allows it.
+    """
+    depth = num_slots - 1
+    holder: list[int | None] = [None] * num_slots
+    uses: list[SlotUse] = []
+    for j, unit in enumerate(order):
+        if unit in holder:
+            uses.append(SlotUse(holder.index(unit), False))
+            continue
+        busy = {uses[k].slot for k in range(max(0, j - depth), j)}
+
+        def next_use(slot: int) -> float:
+            held = holder[slot]
+            if held is None:
+                return float("inf")
+            later = [k for k in range(j + 1, len(order)) if order[k] == held]
+            return later[0] if later else float("inf")
+
+        free = [s for s in range(num_slots) if s not in busy]
+        assert free, "num_slots - 1 prefetch depth always leaves a slot free"
+        victim = max(free, key=lambda s: (next_use(s), -s))
+        holder[victim] = unit
+        uses.append(SlotUse(victim, True))
+    return uses
+
+
+def _structure_key(module: nn.Module, layout: UnitLayout) -> tuple:
+    modules = tuple((name, type(m).__qualname__) for name, m in module.named_modules())
+    params = tuple((p.local_name, tuple(p.shape)) for p in layout.own)
+    params += tuple((b.local_name, tuple(b.owner_slot.shape)) for b in layout.borrowed)
+    return modules, params
+
+
+def _same_buffers(a: nn.Module, b: nn.Module) -> bool:
+    buffers_a, buffers_b = dict(a.named_buffers()), dict(b.named_buffers())
+    if buffers_a.keys() != buffers_b.keys():
+        return False
+    return all(torch.equal(buffers_a[k], buffers_b[k]) for k in buffers_a)
+
+
+class SlotPool:
+    """``num_slots`` device buffers and, per slot, one template for each unit structure."""
+
+    def __init__(self, modules: list[nn.Module], layouts: list[UnitLayout], *, num_slots: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.slot_numel = max(layout.device_numel for layout in layouts)
+        self.slots = [torch.empty(self.slot_numel, dtype=dtype, device=device) for _ in range(num_slots)]
+        self.device, self.dtype = device, dtype
+        self._layouts = layouts
+        self._key_of: list[int] = []
+        self._prototypes: list[tuple[nn.Module, UnitLayout]] = []
+        keys: dict[tuple, int] = {}
+        for module, layout in zip(modules, layouts):
+            key = _structure_key(module, layout)
+            if key not in keys:
+                keys[key] = len(self._prototypes)
+                self._prototypes.append((module, layout))
+            elif not _same_buffers(module, self._prototypes[keys[key]][0]):
+                raise ValueError(f"unit {layout.name} has buffers that differ from other units of its structure; "
+                                 "horizon streams parameters only, so per-unit buffers must be equal (or parameters)")
+            self._key_of.append(keys[key])
+        self._templates = [[self._build(s, k) for k in range(len(self._prototypes))] for s in range(num_slots)]
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slot_numel * self.dtype.itemsize
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    def _build(self, slot: int, key: int) -> nn.Module:
+        module, layout = self._prototypes[key]
+        memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                for p in module.parameters()}
+        template = copy.deepcopy(module, memo)
+        views = layout.device_views(self.slots[slot])
+        for name, sub in list(template.named_modules()):
+            for pname in list(sub._parameters):
+                full = f"{name}.{pname}" if name else pname
+                if sub._parameters[pname] is not None:
+                    assert full in views, f"template parameter {full} has no place in the slot layout"
+                    sub._parameters[pname] = nn.Parameter(views[full])
+            for bname, buf in list(sub._buffers.items()):
+                if buf is not None:
+                    sub._buffers[bname] = buf.to(self.device)
+        return template
+
+    def set_training(self, training: bool) -> None:
+        for per_slot in self._templates:
+            for template in per_slot:
+                template.train(training)
+
+    def template(self, slot: int, unit: int) -> nn.Module:
+        return self._templates[slot][self._key_of[unit]]
+
+    def params(self, slot: int, unit: int) -> list[nn.Parameter]:
+        """The template's parameters in layout order (own, then borrowed)."""
+        template, layout = self.template(slot, unit), self._layouts[unit]
+        by_name = dict(template.named_parameters(remove_duplicate=False))
+        return [by_name[p.local_name] for p in layout.own] + [by_name[b.local_name] for b in layout.borrowed]
+

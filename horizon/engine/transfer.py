@@ -1,0 +1,143 @@
+"""Copies between the host store and the device, overlapped with compute.
+
+Why two implementations: the same engine runs on CUDA and on the CPU. On CUDA, copies run on
+dedicated streams and order against compute with events. On the CPU, "device" buffers are plain
+tensors and a transfer thread stands in for the copy engine, with futures as events; an
+optional throttle makes that thread behave like a link of a given bandwidth, and an optional
+delay hook lets race tests reorder everything without changing the schedule.
+
+Lifetime rule (no ``record_stream``): a ``Handle`` holds every tensor its copy touches until a
+consumer has waited on it. Device buffers are allocated on the compute stream, and a copy that
+writes one first waits for the compute work queued before it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["Handle", "Transfer", "CpuTransfer", "CudaTransfer", "make_transfer"]
+
+
+class Handle:
+    """One asynchronous copy; ``wait_device`` orders compute after it, ``wait_host`` blocks the CPU."""
+
+    def __init__(self, *, future: concurrent.futures.Future | None = None, event=None, keep=()) -> None:
+        self._future = future
+        self._event = event
+        self._keep = keep
+
+    def wait_device(self) -> None:
+        if self._future is not None:
+            self._future.result()
+        elif self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+        self._keep = ()
+
+    def wait_host(self) -> None:
+        if self._future is not None:
+            self._future.result()
+        elif self._event is not None:
+            self._event.synchronize()
+        self._keep = ()
+
+
+DONE = Handle()
+"""A handle for work that needed no copy."""
+
+
+class Transfer:
+    """The interface the engine uses; see the two implementations below."""
+
+    def h2d(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> Handle:
+        raise NotImplementedError
+
+    def d2h(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> Handle:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _copy_all(dsts, srcs) -> None:
+    for dst, src in zip(dsts, srcs, strict=True):
+        dst.copy_(src)
+
+
+class CpuTransfer(Transfer):
+    """A single transfer thread; copies run in submission order, like one DMA engine."""
+
+    def __init__(self, *, bandwidth_bytes_per_s: float | None = None,
+                 delay_s: Callable[[], float] | None = None) -> None:
+        if bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0:
+            raise ValueError(f"bandwidth_bytes_per_s must be positive, got {bandwidth_bytes_per_s}")
+        self.bandwidth_bytes_per_s = bandwidth_bytes_per_s
+        self.delay_s = delay_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-transfer")
+
+    def _run(self, dsts, srcs) -> None:
+        start = time.perf_counter()
+        if self.delay_s is not None:
+            time.sleep(self.delay_s())
+        _copy_all(dsts, srcs)
+        if self.bandwidth_bytes_per_s is not None:
+            nbytes = sum(s.numel() * s.element_size() for s in srcs)
+            remaining_s = nbytes / self.bandwidth_bytes_per_s - (time.perf_counter() - start)
+            if remaining_s > 0:
+                time.sleep(remaining_s)
+
+    def _submit(self, dsts, srcs) -> Handle:
+        dsts, srcs = list(dsts), list(srcs)
+        return Handle(future=self._pool.submit(self._run, dsts, srcs))
+
+    h2d = _submit
+    d2h = _submit
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class CudaTransfer(Transfer):
+    """Two high-priority copy streams: H2D (weights, activations in) and D2H (grads, activations out).
+
+    Each copy first waits for an event recorded on the compute stream at submission, so a buffer
+    the compute stream is still reading or has just allocated is never overwritten early.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        # Overlaps the next unit's weights with the current unit's compute.
+        self.h2d_stream = torch.cuda.Stream(device, priority=-1)
+        # Overlaps gradient and activation offload with the next unit's compute.
+        self.d2h_stream = torch.cuda.Stream(device, priority=-1)
+
+    def _copy_on(self, stream, dsts, srcs) -> Handle:
+        dsts, srcs = list(dsts), list(srcs)
+        compute_ready = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(stream):
+            stream.wait_event(compute_ready)
+            for dst, src in zip(dsts, srcs, strict=True):
+                dst.copy_(src, non_blocking=True)
+            done = stream.record_event()
+        return Handle(event=done, keep=(dsts, srcs))
+
+    def h2d(self, dsts, srcs) -> Handle:
+        return self._copy_on(self.h2d_stream, dsts, srcs)
+
+    def d2h(self, dsts, srcs) -> Handle:
+        return self._copy_on(self.d2h_stream, dsts, srcs)
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def make_transfer(device: torch.device, *, bandwidth_bytes_per_s: float | None = None,
+                  delay_s: Callable[[], float] | None = None) -> Transfer:
+    if device.type == "cuda":
+        if bandwidth_bytes_per_s is not None or delay_s is not None:
+            raise ValueError("the transfer throttle and delay hook exist only for device='cpu'")
+        return CudaTransfer(device)
+    return CpuTransfer(bandwidth_bytes_per_s=bandwidth_bytes_per_s, delay_s=delay_s)

@@ -1,0 +1,56 @@
+"""AdamW over a unit's flat host buffers, with the semantics of ``torch.optim.AdamW``.
+
+Why flat: a unit's master weights, gradient and moments are each one contiguous buffer, so the
+update is one fused pass per unit (``torch._fused_adamw_`` on one tensor) rather than a loop over
+parameters. The bias correction, decoupled weight decay and epsilon placement are torch's own,
+because the kernel is torch's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from horizon.store.host_store import UnitBuffers
+
+__all__ = ["AdamW", "adamw_unit_step"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamW:
+    lr: float = 1e-3
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moment."""
+    eps: float = 1e-8
+    """Added to the denominator, after the square root (as torch does)."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay, applied to every parameter (torch.optim.AdamW's default is 1e-2)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"AdamW.lr must be a finite number >= 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"AdamW.betas must be two numbers in [0, 1), got {self.betas}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"AdamW.eps must be a finite number >= 0, got {self.eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"AdamW.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+
+
+def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: float,
+                    grad_scale: float | None = None) -> None:
+    """Update one unit in place: master, m and v, then the compute copy the next load sends.
+
+    ``step`` is the unit's fp32 step count *after* this update (torch keeps it as a tensor too).
+    ``grad_scale`` multiplies the gradient first (global-norm clipping), as ``clip_grad_norm_`` does.
+    """
+    grad = unit.grad if unit.grad.dtype == torch.float32 else unit.grad.float()
+    if grad_scale is not None:
+        grad.mul_(grad_scale)
+    torch._fused_adamw_([unit.master], [grad], [unit.exp_avg], [unit.exp_avg_sq], [], [step],
+                        lr=lr, beta1=cfg.betas[0], beta2=cfg.betas[1], weight_decay=cfg.weight_decay,
+                        eps=cfg.eps, amsgrad=False, maximize=False)
+    unit.refresh_compute()

@@ -1,0 +1,179 @@
+"""The host store: every parameter and optimizer state of the model, in flat buffers by role.
+
+Why: host RAM is the authoritative home of the model; the device only borrows units. Each unit
+gets one contiguous region per role (fp32 master, Adam m and v, gradient, and a compute copy in
+the device's dtype), carved out of two allocations: the buffers that cross PCIe (compute copy,
+gradient) and those only the CPU optimizer touches (master, m, v). Sizes are exact, computed
+before anything is allocated, and checked against what the machine can give. The parameters the
+user's model holds afterwards are views into the master buffers, so the model never exists twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch import nn
+
+from horizon.store.capacity import check_host_budget, probe_host_capacity
+from horizon.store.layout import ALIGN_BYTES, UnitLayout
+
+__all__ = ["Role", "UnitBuffers", "HostStore", "store_bytes_by_role"]
+
+
+class Role(enum.Enum):
+    MASTER = "master"          # fp32 weights the optimizer updates
+    EXP_AVG = "exp_avg"        # Adam first moment, fp32
+    EXP_AVG_SQ = "exp_avg_sq"  # Adam second moment, fp32
+    GRAD = "grad"              # gradient as it arrives from the device (compute dtype)
+    COMPUTE = "compute"        # weights in the compute dtype: what crosses to the device
+
+
+_PCIE_ROLES = (Role.COMPUTE, Role.GRAD)
+_CPU_ROLES = (Role.MASTER, Role.EXP_AVG, Role.EXP_AVG_SQ)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _role_dtype(role: Role, compute_dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype if role in _PCIE_ROLES else torch.float32
+
+
+def _has_own_compute_copy(compute_dtype: torch.dtype) -> bool:
+    """In fp32 the compute copy is the master itself: no second buffer."""
+    return compute_dtype != torch.float32
+
+
+def _region_bytes(layouts: list[UnitLayout], roles, compute_dtype: torch.dtype) -> int:
+    return sum(_aligned(layout.numel * _role_dtype(role, compute_dtype).itemsize)
+               for layout in layouts for role in roles)
+
+
+def store_bytes_by_role(layouts: list[UnitLayout], compute_dtype: torch.dtype) -> dict[str, int]:
+    """Exact bytes the store allocates per role, page alignment included (nothing allocated)."""
+    out = {}
+    for role in Role:
+        if role is Role.COMPUTE and not _has_own_compute_copy(compute_dtype):
+            out[role.value] = 0
+            continue
+        out[role.value] = _region_bytes(layouts, (role,), compute_dtype)
+    return out
+
+
+@dataclasses.dataclass(kw_only=True)
+class UnitBuffers:
+    """One unit's flat buffers; ``compute`` aliases ``master`` when computing in fp32."""
+
+    layout: UnitLayout
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    grad: torch.Tensor
+    compute: torch.Tensor
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {p.local_name: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.layout.own}
+
+    def refresh_compute(self) -> None:
+        """Write the compute copy from the master (a no-op when they are the same buffer)."""
+        if self.compute.data_ptr() != self.master.data_ptr():
+            self.compute.copy_(self.master)
+
+
+class _Carver:
+    """Hands out consecutive page-aligned typed views of one byte buffer."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.offset_bytes = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        view = self.buffer[self.offset_bytes:self.offset_bytes + nbytes].view(dtype)
+        self.offset_bytes += _aligned(nbytes)
+        return view
+
+
+class HostStore:
+    """Flat host buffers for a chain of units, plus the pinning of what crosses PCIe."""
+
+    def __init__(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool) -> None:
+        by_role = store_bytes_by_role(layouts, compute_dtype)
+        pcie_roles = _PCIE_ROLES if _has_own_compute_copy(compute_dtype) else (Role.GRAD,)
+        pcie_bytes = _region_bytes(layouts, pcie_roles, compute_dtype)
+        cpu_bytes = _region_bytes(layouts, _CPU_ROLES, compute_dtype)
+        assert pcie_bytes + cpu_bytes == sum(by_role.values())
+        can_pin = check_host_budget(required_bytes=pcie_bytes + cpu_bytes, pinned_bytes=pcie_bytes if pin else 0,
+                                    capacity=probe_host_capacity(), what=f"{len(layouts)} units")
+        self.compute_dtype = compute_dtype
+        self.bytes_by_role = by_role
+        self._pcie = _Carver(pcie_bytes)
+        self._cpu = _Carver(cpu_bytes)
+        self.units = [self._carve(layout) for layout in layouts]
+        self.pinned = pin and can_pin
+        self._pinned_region = self._pin(self._pcie.buffer) if self.pinned else None
+
+    def _carve(self, layout: UnitLayout) -> UnitBuffers:
+        master = self._cpu.take(layout.numel, torch.float32)
+        exp_avg = self._cpu.take(layout.numel, torch.float32)
+        exp_avg_sq = self._cpu.take(layout.numel, torch.float32)
+        if _has_own_compute_copy(self.compute_dtype):
+            compute = self._pcie.take(layout.numel, self.compute_dtype)
+        else:
+            compute = master
+        grad = self._pcie.take(layout.numel, self.compute_dtype)
+        return UnitBuffers(layout=layout, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                           grad=grad, compute=compute)
+
+    @staticmethod
+    def _pin(buffer: torch.Tensor):
+        from horizon.store.pinning import PinnedRegion
+
+        return PinnedRegion(buffer)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_role.values())
+
+    def zero_optimizer_state(self) -> None:
+        for unit in self.units:
+            unit.exp_avg.zero_()
+            unit.exp_avg_sq.zero_()
+
+    def adopt(self, modules: list[nn.Module], *, init_fn=None) -> None:
+        """Make every parameter of ``modules`` a view into the master buffers.
+
+        Parameters on the CPU are copied in (their old storage is then unreferenced by the model);
+        parameters on the meta device are materialised in place and initialised by ``init_fn``
+        (the model's ``init_weights`` or each module's ``reset_parameters``).
+        """
+        replacement: dict[int, nn.Parameter] = {}
+        any_meta = False
+        for unit, module in zip(self.units, modules):
+            params = dict(module.named_parameters(remove_duplicate=True))
+            for local_name, view in unit.views(unit.master).items():
+                old = params[local_name]
+                any_meta |= old.is_meta
+                if not old.is_meta:
+                    with torch.no_grad():
+                        view.copy_(old.detach())
+                replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
+        for module in modules:
+            for sub in module.modules():
+                for name, p in list(sub._parameters.items()):
+                    if p is not None and id(p) in replacement:
+                        sub._parameters[name] = replacement[id(p)]
+        if any_meta and init_fn is not None:
+            with torch.no_grad():
+                init_fn()
+        for unit in self.units:
+            unit.refresh_compute()
+        self.zero_optimizer_state()
+
+    def close(self) -> None:
+        if self._pinned_region is not None:
+            self._pinned_region.close()
+            self._pinned_region = None
