@@ -58,7 +58,8 @@ class _Sweep:
     kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
     rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
     pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
-    offloads: collections.deque = dataclasses.field(default_factory=collections.deque)
+    offloads: dict[int, Handle] = dataclasses.field(default_factory=dict)   # by unit, in issue order
+    next_restore: int = 0                                               # next backward position to restore
     grads: collections.deque = dataclasses.field(default_factory=collections.deque)
     hidden: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
@@ -95,13 +96,14 @@ class Engine:
         num_units = len(self.specs)
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, num_valid=num_valid, order=order,
-                       uses=assign_slots(order, self.pool.num_slots))
+                       uses=assign_slots(order, self.pool.num_slots), next_restore=num_units)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
-            self._issue(sweep, position)
+            self._issue_weights(sweep, position)
         for position, unit in enumerate(order):
             if position + depth < len(order):
-                self._issue(sweep, position + depth)
+                self._issue_weights(sweep, position + depth)
+            self._issue_restores(sweep, position, until=position + depth)
             for handle in sweep.ready.pop(position):
                 handle.wait_device()
             slot = sweep.uses[position].slot
@@ -113,18 +115,30 @@ class Engine:
         assert sweep.loss_sum is not None
         return sweep.loss_sum
 
-    def _issue(self, sweep: _Sweep, position: int) -> None:
-        """Start the copies position ``position`` needs: its weights and, in backward, its saved input."""
+    def _issue_weights(self, sweep: _Sweep, position: int) -> None:
         unit, use = sweep.order[position], sweep.uses[position]
-        handles = [self._load_weights(unit, use.slot) if use.load else DONE]
-        backward = position >= len(self.specs)
-        if backward and self.policies[unit] is ActivationPolicy.RECOMPUTE:
-            host = sweep.checkpoints[unit]
-            device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            self.ledger.hold(("input", unit), _nbytes(device_input))
-            sweep.restored[unit] = device_input
-            handles.append(self.transfer.h2d([device_input], [host]))
-        sweep.ready[position] = handles
+        sweep.ready.setdefault(position, []).append(self._load_weights(unit, use.slot) if use.load else DONE)
+
+    def _issue_restores(self, sweep: _Sweep, position: int, *, until: int) -> None:
+        """Bring back the saved inputs of RECOMPUTE blocks for backward positions up to ``until``.
+
+        A restore is issued only once the block's forward has run (its offload exists) and waits
+        for that offload to finish: both touch the same host buffer, on different copy streams.
+        """
+        while sweep.next_restore <= min(until, len(sweep.order) - 1):
+            unit = sweep.order[sweep.next_restore]
+            if unit >= position:  # the block's forward (at position == unit) has not run yet
+                return
+            if self.policies[unit] is ActivationPolicy.RECOMPUTE:
+                if unit in sweep.offloads:
+                    self._wait_offload(sweep, unit)
+                host = sweep.checkpoints[unit]
+                device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+                self.ledger.hold(("input", unit), _nbytes(device_input))
+                sweep.restored[unit] = device_input
+                handle = self.transfer.h2d([device_input], [host])
+                sweep.ready.setdefault(sweep.next_restore, []).append(handle)
+            sweep.next_restore += 1
 
     def _load_weights(self, unit: int, slot: int) -> Handle:
         layout, buffers = self.layouts[unit], self.store.units[unit]
@@ -169,14 +183,13 @@ class Engine:
             y = self.specs[unit].call(self.pool.template(slot, unit), x)
         # x outlives its role as the hidden state until its offload is done (its handle holds it).
         self.ledger.hold(("offloading", unit), _nbytes(x))
-        sweep.offloads.append((unit, handle))
         self._set_hidden(sweep, y)
-        while len(sweep.offloads) > 1:
-            self._wait_offload(sweep)
+        for earlier in [u for u in sweep.offloads]:
+            self._wait_offload(sweep, earlier)
+        sweep.offloads[unit] = handle
 
-    def _wait_offload(self, sweep: _Sweep) -> None:
-        unit, handle = sweep.offloads.popleft()
-        handle.wait_host()
+    def _wait_offload(self, sweep: _Sweep, unit: int) -> None:
+        sweep.offloads.pop(unit).wait_host()
         self.ledger.release(("offloading", unit))
 
     def _forward_keep(self, sweep: _Sweep, unit: int, slot: int) -> None:
@@ -256,8 +269,8 @@ class Engine:
     def _drain(self, sweep: _Sweep) -> None:
         while sweep.grads:
             self._wait_grad(sweep)
-        while sweep.offloads:
-            self._wait_offload(sweep)
+        for unit in list(sweep.offloads):
+            self._wait_offload(sweep, unit)
         assert not sweep.pending and not sweep.kept and not sweep.restored, "every unit's backward ran"
 
     # -- randomness for recomputed dropout -----------------------------------------------------
