@@ -32,7 +32,7 @@ from horizon.store.host_store import HostStore
 __all__ = ["Engine"]
 
 _GRADS_IN_FLIGHT = 2
-"""Units whose gradients may still be on their way to the host before the engine waits."""
+"""Units whose gradients may be on their way to the host at once (the newest included)."""
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -255,11 +255,11 @@ class Engine:
         for index, g in sweep.pending.pop(unit, []):
             own[index] = own[index] + g
             self.ledger.release(("pending", unit, index))
+        while len(sweep.grads) >= _GRADS_IN_FLIGHT:
+            self._wait_grad(sweep)
         dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())
         sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
         self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
-        while len(sweep.grads) > _GRADS_IN_FLIGHT:
-            self._wait_grad(sweep)
 
     def _wait_grad(self, sweep: _Sweep) -> None:
         unit, handle = sweep.grads.popleft()

@@ -146,26 +146,24 @@ class HostStore:
     def adopt(self, modules: list[nn.Module], *, init_fn=None) -> None:
         """Make every parameter of ``modules`` a view into the master buffers.
 
-        Parameters on the CPU are copied in (their old storage is then unreferenced by the model);
-        parameters on the meta device are materialised in place and initialised by ``init_fn``
-        (the model's ``init_weights`` or each module's ``reset_parameters``).
+        Unit by unit, parameters on the CPU are copied in and replaced at once, so each unit's
+        original storage is freed before the next is copied (peak: the store plus one unit).
+        Parameters on the meta device are materialised in place and initialised afterwards by
+        ``init_fn`` (the model's ``init_weights`` or each module's ``reset_parameters``).
         """
         replacement: dict[int, nn.Parameter] = {}
         any_meta = False
         for unit, module in zip(self.units, modules):
             params = dict(module.named_parameters(remove_duplicate=True))
             for local_name, view in unit.views(unit.master).items():
-                old = params[local_name]
+                old = params.pop(local_name)
                 any_meta |= old.is_meta
                 if not old.is_meta:
                     with torch.no_grad():
                         view.copy_(old.detach())
                 replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
-        for module in modules:
-            for sub in module.modules():
-                for name, p in list(sub._parameters.items()):
-                    if p is not None and id(p) in replacement:
-                        sub._parameters[name] = replacement[id(p)]
+            del params
+            _replace_parameters(module, replacement)
         if any_meta and init_fn is not None:
             with torch.no_grad():
                 init_fn()
@@ -177,3 +175,10 @@ class HostStore:
         if self._pinned_region is not None:
             self._pinned_region.close()
             self._pinned_region = None
+
+
+def _replace_parameters(module: nn.Module, replacement: dict[int, nn.Parameter]) -> None:
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and id(p) in replacement:
+                sub._parameters[name] = replacement[id(p)]
