@@ -62,6 +62,8 @@ class TrainConfig:
     @property
     def torch_device(self) -> torch.device:
         device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("TrainConfig.device is 'cuda' but CUDA is not available here; use device='cpu'")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device

@@ -29,7 +29,7 @@ from horizon.store.layout import plan_layouts
 __all__ = ["Trainer"]
 
 
-def _check_model(model: nn.Module, device: torch.device) -> None:
+def _check_model(model: nn.Module) -> None:
     problems = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -43,8 +43,6 @@ def _check_model(model: nn.Module, device: torch.device) -> None:
             problems.append(f"buffer {name} is on the meta device; horizon materialises parameters only")
     if problems:
         raise ValueError("unsupported model: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device is 'cuda' but CUDA is not available here; use device='cpu'")
 
 
 def _init_fn(model: nn.Module):
@@ -74,7 +72,7 @@ class Trainer:
         self.config, self.model = config, model
         device = config.torch_device
         specs = find_units(model, config.units)
-        _check_model(model, device)
+        _check_model(model)
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])

@@ -93,3 +93,30 @@ def test_dropout_is_replayed_exactly(plan):
         assert abs(got - want) <= 1e-6 * abs(want)
     for key in ref_state:
         assert rel_err(state[key], ref_state[key]) <= 1e-6, key
+
+
+def test_optimizer_state_matches_torch():
+    import copy
+
+    import torch.nn.functional as F
+
+    model = tiny_decoder(num_layers=2, tie_embeddings=True)
+    data = batches(3)
+    ref = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=OPT.lr, betas=OPT.betas, weight_decay=OPT.weight_decay)
+    for b in data:
+        loss = F.cross_entropy(ref(b["input_ids"]).view(-1, 256), b["labels"].view(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    names = {id(p): n for n, p in ref.named_parameters()}
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(optimizer=OPT)) as trainer:
+        for b in data:
+            trainer.step(b)
+        state = trainer.optimizer_state_dict()["state"]
+        assert set(state) == set(names.values())
+        for p, s in optimizer.state.items():
+            mine = state[names[id(p)]]
+            assert float(mine["step"]) == float(s["step"]) == 3
+            assert rel_err(mine["exp_avg"], s["exp_avg"]) <= 1e-6
+            assert rel_err(mine["exp_avg_sq"], s["exp_avg_sq"]) <= 1e-6

@@ -1,0 +1,49 @@
+"""Invariant 5: random delays in the transfer thread and in compute change no number."""
+
+import random
+
+import pytest
+import torch
+
+import horizon
+from horizon.engine.transfer import CpuTransfer
+from horizon.models import units as units_module
+from helpers import batches, horizon_run, tiny_decoder
+
+
+def _delayed(fn, rng):
+    import time
+
+    def call(module, x):
+        time.sleep(rng.uniform(0, 0.003))
+        return fn(module, x)
+
+    return call
+
+
+@pytest.mark.parametrize("plan,num_slots", [("recompute", 2), ("recompute", 3), ("keep", 2)])
+def test_delays_change_no_number(monkeypatch, plan, num_slots):
+    model = tiny_decoder(num_layers=4, tie_embeddings=True)
+    data = batches(3)
+    config = horizon.TrainConfig(grad_clip_norm=1.0, plan=horizon.Plan.uniform(plan, num_slots=num_slots))
+    calm = horizon_run(model, data, config=config)
+    rng = random.Random(0)
+    monkeypatch.setattr(units_module, "_call_block", _delayed(units_module._call_block, rng))
+    monkeypatch.setattr(units_module, "_call_module", _delayed(units_module._call_module, rng))
+    transfer = CpuTransfer(delay_s=lambda: rng.uniform(0, 0.004))
+    stormy = horizon_run(model, data, config=config, transfer=transfer)
+    assert calm[0] == stormy[0]
+    assert all(torch.equal(calm[1][k], stormy[1][k]) for k in calm[1])
+
+
+def test_throttled_link_takes_the_time_its_bandwidth_says():
+    import time
+
+    transfer = CpuTransfer(bandwidth_bytes_per_s=100e6)
+    src, dst = torch.ones(2_500_000), torch.empty(2_500_000)  # 10 MB → 0.1 s at 100 MB/s
+    start = time.perf_counter()
+    transfer.h2d([dst], [src]).wait_host()
+    elapsed = time.perf_counter() - start
+    transfer.close()
+    assert torch.equal(dst, src)
+    assert 0.1 <= elapsed < 0.5
