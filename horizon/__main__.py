@@ -1,0 +1,5 @@
+import sys
+
+from horizon.cli.main import main
+
+sys.exit(main())

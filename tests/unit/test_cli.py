@@ -1,0 +1,57 @@
+"""The `horizon` command and its byte-level data."""
+
+import pytest
+import torch
+
+from horizon.cli.main import main
+from horizon.data.text import load_corpus, sample_batch, split, validation_batches
+
+
+def test_batches_are_windows_with_labels_shifted_by_one_byte():
+    data = torch.arange(200, dtype=torch.uint8)
+    b = sample_batch(data, 4, 16, torch.Generator().manual_seed(0))
+    assert b["input_ids"].shape == b["labels"].shape == (4, 16)
+    assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+    assert torch.equal(b["labels"][:, -1], b["input_ids"][:, -1] + 1)
+    train, val = split(data, 0.1, 16)
+    assert torch.equal(torch.cat([train, val]), data) and len(val) == 20
+    vb = validation_batches(val, 2, 8, 4)
+    assert sum(x["input_ids"].shape[0] for x in vb) == min(8, (len(val) - 1) // 8)
+
+
+def test_corpus_from_a_file_and_from_the_stdlib(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"hello world" * 10)
+    data, what = load_corpus(str(path), 50)
+    assert bytes(data.tolist()) == (b"hello world" * 10)[:50] and what == str(path)
+    stdlib, what = load_corpus("stdlib", 100_000)
+    assert len(stdlib) == 100_000 and "stdlib files" in what
+
+
+def test_train_runs_end_to_end_and_the_loss_goes_down(tmp_path, capsys):
+    path = tmp_path / "text.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
+    rc = main(["train", "--text", str(path), "--preset", "tiny", "--steps", "30", "--batch-size", "8",
+               "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("loss went down:")
+    first, last = (float(v) for v in line.split(":")[1].split("(")[0].split("->"))
+    assert last < first - 0.5
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["train", "--steps", "0"], 2),
+    (["train", "--lr", "nan"], 2),
+    (["frobnicate"], 2),
+])
+def test_bad_arguments_exit_with_usage(argv, code):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+
+
+def test_missing_text_file_is_a_message_not_a_traceback(capsys):
+    assert main(["train", "--text", "/no/such/file"]) == 2
+    assert "is not a file" in capsys.readouterr().err
