@@ -21,8 +21,8 @@ from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import UnitKind, find_units
-from horizon.optim.adamw import adamw_unit_step
-from horizon.optim.clip import clip_scale, global_grad_norm
+from horizon.optim.clip import clip_scale
+from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
 
@@ -61,11 +61,12 @@ def _init_fn(model: nn.Module):
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
-    ``transfer`` replaces the copy engine (tests inject delays through it; leave it None).
+    ``transfer`` and ``updater`` replace the copy engine and the optimizer worker (tests inject
+    delays through them; leave them None).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 transfer: Transfer | None = None) -> None:
+                 transfer: Transfer | None = None, optimizer_delay_s=None) -> None:
         config = config if config is not None else TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
@@ -83,7 +84,7 @@ class Trainer:
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        self._steps = [torch.zeros((), dtype=torch.float32) for _ in self.store.units]
+        self.updater = Updater(self.store, config.optimizer, delay_s=optimizer_delay_s)
         self.device = device
         self.global_step = 0
         if device.type == "cuda":
@@ -94,33 +95,41 @@ class Trainer:
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
         start_s = time.perf_counter()
         self.engine.set_training(self.model.training)
-        loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), num_valid)
-        grad_norm = self._update()
+        lr = self.config.optimizer.lr
+        clipping = self.config.grad_clip_norm is not None
+        # Without clipping a unit is updated as soon as its gradient lands; with clipping only its
+        # norm is taken then, and the updates follow once the global norm is known.
+        landed = self.updater.submit_norm if clipping else (lambda unit: self.updater.submit(unit, lr=lr))
+        loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), num_valid,
+                                                load_after=self.updater.pending, grads_landed=landed)
+        grad_norm = self._clip_and_update(lr) if clipping else None
         loss = float(loss_sum / num_valid)
         self.global_step += 1
         return StepMetrics(step=self.global_step, loss=loss, tokens=num_valid,
                            seconds=time.perf_counter() - start_s, grad_norm=grad_norm)
 
-    def _update(self) -> float | None:
-        cfg = self.config
-        scale = norm = None
-        if cfg.grad_clip_norm is not None:
-            total = global_grad_norm([unit.grad for unit in self.store.units])
-            norm, scale = float(total), clip_scale(total, cfg.grad_clip_norm)
-        for unit, step in zip(self.store.units, self._steps):
-            step += 1
-            adamw_unit_step(unit, step, cfg.optimizer, lr=cfg.optimizer.lr, grad_scale=scale)
-        return norm
+    def _clip_and_update(self, lr: float) -> float:
+        """Submit every unit's update, in forward order, scaled by the global-norm clip factor."""
+        total = self.updater.total_norm()
+        scale = clip_scale(total, self.config.grad_clip_norm)
+        for unit in range(len(self.store.units)):
+            self.updater.submit(unit, lr=lr, grad_scale=scale)
+        return float(total)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies)."""
+        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).
+
+        Waits for the updates still running, so the weights are those after ``global_step`` steps.
+        """
+        self.updater.wait_all()
         return self.model.state_dict()
 
     def optimizer_state_dict(self) -> dict:
         """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
+        self.updater.wait_all()
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
-        for unit, step in zip(self.store.units, self._steps):
+        for unit, step in zip(self.store.units, self.updater.steps):
             m, v = unit.views(unit.exp_avg), unit.views(unit.exp_avg_sq)
             for local_name, master in unit.views(unit.master).items():
                 state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
@@ -140,6 +149,7 @@ class Trainer:
                             slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots)
 
     def close(self) -> None:
+        self.updater.close()
         self.transfer.close()
         self.engine.close()
         self.store.close()

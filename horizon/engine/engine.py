@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -63,6 +65,8 @@ class _Sweep:
     grads: collections.deque = dataclasses.field(default_factory=collections.deque)
     hidden: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
+    load_after: Callable[[int], Future | None] = lambda unit: None
+    grads_landed: Callable[[int], None] = lambda unit: None
 
 
 class Engine:
@@ -88,15 +92,20 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_valid: int) -> torch.Tensor:
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_valid: int, *,
+                         load_after: Callable[[int], Future | None] = lambda unit: None,
+                         grads_landed: Callable[[int], None] = lambda unit: None) -> torch.Tensor:
         """One forward and backward; gradients are in the store's GRAD buffers when it returns.
 
-        Returns the sum of token losses (a 0-d fp32 tensor on the device).
+        ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
+        pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
+        complete in the store. Returns the sum of token losses (a 0-d fp32 tensor on the device).
         """
         num_units = len(self.specs)
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, num_valid=num_valid, order=order,
-                       uses=assign_slots(order, self.pool.num_slots), next_restore=num_units)
+                       uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
+                       load_after=load_after, grads_landed=grads_landed)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
             self._issue_weights(sweep, position)
@@ -117,7 +126,8 @@ class Engine:
 
     def _issue_weights(self, sweep: _Sweep, position: int) -> None:
         unit, use = sweep.order[position], sweep.uses[position]
-        sweep.ready.setdefault(position, []).append(self._load_weights(unit, use.slot) if use.load else DONE)
+        handle = self._load_weights(sweep, unit, use.slot) if use.load else DONE
+        sweep.ready.setdefault(position, []).append(handle)
 
     def _issue_restores(self, sweep: _Sweep, position: int, *, until: int) -> None:
         """Bring back the saved inputs of RECOMPUTE blocks for backward positions up to ``until``.
@@ -140,15 +150,17 @@ class Engine:
                 sweep.ready.setdefault(sweep.next_restore, []).append(handle)
             sweep.next_restore += 1
 
-    def _load_weights(self, unit: int, slot: int) -> Handle:
+    def _load_weights(self, sweep: _Sweep, unit: int, slot: int) -> Handle:
         layout, buffers = self.layouts[unit], self.store.units[unit]
         flat = self.pool.slots[slot]
-        dsts, srcs = [flat[:layout.numel]], [buffers.compute]
+        dsts, srcs, owners = [flat[:layout.numel]], [buffers.compute], [unit]
         for b in layout.borrowed:
             owner = self.store.units[b.owner].compute
             dsts.append(flat[b.offset:b.offset + b.owner_slot.numel])
             srcs.append(owner[b.owner_slot.offset:b.owner_slot.offset + b.owner_slot.numel])
-        return self.transfer.h2d(dsts, srcs)
+            owners.append(b.owner)
+        after = [f for f in map(sweep.load_after, owners) if f is not None]
+        return self.transfer.h2d(dsts, srcs, after)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -265,6 +277,7 @@ class Engine:
         unit, handle = sweep.grads.popleft()
         handle.wait_host()
         self.ledger.release(("grad", unit))
+        sweep.grads_landed(unit)
 
     def _drain(self, sweep: _Sweep) -> None:
         while sweep.grads:

@@ -26,21 +26,26 @@ class Handle:
     """One asynchronous copy; ``wait_device`` orders compute after it, ``wait_host`` blocks the CPU."""
 
     def __init__(self, *, future: concurrent.futures.Future | None = None, event=None, keep=()) -> None:
-        self._future = future
+        self._future = future  # resolves when the copy is done (CPU) or enqueued, to its event (CUDA)
         self._event = event
         self._keep = keep
 
-    def wait_device(self) -> None:
+    def _resolve(self) -> None:
         if self._future is not None:
-            self._future.result()
-        elif self._event is not None:
+            result = self._future.result()
+            if result is not None:
+                self._event = result
+            self._future = None
+
+    def wait_device(self) -> None:
+        self._resolve()
+        if self._event is not None:
             torch.cuda.current_stream().wait_event(self._event)
         self._keep = ()
 
     def wait_host(self) -> None:
-        if self._future is not None:
-            self._future.result()
-        elif self._event is not None:
+        self._resolve()
+        if self._event is not None:
             self._event.synchronize()
         self._keep = ()
 
@@ -50,9 +55,14 @@ DONE = Handle()
 
 
 class Transfer:
-    """The interface the engine uses; see the two implementations below."""
+    """The interface the engine uses; see the two implementations below.
 
-    def h2d(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> Handle:
+    ``after``: host futures (pending optimizer updates of the source) the copy must wait for;
+    the caller does not block on them.
+    """
+
+    def h2d(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+            after: Sequence[concurrent.futures.Future] = ()) -> Handle:
         raise NotImplementedError
 
     def d2h(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> Handle:
@@ -78,7 +88,9 @@ class CpuTransfer(Transfer):
         self.delay_s = delay_s
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-transfer")
 
-    def _run(self, dsts, srcs) -> None:
+    def _run(self, dsts, srcs, after=()) -> None:
+        for future in after:
+            future.result()
         start = time.perf_counter()
         if self.delay_s is not None:
             time.sleep(self.delay_s())
@@ -89,12 +101,11 @@ class CpuTransfer(Transfer):
             if remaining_s > 0:
                 time.sleep(remaining_s)
 
-    def _submit(self, dsts, srcs) -> Handle:
-        dsts, srcs = list(dsts), list(srcs)
-        return Handle(future=self._pool.submit(self._run, dsts, srcs))
+    def h2d(self, dsts, srcs, after=()) -> Handle:
+        return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs), list(after)))
 
-    h2d = _submit
-    d2h = _submit
+    def d2h(self, dsts, srcs) -> Handle:
+        return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -113,24 +124,35 @@ class CudaTransfer(Transfer):
         self.h2d_stream = torch.cuda.Stream(device, priority=-1)
         # Overlaps gradient and activation offload with the next unit's compute.
         self.d2h_stream = torch.cuda.Stream(device, priority=-1)
+        # Enqueues loads whose source is still being updated by the optimizer, once it is done.
+        self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-h2d")
 
-    def _copy_on(self, stream, dsts, srcs) -> Handle:
-        dsts, srcs = list(dsts), list(srcs)
-        compute_ready = torch.cuda.current_stream(self.device).record_event()
+    @staticmethod
+    def _enqueue(stream, compute_ready, dsts, srcs, after=()):
+        for future in after:
+            future.result()
         with torch.cuda.stream(stream):
             stream.wait_event(compute_ready)
             for dst, src in zip(dsts, srcs, strict=True):
                 dst.copy_(src, non_blocking=True)
-            done = stream.record_event()
-        return Handle(event=done, keep=(dsts, srcs))
+            return stream.record_event()
 
-    def h2d(self, dsts, srcs) -> Handle:
-        return self._copy_on(self.h2d_stream, dsts, srcs)
+    def _copy_on(self, stream, dsts, srcs, after=()) -> Handle:
+        dsts, srcs, after = list(dsts), list(srcs), list(after)
+        compute_ready = torch.cuda.current_stream(self.device).record_event()
+        if any(not f.done() for f in after):
+            future = self._launcher.submit(self._enqueue, stream, compute_ready, dsts, srcs, after)
+            return Handle(future=future, keep=(dsts, srcs))
+        return Handle(event=self._enqueue(stream, compute_ready, dsts, srcs, after), keep=(dsts, srcs))
+
+    def h2d(self, dsts, srcs, after=()) -> Handle:
+        return self._copy_on(self.h2d_stream, dsts, srcs, after)
 
     def d2h(self, dsts, srcs) -> Handle:
         return self._copy_on(self.d2h_stream, dsts, srcs)
 
     def close(self) -> None:
+        self._launcher.shutdown(wait=True)
         torch.cuda.synchronize(self.device)
 
 

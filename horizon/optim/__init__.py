@@ -1,4 +1,5 @@
 from horizon.optim.adamw import AdamW, adamw_unit_step
-from horizon.optim.clip import clip_scale, global_grad_norm
+from horizon.optim.clip import clip_scale
+from horizon.optim.updater import Updater
 
-__all__ = ["AdamW", "adamw_unit_step", "clip_scale", "global_grad_norm"]
+__all__ = ["AdamW", "adamw_unit_step", "clip_scale", "Updater"]

@@ -1,20 +1,14 @@
-"""Exact global-norm gradient clipping over the host gradient buffers.
+"""Exact global-norm gradient clipping: the scale ``clip_grad_norm_`` applies.
 
-The norm is the 2-norm of all gradients, computed as ``clip_grad_norm_`` does (the norm of the
-per-buffer norms, in fp32) and the scale ``min(1, max_norm / (norm + 1e-6))`` is applied to every
-gradient before the update.
+The norm is the 2-norm of the per-unit gradient norms in fp32 (``Updater.total_norm``), and
+every gradient is multiplied by ``min(1, max_norm / (norm + 1e-6))`` before its update.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["global_grad_norm", "clip_scale"]
-
-
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+__all__ = ["clip_scale"]
 
 
 def clip_scale(total_norm: torch.Tensor, max_norm: float) -> float:

@@ -47,3 +47,21 @@ def test_throttled_link_takes_the_time_its_bandwidth_says():
     transfer.close()
     assert torch.equal(dst, src)
     assert 0.1 <= elapsed < 0.5
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_optimizer_delays_change_no_number(clip):
+    """Updates overlap the backward (no clipping) or the next forward (clipping): loads must wait."""
+    model = tiny_decoder(num_layers=4, tie_embeddings=True)
+    data = batches(4)
+    config = horizon.TrainConfig(grad_clip_norm=clip, plan="recompute")
+    calm = horizon_run(model, data, config=config)
+    rng = random.Random(1)
+    import copy
+
+    with horizon.Trainer(copy.deepcopy(model), config, optimizer_delay_s=lambda: rng.uniform(0, 0.004),
+                         transfer=CpuTransfer(delay_s=lambda: rng.uniform(0, 0.002))) as trainer:
+        losses = [trainer.step(b).loss for b in data]
+        state = trainer.state_dict()
+        assert losses == calm[0]
+        assert all(torch.equal(calm[1][k], state[k]) for k in calm[1])
