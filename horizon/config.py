@@ -10,6 +10,7 @@ import torch
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
+from horizon.optim.schedule import ConstantLR, Schedule, WarmupCosine, WarmupLinear
 
 __all__ = ["TrainConfig"]
 
@@ -22,8 +23,16 @@ class TrainConfig:
     """Where units compute: "cpu" or "cuda" / "cuda:N". The host store is always in RAM."""
     optimizer: AdamW = dataclasses.field(default_factory=AdamW)
     """The optimizer and its hyper-parameters."""
+    lr_schedule: Schedule = dataclasses.field(default_factory=ConstantLR)
+    """Learning rate per update: ConstantLR(), WarmupCosine(...), WarmupLinear(...) (horizon.optim)."""
     grad_clip_norm: float | None = None
     """Clip the global gradient 2-norm to this value (exact, as clip_grad_norm_); None = off."""
+    grad_accum_steps: int = 1
+    """Micro-batches per update: that many ``step`` calls make one update, with the loss a mean
+    over every non-ignored label of all of them (as one batch of their concatenation)."""
+    on_nonfinite: str = "skip"
+    """A gradient with inf/NaN: "skip" the update (counted in Trainer.skipped_steps), "raise"
+    NonFiniteGradientError, or "ignore" (no check; lets updates start while backward runs)."""
     plan: str | Plan = "recompute"
     """"recompute" or "keep" for every block, or a horizon.Plan."""
     compute_dtype: torch.dtype | None = None
@@ -46,6 +55,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be horizon.AdamW(...), got {type(self.optimizer).__name__}")
         if self.grad_clip_norm is not None and not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm > 0):
             raise ValueError(f"TrainConfig.grad_clip_norm must be a positive number or None, got {self.grad_clip_norm}")
+        if not isinstance(self.lr_schedule, (ConstantLR, WarmupCosine, WarmupLinear)):
+            raise ValueError(f"TrainConfig.lr_schedule must be ConstantLR(), WarmupCosine(...) or WarmupLinear(...), "
+                             f"got {self.lr_schedule!r}")
+        if isinstance(self.grad_accum_steps, bool) or not isinstance(self.grad_accum_steps, int) \
+                or self.grad_accum_steps < 1:
+            raise ValueError(f"TrainConfig.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
+        if self.on_nonfinite not in ("skip", "raise", "ignore"):
+            raise ValueError(f"TrainConfig.on_nonfinite must be 'skip', 'raise' or 'ignore', got {self.on_nonfinite!r}")
         if isinstance(self.plan, str) and self.plan not in _PLAN_WORDS:
             raise ValueError(f"TrainConfig.plan={self.plan!r}: use one of {sorted(_PLAN_WORDS)} or a horizon.Plan")
         if not isinstance(self.plan, (str, Plan)):
@@ -73,6 +90,11 @@ class TrainConfig:
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+
+    @property
+    def eager_updates(self) -> bool:
+        """Whether a unit may be updated as soon as its gradient lands (nothing global to wait for)."""
+        return self.grad_clip_norm is None and self.grad_accum_steps == 1 and self.on_nonfinite == "ignore"
 
     @property
     def resolved_plan(self) -> Plan:

@@ -10,15 +10,21 @@ __all__ = ["StepMetrics", "MemoryReport"]
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepMetrics:
     step: int
-    """The global step this update made (1 after the first)."""
+    """Trainer.global_step after this call (updates made so far)."""
     loss: float
-    """Mean cross-entropy over the labels that are not -100."""
+    """Mean cross-entropy over the labels that are not -100, over the micro-batches of this update so far."""
     tokens: int
-    """Labels that counted in the loss."""
+    """Labels that counted in the loss (this update's micro-batches so far)."""
     seconds: float
-    """Wall time of the step, batch checks to updated weights."""
+    """Wall time of this update's step calls so far, batch checks to the updates submitted."""
     grad_norm: float | None = None
-    """Global gradient 2-norm before clipping (None when clipping is off)."""
+    """Global gradient 2-norm before clipping (None when it was not taken: eager updates, or mid-accumulation)."""
+    lr: float = 0.0
+    """The learning rate of this update."""
+    skipped: bool = False
+    """True when a non-finite gradient made this update be skipped."""
+    updated: bool = True
+    """True when this call ended with an update (False mid-accumulation or when skipped)."""
 
     @property
     def tokens_per_s(self) -> float:

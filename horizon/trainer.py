@@ -21,12 +21,23 @@ from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import UnitKind, find_units
-from horizon.optim.clip import clip_scale
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
 
 __all__ = ["Trainer"]
+
+
+class _MicroBatches:
+    """What the micro-batches of the update in progress have added up to."""
+
+    def __init__(self) -> None:
+        self.count, self.loss_sum, self.tokens, self.seconds = 0, 0.0, 0, 0.0
+
+    def add(self, loss_sum: float, tokens: int) -> None:
+        self.count += 1
+        self.loss_sum += loss_sum
+        self.tokens += tokens
 
 
 def _check_model(model: nn.Module) -> None:
@@ -78,43 +89,75 @@ class Trainer:
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
         self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
-                               pin=device.type == "cuda" and config.pin_memory)
+                               pin=device.type == "cuda" and config.pin_memory,
+                               accumulate=config.grad_accum_steps > 1)
         self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
         self.vocab_size = specs[0].module.num_embeddings
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        self.updater = Updater(self.store, config.optimizer, delay_s=optimizer_delay_s)
+        self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(),
+                               delay_s=optimizer_delay_s)
         self.device = device
         self.global_step = 0
+        """Updates made so far (a skipped step does not count)."""
+        self.skipped_steps = 0
+        """Updates skipped because a gradient was not finite."""
+        self._micro = _MicroBatches()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
+    def _decay_runs(self) -> list[list[tuple[int, int, float]]]:
+        """Per unit, contiguous element ranges with their weight decay (exclusions by name)."""
+        opt = self.config.optimizer
+        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
+        runs = []
+        for unit in self.store.units:
+            unit_runs: list[tuple[int, int, float]] = []
+            for slot in unit.layout.own:
+                name = name_of[unit.master[slot.offset:].data_ptr()]
+                decay = opt.weight_decay if opt.decays(name) else 0.0
+                if unit_runs and unit_runs[-1][1] == slot.offset and unit_runs[-1][2] == decay:
+                    unit_runs[-1] = (unit_runs[-1][0], slot.offset + slot.numel, decay)
+                else:
+                    unit_runs.append((slot.offset, slot.offset + slot.numel, decay))
+            runs.append(unit_runs)
+        return runs
+
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepMetrics:
-        """One training step on ``batch`` (input_ids and labels, [B, T]); returns its metrics."""
+        """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
+        ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
         start_s = time.perf_counter()
-        self.engine.set_training(self.model.training)
-        lr = self.config.optimizer.lr
-        clipping = self.config.grad_clip_norm is not None
-        # Without clipping a unit is updated as soon as its gradient lands; with clipping only its
-        # norm is taken then, and the updates follow once the global norm is known.
-        landed = self.updater.submit_norm if clipping else (lambda unit: self.updater.submit(unit, lr=lr))
-        loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), num_valid,
-                                                load_after=self.updater.pending, grads_landed=landed)
-        grad_norm = self._clip_and_update(lr) if clipping else None
-        loss = float(loss_sum / num_valid)
-        self.global_step += 1
-        return StepMetrics(step=self.global_step, loss=loss, tokens=num_valid,
-                           seconds=time.perf_counter() - start_s, grad_norm=grad_norm)
+        cfg, micro = self.config, self._micro
+        first, last = micro.count == 0, micro.count == cfg.grad_accum_steps - 1
+        lr = cfg.lr_schedule.lr_at(self.global_step, cfg.optimizer.lr)
+        eager_lr = lr if cfg.eager_updates else None
 
-    def _clip_and_update(self, lr: float) -> float:
-        """Submit every unit's update, in forward order, scaled by the global-norm clip factor."""
-        total = self.updater.total_norm()
-        scale = clip_scale(total, self.config.grad_clip_norm)
-        for unit in range(len(self.store.units)):
-            self.updater.submit(unit, lr=lr, grad_scale=scale)
-        return float(total)
+        def landed(unit: int) -> None:
+            self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr)
+
+        self.engine.set_training(self.model.training)
+        # One micro-batch divides by its own label count; several sum token losses and divide at the update.
+        divisor = num_valid if cfg.grad_accum_steps == 1 else 1
+        loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
+                                                load_after=self.updater.pending, grads_landed=landed)
+        micro.add(float(loss_sum), num_valid)
+        grad_norm, skipped = None, False
+        if last:
+            if not cfg.eager_updates:
+                outcome = self.updater.finish(lr=lr, divisor=micro.tokens if cfg.grad_accum_steps > 1 else 1,
+                                              clip_norm=cfg.grad_clip_norm, on_nonfinite=cfg.on_nonfinite)
+                grad_norm, skipped = outcome.grad_norm, outcome.skipped
+            self.skipped_steps += skipped
+            self.global_step += not skipped
+        micro.seconds += time.perf_counter() - start_s
+        metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
+                              seconds=micro.seconds, grad_norm=grad_norm, lr=lr, skipped=skipped,
+                              updated=last and not skipped)
+        if last:
+            self._micro = _MicroBatches()
+        return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).

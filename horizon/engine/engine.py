@@ -51,7 +51,7 @@ class _Sweep:
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    num_valid: int
+    loss_divisor: int
     order: list[int]
     uses: list[SlotUse]
     checkpoints: dict[int, torch.Tensor] | None = None    # host inputs of RECOMPUTE blocks, by unit
@@ -92,10 +92,11 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------------
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, num_valid: int, *,
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_divisor: int, *,
                          load_after: Callable[[int], Future | None] = lambda unit: None,
                          grads_landed: Callable[[int], None] = lambda unit: None) -> torch.Tensor:
-        """One forward and backward; gradients are in the store's GRAD buffers when it returns.
+        """One forward and backward of ``sum of token losses / loss_divisor``; gradients are in the
+        store's GRAD buffers when it returns.
 
         ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
         pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
@@ -103,7 +104,7 @@ class Engine:
         """
         num_units = len(self.specs)
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
-        sweep = _Sweep(input_ids=input_ids, labels=labels, num_valid=num_valid, order=order,
+        sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
                        load_after=load_after, grads_landed=grads_landed)
         depth = self.pool.num_slots - 1
@@ -218,7 +219,7 @@ class Engine:
         template = self.pool.template(slot, unit)
         loss_sum, grad_hidden, grads = head_forward_backward(
             lambda x: self.specs[unit].call(template, x), self.pool.params(slot, unit), sweep.hidden,
-            sweep.labels, num_valid=sweep.num_valid, chunk_tokens=self.plan.loss_chunk(self.vocab_size))
+            sweep.labels, loss_divisor=sweep.loss_divisor, chunk_tokens=self.plan.loss_chunk(self.vocab_size))
         sweep.loss_sum = loss_sum
         self._set_hidden(sweep, grad_hidden)  # from here on, "hidden" is the gradient flowing back
         self._land_grads(sweep, unit, grads)

@@ -20,9 +20,9 @@ __all__ = ["IGNORE_INDEX", "head_forward_backward"]
 
 
 def head_forward_backward(call: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
-                          hidden_BTD: torch.Tensor, labels_BT: torch.Tensor, *, num_valid: int,
+                          hidden_BTD: torch.Tensor, labels_BT: torch.Tensor, *, loss_divisor: int,
                           chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Returns (sum of token losses, gradient w.r.t. ``hidden_BTD``, gradients of ``params``)."""
+    """(sum of token losses, gradients of that sum / ``loss_divisor`` w.r.t. ``hidden_BTD`` and ``params``)."""
     hidden = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
     labels = labels_BT.reshape(-1)
     grad_hidden = torch.empty_like(hidden)
@@ -34,7 +34,7 @@ def head_forward_backward(call: Callable[[torch.Tensor], torch.Tensor], params: 
         with torch.enable_grad():
             logits = call(x).float()
             loss = F.cross_entropy(logits, labels[start:end], ignore_index=IGNORE_INDEX, reduction="sum")
-            grads = torch.autograd.grad(loss / num_valid, [x, *params])
+            grads = torch.autograd.grad(loss / loss_divisor, [x, *params])
         grad_hidden[start:end] = grads[0]
         loss_sum += loss.detach()
         if param_grads is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 
@@ -27,7 +28,9 @@ class AdamW:
     eps: float = 1e-8
     """Added to the denominator, after the square root (as torch does)."""
     weight_decay: float = 1e-2
-    """Decoupled weight decay, applied to every parameter (torch.optim.AdamW's default is 1e-2)."""
+    """Decoupled weight decay (torch.optim.AdamW's default is 1e-2)."""
+    weight_decay_exclude: tuple[str, ...] = ()
+    """Regular expressions; a parameter whose model name matches one (``re.search``) gets no decay."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr >= 0):
@@ -38,19 +41,35 @@ class AdamW:
             raise ValueError(f"AdamW.eps must be a finite number >= 0, got {self.eps}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"AdamW.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if isinstance(self.weight_decay_exclude, str):
+            raise ValueError("AdamW.weight_decay_exclude is a tuple of patterns: write (pattern,), not pattern")
+        for pattern in self.weight_decay_exclude:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"AdamW.weight_decay_exclude: {pattern!r} is not a regular expression ({e})") from e
+
+    def decays(self, name: str) -> bool:
+        """Whether the parameter called ``name`` in the model gets weight decay."""
+        return not any(re.search(p, name) for p in self.weight_decay_exclude)
 
 
-def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: float,
-                    grad_scale: float | None = None) -> None:
+def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: float, grad: torch.Tensor,
+                    grad_scale: float | None, decay_runs: list[tuple[int, int, float]]) -> None:
     """Update one unit in place: master, m and v, then the compute copy the next load sends.
 
     ``step`` is the unit's fp32 step count *after* this update (torch keeps it as a tensor too).
-    ``grad_scale`` multiplies the gradient first (global-norm clipping), as ``clip_grad_norm_`` does.
+    ``grad`` is the unit's flat gradient (the landed one, or the accumulated one); ``grad_scale``
+    multiplies it first (clipping, accumulation), as ``clip_grad_norm_`` does. ``decay_runs`` are
+    the unit's contiguous element ranges ``(start, end, weight_decay)``.
     """
-    grad = unit.grad if unit.grad.dtype == torch.float32 else unit.grad.float()
+    if grad.dtype != torch.float32:
+        grad = grad.float()
     if grad_scale is not None:
         grad.mul_(grad_scale)
-    torch._fused_adamw_([unit.master], [grad], [unit.exp_avg], [unit.exp_avg_sq], [], [step],
-                        lr=lr, beta1=cfg.betas[0], beta2=cfg.betas[1], weight_decay=cfg.weight_decay,
-                        eps=cfg.eps, amsgrad=False, maximize=False)
+    for start, end, weight_decay in decay_runs:
+        torch._fused_adamw_([unit.master[start:end]], [grad[start:end]], [unit.exp_avg[start:end]],
+                            [unit.exp_avg_sq[start:end]], [], [step], lr=lr, beta1=cfg.betas[0],
+                            beta2=cfg.betas[1], weight_decay=weight_decay, eps=cfg.eps, amsgrad=False,
+                            maximize=False)
     unit.refresh_compute()

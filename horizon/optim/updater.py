@@ -1,70 +1,122 @@
-"""Per-unit optimizer updates on their own thread, overlapped with the device's work.
+"""Per-unit optimizer work on its own thread, overlapped with the device's work.
 
 Why: with the state in host RAM the update is the other half of a step, and a serial update
-after backward leaves the device idle. Each unit's update is a task on one worker thread (FIFO,
-so updates and gradient norms run in the order they were submitted). Nothing reads a unit's
-weights while its update may run: the engine's next load of that unit waits for the unit's
-pending future, and every reader of the state calls ``wait_all`` first.
+after backward leaves the device idle. Everything the optimizer does to a unit is a task on one
+worker thread (FIFO: tasks run in submission order). Nothing reads a unit's weights while its
+update may run: the engine's next load of that unit waits for the unit's pending future, and
+every reader of the state calls ``wait_all`` first.
 
-Two exact schedules use it (the trainer picks):
-- no clipping: a unit is submitted as soon as its gradient has landed, overlapping the
-  backward of the units before it;
-- global-norm clipping: each unit's squared norm is computed as its gradient lands; once all are
-  in, every unit is submitted in forward order, so the next step's forward of unit i waits only
-  for update i while later units are still being updated.
+Two exact schedules (``StepPlan.eager`` picks):
+- eager (no clipping, no accumulation, non-finite gradients not checked): a unit is updated as
+  soon as its gradient has landed, overlapping the backward of the units before it;
+- deferred (everything else): as each gradient lands, the worker folds it into the accumulator
+  and takes its squared norm; once all are in, the global norm decides (skip a non-finite step,
+  clip) and every unit is submitted in forward order, so the next step's forward of unit i waits
+  only for update i while later units are still being updated.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import math
 import time
 from collections.abc import Callable
 
 import torch
 
 from horizon.optim.adamw import AdamW, adamw_unit_step
+from horizon.optim.clip import clip_scale
 from horizon.store.host_store import HostStore
 
-__all__ = ["Updater"]
+__all__ = ["Updater", "NonFiniteGradientError"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held inf or NaN and ``on_nonfinite="raise"``; nothing was updated."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Outcome:
+    grad_norm: float | None  # the global norm of the (averaged) gradient, when it was taken
+    skipped: bool            # True when a non-finite gradient skipped the update
 
 
 class Updater:
-    def __init__(self, store: HostStore, optimizer: AdamW, *, delay_s: Callable[[], float] | None = None) -> None:
+    def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
+                 delay_s: Callable[[], float] | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
+        self.decay_runs = decay_runs
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._norms: dict[int, concurrent.futures.Future] = {}
 
+    # -- on the worker ------------------------------------------------------------------------
+
     def _maybe_delay(self) -> None:
         if self.delay_s is not None:
             time.sleep(self.delay_s())
 
+    def _source(self, unit: int) -> torch.Tensor:
+        buffers = self.store.units[unit]
+        return buffers.grad_accum if buffers.grad_accum is not None else buffers.grad
+
     def _update(self, unit: int, lr: float, grad_scale: float | None) -> None:
         self._maybe_delay()
         self.steps[unit] += 1
-        adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad_scale=grad_scale)
+        adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
+                        grad_scale=grad_scale, decay_runs=self.decay_runs[unit])
 
-    def _squared_norm(self, unit: int) -> torch.Tensor:
+    def _fold(self, unit: int, first: bool, norm: bool) -> torch.Tensor | None:
         self._maybe_delay()
-        return torch.linalg.vector_norm(self.store.units[unit].grad, 2.0, dtype=torch.float32)
+        buffers = self.store.units[unit]
+        if buffers.grad_accum is not None:
+            if first:
+                buffers.grad_accum.copy_(buffers.grad)
+            else:
+                buffers.grad_accum.add_(buffers.grad)
+        if not norm:
+            return None
+        return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
 
-    def submit(self, unit: int, *, lr: float, grad_scale: float | None = None) -> None:
-        """Queue the update of ``unit``; its gradient must have landed in the store."""
-        assert unit not in self._pending or self._pending[unit].done(), f"unit {unit} updated twice in a step"
+    # -- on the caller's thread ------------------------------------------------------------------
+
+    def landed(self, unit: int, *, first_micro: bool, last_micro: bool, eager_lr: float | None) -> None:
+        """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once."""
+        if eager_lr is not None:
+            self._submit_update(unit, eager_lr, None)
+            return
+        future = self._pool.submit(self._fold, unit, first_micro, last_micro)
+        self._pending[unit] = future  # the unit's next gradient must not land before this fold read it
+        if last_micro:
+            self._norms[unit] = future
+
+    def finish(self, *, lr: float, divisor: int, clip_norm: float | None, on_nonfinite: str) -> Outcome:
+        """After the last micro-batch: check, clip and submit every unit's update in forward order."""
+        norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) / divisor
+        norm = float(total)
+        if not math.isfinite(norm):
+            if on_nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"the gradient norm is {norm}: a gradient holds inf or NaN; nothing was updated "
+                    "(use on_nonfinite='skip' to skip such steps)")
+            return Outcome(grad_norm=norm, skipped=True)
+        scale = clip_scale(total, clip_norm) if clip_norm is not None else None
+        if divisor != 1:
+            scale = (1.0 if scale is None else scale) / divisor
+        for unit in range(len(self.store.units)):
+            self._submit_update(unit, lr, scale)
+        return Outcome(grad_norm=norm, skipped=False)
+
+    def _submit_update(self, unit: int, lr: float, grad_scale: float | None) -> None:
         self._pending[unit] = self._pool.submit(self._update, unit, lr, grad_scale)
 
-    def submit_norm(self, unit: int) -> None:
-        """Queue the gradient norm of ``unit`` (for global-norm clipping)."""
-        self._norms[unit] = self._pool.submit(self._squared_norm, unit)
-
-    def total_norm(self) -> torch.Tensor:
-        """The 2-norm over every unit's gradient (waits for the norms submitted this step)."""
-        norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
-        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
-
     def pending(self, unit: int) -> concurrent.futures.Future | None:
-        """The future of ``unit``'s update if one may still run (for the engine's next load)."""
+        """The future of ``unit``'s last task if it may still run (the engine's next load waits for it).
+
+        Tasks run in submission order, so the last one done means all of the unit's are done."""
         future = self._pending.get(unit)
         return None if future is None or future.done() and future.exception() is None else future
 

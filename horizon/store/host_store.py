@@ -28,6 +28,7 @@ class Role(enum.Enum):
     EXP_AVG_SQ = "exp_avg_sq"  # Adam second moment, fp32
     GRAD = "grad"              # gradient as it arrives from the device (compute dtype)
     COMPUTE = "compute"        # weights in the compute dtype: what crosses to the device
+    GRAD_ACCUM = "grad_accum"  # fp32 sum of gradients over micro-batches (gradient accumulation only)
 
 
 _PCIE_ROLES = (Role.COMPUTE, Role.GRAD)
@@ -52,14 +53,18 @@ def _region_bytes(layouts: list[UnitLayout], roles, compute_dtype: torch.dtype) 
                for layout in layouts for role in roles)
 
 
-def store_bytes_by_role(layouts: list[UnitLayout], compute_dtype: torch.dtype) -> dict[str, int]:
+def _cpu_roles(accumulate: bool) -> tuple[Role, ...]:
+    return _CPU_ROLES + ((Role.GRAD_ACCUM,) if accumulate else ())
+
+
+def store_bytes_by_role(layouts: list[UnitLayout], compute_dtype: torch.dtype, *,
+                        accumulate: bool = False) -> dict[str, int]:
     """Exact bytes the store allocates per role, page alignment included (nothing allocated)."""
     out = {}
     for role in Role:
-        if role is Role.COMPUTE and not _has_own_compute_copy(compute_dtype):
-            out[role.value] = 0
-            continue
-        out[role.value] = _region_bytes(layouts, (role,), compute_dtype)
+        absent = (role is Role.COMPUTE and not _has_own_compute_copy(compute_dtype)) or (
+            role is Role.GRAD_ACCUM and not accumulate)
+        out[role.value] = 0 if absent else _region_bytes(layouts, (role,), compute_dtype)
     return out
 
 
@@ -73,6 +78,7 @@ class UnitBuffers:
     exp_avg_sq: torch.Tensor
     grad: torch.Tensor
     compute: torch.Tensor
+    grad_accum: torch.Tensor | None = None
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p.local_name: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.layout.own}
@@ -100,15 +106,16 @@ class _Carver:
 class HostStore:
     """Flat host buffers for a chain of units, plus the pinning of what crosses PCIe."""
 
-    def __init__(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool) -> None:
-        by_role = store_bytes_by_role(layouts, compute_dtype)
+    def __init__(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
+                 accumulate: bool = False) -> None:
+        by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate)
         pcie_roles = _PCIE_ROLES if _has_own_compute_copy(compute_dtype) else (Role.GRAD,)
         pcie_bytes = _region_bytes(layouts, pcie_roles, compute_dtype)
-        cpu_bytes = _region_bytes(layouts, _CPU_ROLES, compute_dtype)
+        cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype)
         assert pcie_bytes + cpu_bytes == sum(by_role.values())
         can_pin = check_host_budget(required_bytes=pcie_bytes + cpu_bytes, pinned_bytes=pcie_bytes if pin else 0,
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units")
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.accumulate = compute_dtype, accumulate
         self.bytes_by_role = by_role
         self._pcie = _Carver(pcie_bytes)
         self._cpu = _Carver(cpu_bytes)
@@ -125,8 +132,9 @@ class HostStore:
         else:
             compute = master
         grad = self._pcie.take(layout.numel, self.compute_dtype)
+        grad_accum = self._cpu.take(layout.numel, torch.float32) if self.accumulate else None
         return UnitBuffers(layout=layout, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                           grad=grad, compute=compute)
+                           grad=grad, compute=compute, grad_accum=grad_accum)
 
     @staticmethod
     def _pin(buffer: torch.Tensor):

@@ -49,6 +49,10 @@ def test_bad_batches_are_refused_and_change_nothing(trainer, batch, match):
     (dict(compute_dtype=torch.int8), "compute_dtype"),
     (dict(optimizer="adam"), "horizon.AdamW"),
     (dict(cpu_link_bytes_per_s=-1.0), "positive"),
+    (dict(grad_accum_steps=0), "grad_accum_steps"),
+    (dict(grad_accum_steps=2.0), "grad_accum_steps"),
+    (dict(on_nonfinite="warn"), "on_nonfinite"),
+    (dict(lr_schedule="cosine"), "lr_schedule"),
 ])
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -58,6 +62,7 @@ def test_bad_config_values(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1.0), "lr"), (dict(lr=float("inf")), "lr"), (dict(betas=(0.9, 1.0)), "betas"),
     (dict(betas=(0.9,)), "betas"), (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(weight_decay_exclude="norm"), "tuple"), (dict(weight_decay_exclude=("(",)), "regular expression"),
 ])
 def test_bad_optimizer_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -49,12 +49,15 @@ def test_throttled_link_takes_the_time_its_bandwidth_says():
     assert 0.1 <= elapsed < 0.5
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_optimizer_delays_change_no_number(clip):
-    """Updates overlap the backward (no clipping) or the next forward (clipping): loads must wait."""
+@pytest.mark.parametrize("clip,nonfinite,accum", [(None, "ignore", 1), (None, "skip", 1), (1.0, "skip", 1),
+                                                  (1.0, "skip", 2)])
+def test_optimizer_delays_change_no_number(clip, nonfinite, accum):
+    """Updates overlap the backward (eager) or the next forward (deferred); folds of accumulated
+    gradients overlap the next micro-batch: loads and gradient landings must wait for them."""
     model = tiny_decoder(num_layers=4, tie_embeddings=True)
     data = batches(4)
-    config = horizon.TrainConfig(grad_clip_norm=clip, plan="recompute")
+    config = horizon.TrainConfig(grad_clip_norm=clip, plan="recompute", on_nonfinite=nonfinite,
+                                 grad_accum_steps=accum)
     calm = horizon_run(model, data, config=config)
     rng = random.Random(1)
     import copy

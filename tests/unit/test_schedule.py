@@ -9,8 +9,9 @@ from torch.optim import lr_scheduler as L
 
 from horizon.optim.schedule import ConstantLR, Schedule, WarmupCosine, WarmupLinear
 
-# torch's schedulers are recursive; lr_at is the closed form. Measured drift: <= 1e-13 relative
-# over 10k steps (it grows to ~5e-12 by 100k steps), so 1e-12 is the bound up to 10k steps.
+# torch's schedulers are recursive; lr_at is the closed form. Measured drift over whole schedules:
+# <= 5e-14 relative at 1k steps, <= 1.6e-13 at 10k, up to 5e-12 at 100k (linear, near a zero
+# floor). So 1e-12 holds with margin for schedules up to 10k steps, which is all we test.
 REL = 1e-12
 
 OPTIMIZERS = [torch.optim.SGD, torch.optim.AdamW]
