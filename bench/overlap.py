@@ -1,0 +1,135 @@
+"""Is the CPU optimizer hidden under compute? Step time with AdamW on vs a no-op optimizer.
+
+What it measures: a chain of blocks whose "compute" is a stand-in that takes a known time per
+unit (a sleep, so the measurement does not depend on how fast this CPU multiplies), with real
+parameters (a flat weight of --block-params elements per block, so the update, the gradient
+copy and the weight copy move real bytes), on the CPU engine with the transfer thread throttled
+to a PCIe-like bandwidth. The stand-in compute per unit is set to --compute-ratio × the measured
+time of one unit's AdamW update. For each schedule (eager: updates start as gradients land;
+deferred: clipping, updates run in forward order under the next forward) the bench alternates
+rounds of the real optimizer and a no-op one and reports the median seconds per step and their
+ratio, ``exposed_slowdown`` (goal ≤ 1.05 when the compute per unit is at least the update time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+import horizon
+import horizon.optim.updater as updater_module
+from _common import CpuMeter, median, result_record, write_json
+
+
+class StandInBlock(nn.Module):
+    """A block with ``numel`` real parameters whose forward takes ``compute_s`` seconds."""
+
+    def __init__(self, dim: int, numel: int, compute_s: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(numel) * 0.02)
+        self.dim, self.compute_s = dim, compute_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.compute_s)
+        return x + self.weight[: self.dim]
+
+
+class Chain(nn.Module):
+    def __init__(self, *, vocab: int, dim: int, layers: int, numel: int, compute_s: float) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(StandInBlock(dim, numel, compute_s) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+
+def update_time_s(numel: int, repeats: int = 7) -> float:
+    """Median seconds of one unit's AdamW update (the kernel the updater runs) on ``numel`` params."""
+    from horizon.optim.adamw import AdamW, adamw_unit_step
+    from horizon.store.host_store import UnitBuffers
+    from horizon.store.layout import ParamSlot, UnitLayout
+
+    layout = UnitLayout(name="u", own=(ParamSlot(local_name="w", offset=0, shape=torch.Size([numel])),), borrowed=())
+    buffers = UnitBuffers(layout=layout, master=torch.randn(numel), exp_avg=torch.zeros(numel),
+                          exp_avg_sq=torch.zeros(numel), grad=torch.randn(numel), compute=torch.empty(0))
+    buffers.compute = buffers.master
+    step, times = torch.zeros(()), []
+    for _ in range(repeats):
+        step += 1
+        start = time.perf_counter()
+        adamw_unit_step(buffers, step, AdamW(), lr=1e-3, grad=buffers.grad, grad_scale=None,
+                        decay_runs=[(0, numel, 0.01)])
+        times.append(time.perf_counter() - start)
+    return median(times[1:])
+
+
+def _noop_step(*args, **kwargs) -> None:
+    return None
+
+
+def run_round(trainer: horizon.Trainer, batch: dict, steps: int, *, noop: bool) -> float:
+    """Seconds per step over ``steps`` steps, the last pending updates included."""
+    real = updater_module.adamw_unit_step
+    if noop:
+        updater_module.adamw_unit_step = _noop_step
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.step(batch)
+        trainer.updater.wait_all()
+        return (time.perf_counter() - start) / steps
+    finally:
+        updater_module.adamw_unit_step = real
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8, help="blocks (count)")
+    p.add_argument("--block-params", type=int, default=4_000_000, help="parameters per block (count)")
+    p.add_argument("--compute-ratio", type=float, default=1.5, help="stand-in compute per unit / update time")
+    p.add_argument("--link-gb-s", type=float, default=16.0, help="throttle of the transfer thread (GB/s)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration (count)")
+    p.add_argument("--steps", type=int, default=3, help="steps per round (count)")
+    p.add_argument("--out", default="bench/results/overlap.json")
+    args = p.parse_args()
+
+    update_s = update_time_s(args.block_params)
+    compute_s = args.compute_ratio * update_s
+    torch.manual_seed(0)
+    model = Chain(vocab=256, dim=64, layers=args.layers, numel=args.block_params, compute_s=compute_s)
+    batch = {"input_ids": torch.randint(0, 256, (1, 16)), "labels": torch.randint(0, 256, (1, 16))}
+    schedules = {"eager": dict(on_nonfinite="ignore"), "deferred": dict(grad_clip_norm=1.0)}
+    trainers = {name: horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(
+        plan="recompute", cpu_link_bytes_per_s=args.link_gb_s * 1e9, **kw)) for name, kw in schedules.items()}
+    samples = {f"{name}_{mode}": [] for name in schedules for mode in ("adamw", "noop")}
+    meter = CpuMeter().start()
+    for name, trainer in trainers.items():  # warm-up, not recorded
+        run_round(trainer, batch, 1, noop=False)
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            for mode in ("adamw", "noop"):
+                samples[f"{name}_{mode}"].append(run_round(trainer, batch, args.steps, noop=mode == "noop"))
+    noise = meter.stop()
+    for trainer in trainers.values():
+        trainer.close()
+
+    results = {key: median(v) for key, v in samples.items()}
+    slowdowns = {name: results[f"{name}_adamw"] / results[f"{name}_noop"] for name in schedules}
+    for key, value in results.items():
+        print(f"{key:16s} {value * 1e3:8.1f} ms/step")
+    print(f"update per unit {update_s * 1e3:.1f} ms, stand-in compute per unit {compute_s * 1e3:.1f} ms")
+    print("exposed slowdown: " + ", ".join(f"{k} {v:.3f}" for k, v in slowdowns.items()))
+    record = result_record(
+        "overlap", unit="s/step", higher_is_better=False, results={**results, "limit": None},
+        ratios={"exposed_slowdown": max(slowdowns.values()), **{f"exposed_slowdown_{k}": v for k, v in slowdowns.items()}},
+        goals={"exposed_slowdown": 1.05}, samples=samples, noise=noise,
+        config={**vars(args), "update_s": update_s, "compute_s_per_unit": compute_s})
+    print(f"wrote {write_json(args.out, record)}")
+
+
+if __name__ == "__main__":
+    main()
