@@ -10,6 +10,9 @@ from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
+from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
+from horizon.optim.updater import NonFiniteGradientError
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "AdamW", "Plan", "ActivationPolicy", "Units", "StepMetrics", "MemoryReport"]
+__all__ = ["Trainer", "TrainConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
+           "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError"]
