@@ -86,10 +86,25 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def git_state() -> dict | None:
+    """The commit the benchmark ran on and whether the tree had uncommitted changes (None outside git)."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
 def result_record(bench: str, *, unit: str, higher_is_better: bool, results: dict, config: dict,
                   **extra) -> dict:
     return {"bench": bench, "unit": unit, "higher_is_better": higher_is_better, "results": results,
-            **extra, "config": config, "machine": machine_info(),
+            **extra, "config": config, "machine": machine_info(), "git": git_state(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
