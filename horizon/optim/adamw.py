@@ -1,22 +1,24 @@
 """AdamW over a unit's flat host buffers, with the semantics of ``torch.optim.AdamW``.
 
 Why flat: a unit's master weights, gradient and moments are each one contiguous buffer, so the
-update is one fused pass per unit (``torch._fused_adamw_`` on one tensor) rather than a loop over
-parameters. The bias correction, decoupled weight decay and epsilon placement are torch's own,
-because the kernel is torch's own.
+update is one fused pass per unit (``horizon.optim.native``) rather than a loop over parameters.
+The bias correction, decoupled weight decay and epsilon placement are torch's fused kernel's, in
+its order, and tested against ``torch.optim.AdamW``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import torch
 
+from horizon.optim.native import fused_adamw_
 from horizon.store.host_store import UnitBuffers
 
-__all__ = ["AdamW", "adamw_unit_step"]
+__all__ = ["AdamW", "adamw_unit_step", "optimizer_threads"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,22 +56,35 @@ class AdamW:
         return not any(re.search(p, name) for p in self.weight_decay_exclude)
 
 
+def optimizer_threads() -> int:
+    """Threads for the update kernel: the cores this process may use, split between local ranks.
+
+    torchrun sets OMP_NUM_THREADS=1, which must not leave the optimizer on one core, so this reads
+    the CPU affinity instead and divides it by LOCAL_WORLD_SIZE.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // local_ranks)
+
+
 def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: float, grad: torch.Tensor,
-                    grad_scale: float | None, decay_runs: list[tuple[int, int, float]]) -> None:
-    """Update one unit in place: master, m and v, then the compute copy the next load sends.
+                    grad_scale: float | None, decay_runs: list[tuple[int, int, float]],
+                    num_threads: int = 1) -> None:
+    """Update one unit in place: master, m and v, and the compute copy the next load sends.
 
     ``step`` is the unit's fp32 step count *after* this update (torch keeps it as a tensor too).
     ``grad`` is the unit's flat gradient (the landed one, or the accumulated one); ``grad_scale``
-    multiplies it first (clipping, accumulation), as ``clip_grad_norm_`` does. ``decay_runs`` are
-    the unit's contiguous element ranges ``(start, end, weight_decay)``.
+    multiplies it first (clipping, accumulation), as ``clip_grad_norm_`` does, without writing it
+    back. ``decay_runs`` are the unit's contiguous element ranges ``(start, end, weight_decay)``.
+    One pass per run: the native kernel also writes the bf16 copy; otherwise torch's fused kernel
+    runs and the copy follows.
     """
-    if grad.dtype != torch.float32:
-        grad = grad.float()
-    if grad_scale is not None:
-        grad.mul_(grad_scale)
+    own_copy = unit.compute.data_ptr() != unit.master.data_ptr()
+    one_pass = own_copy and unit.compute.dtype == torch.bfloat16
     for start, end, weight_decay in decay_runs:
-        torch._fused_adamw_([unit.master[start:end]], [grad[start:end]], [unit.exp_avg[start:end]],
-                            [unit.exp_avg_sq[start:end]], [], [step], lr=lr, beta1=cfg.betas[0],
-                            beta2=cfg.betas[1], weight_decay=weight_decay, eps=cfg.eps, amsgrad=False,
-                            maximize=False)
-    unit.refresh_compute()
+        fused_adamw_(unit.master[start:end], grad[start:end], unit.exp_avg[start:end], unit.exp_avg_sq[start:end],
+                     unit.compute[start:end] if one_pass else None, step=int(step), lr=lr, beta1=cfg.betas[0],
+                     beta2=cfg.betas[1], eps=cfg.eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                     num_threads=num_threads)
+    if own_copy and not one_pass:
+        unit.refresh_compute()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from horizon.optim.adamw import AdamW, adamw_unit_step
+from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
 from horizon.optim.clip import clip_scale
 from horizon.store.host_store import HostStore
 
@@ -47,6 +47,7 @@ class Updater:
                  delay_s: Callable[[], float] | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.decay_runs = decay_runs
+        self.num_threads = optimizer_threads()
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -66,7 +67,7 @@ class Updater:
         self._maybe_delay()
         self.steps[unit] += 1
         adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
-                        grad_scale=grad_scale, decay_runs=self.decay_runs[unit])
+                        grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
 
     def _fold(self, unit: int, first: bool, norm: bool) -> torch.Tensor | None:
         self._maybe_delay()
