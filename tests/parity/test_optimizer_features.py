@@ -188,3 +188,46 @@ def test_nan_gradient_raises_when_asked_and_changes_nothing():
         with pytest.raises(NonFiniteGradientError, match="nothing was updated"):
             t.step(batches(1)[0])
         assert all(torch.equal(before[k], v) for k, v in t.state_dict().items())
+
+
+@pytest.mark.parametrize("kernel", ["native", "fallback"])
+@pytest.mark.parametrize("clip,exclude", [(None, ()), (1.0, ()), (1.0, ("norm",))])
+def test_ten_steps_match_torch_adamw_with_either_kernel(monkeypatch, kernel, clip, exclude):
+    import horizon.optim.native as native
+
+    if kernel == "native" and not native.native_available():
+        pytest.skip("the native extension is not built here")
+    if kernel == "fallback":
+        monkeypatch.setattr(native, "_native", None)
+    model = tiny_decoder(num_layers=2, tie_embeddings=True)
+    data = batches(10)
+    opt_cfg = horizon.AdamW(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, weight_decay_exclude=exclude)
+    ref = copy.deepcopy(model)
+    groups = [{"params": [p for n, p in ref.named_parameters() if opt_cfg.decays(n)]},
+              {"params": [p for n, p in ref.named_parameters() if not opt_cfg.decays(n)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    for b in data:
+        loss = F.cross_entropy(ref(b["input_ids"]).view(-1, 256), b["labels"].view(-1))
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+    _, state, _ = horizon_run(model, data, config=horizon.TrainConfig(optimizer=opt_cfg, grad_clip_norm=clip))
+    ref_state = ref.state_dict()
+    assert all(rel_err(state[k], ref_state[k]) <= 1e-6 for k in ref_state)
+
+
+def test_optimizer_threads_follow_affinity_and_local_ranks(monkeypatch):
+    import os
+
+    from horizon.optim.adamw import optimizer_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's setting must not shrink the optimizer
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert optimizer_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert optimizer_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert optimizer_threads() == 1
