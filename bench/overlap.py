@@ -25,17 +25,33 @@ import horizon.optim.updater as updater_module
 from _common import CpuMeter, median, result_record, write_json
 
 
+class _StandIn(torch.autograd.Function):
+    """Takes ``compute_s`` in forward and in backward; the weight's gradient is a fixed zero buffer,
+    so the stand-in itself moves no memory (a real device computes off the host's memory bus)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, compute_s, zero_grad):
+        ctx.compute_s, ctx.zero_grad = compute_s, zero_grad
+        time.sleep(compute_s)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        time.sleep(ctx.compute_s)
+        return grad_out, ctx.zero_grad, None, None
+
+
 class StandInBlock(nn.Module):
-    """A block with ``numel`` real parameters whose forward takes ``compute_s`` seconds."""
+    """A block with ``numel`` real parameters whose forward (and backward) takes ``compute_s`` seconds."""
 
     def __init__(self, dim: int, numel: int, compute_s: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(numel) * 0.02)
-        self.dim, self.compute_s = dim, compute_s
+        self.compute_s = compute_s
+        self._zero_grad = torch.zeros(numel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.compute_s)
-        return x + self.weight[: self.dim]
+        return _StandIn.apply(x, self.weight, self.compute_s, self._zero_grad)
 
 
 class Chain(nn.Module):
