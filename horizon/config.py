@@ -36,7 +36,7 @@ class TrainConfig:
     plan: str | Plan = "recompute"
     """"recompute" or "keep" for every block, or a horizon.Plan."""
     compute_dtype: torch.dtype | None = None
-    """dtype of the weights and activations on the device; None = fp32 on CPU, bf16 on CUDA."""
+    """dtype of the weights and activations on the device (float32 or bfloat16); None = fp32 on CPU, bf16 on CUDA."""
     units: Units | None = None
     """Name the model's embedding, blocks, norm and head by hand; None = detect them."""
     pin_memory: bool = True
@@ -67,8 +67,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.plan={self.plan!r}: use one of {sorted(_PLAN_WORDS)} or a horizon.Plan")
         if not isinstance(self.plan, (str, Plan)):
             raise ValueError(f"TrainConfig.plan must be a string or a horizon.Plan, got {type(self.plan).__name__}")
-        if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"TrainConfig.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype}")
+        if self.compute_dtype == torch.float16:
+            raise ValueError("TrainConfig.compute_dtype=float16 would need loss scaling, which horizon does not do; "
+                             "use torch.bfloat16")
+        if self.compute_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"TrainConfig.compute_dtype must be float32 or bfloat16, got {self.compute_dtype}")
         if self.cpu_link_bytes_per_s is not None:
             if device.type != "cpu":
                 raise ValueError("TrainConfig.cpu_link_bytes_per_s throttles the CPU transfer thread; "

@@ -120,3 +120,39 @@ def test_optimizer_state_matches_torch():
             assert float(mine["step"]) == float(s["step"]) == 3
             assert rel_err(mine["exp_avg"], s["exp_avg"]) <= 1e-6
             assert rel_err(mine["exp_avg_sq"], s["exp_avg_sq"]) <= 1e-6
+
+
+@pytest.mark.parametrize("plan", ["keep", "recompute"])
+def test_bf16_compute_on_cpu_is_within_the_error_of_torch_autocast(plan):
+    """The bf16 path (bf16 compute copy and gradients, fp32 master) without a GPU."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = tiny_decoder(num_layers=3, tie_embeddings=True)
+    data = batches(6)
+
+    def plain(autocast):
+        ref = copy.deepcopy(model)
+        opt = torch.optim.AdamW(ref.parameters(), lr=OPT.lr, betas=OPT.betas, weight_decay=OPT.weight_decay)
+        losses = []
+        for b in data:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = ref(b["input_ids"])
+            loss = F.cross_entropy(logits.float().view(-1, 256), b["labels"].view(-1))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+        return losses, ref.state_dict()
+
+    exact_losses, exact = plain(False)
+    amp_losses, amp = plain(True)
+    cfg = horizon.TrainConfig(optimizer=OPT, grad_clip_norm=1.0, plan=plan, compute_dtype=torch.bfloat16)
+    losses, state, _ = horizon_run(model, data, config=cfg)
+    amp_err = max(rel_err(amp[k], exact[k]) for k in exact)
+    err = max(rel_err(state[k], exact[k]) for k in exact)
+    assert err <= 2 * amp_err
+    assert max(abs(a - e) for a, e in zip(losses, exact_losses)) <= 2 * max(
+        abs(a - e) for a, e in zip(amp_losses, exact_losses)) + 1e-3

@@ -47,6 +47,7 @@ def test_bad_batches_are_refused_and_change_nothing(trainer, batch, match):
     (dict(plan="sometimes"), "plan"),
     (dict(plan=3), "plan"),
     (dict(compute_dtype=torch.int8), "compute_dtype"),
+    (dict(compute_dtype=torch.float16), "loss scaling"),
     (dict(optimizer="adam"), "horizon.AdamW"),
     (dict(cpu_link_bytes_per_s=-1.0), "positive"),
     (dict(grad_accum_steps=0), "grad_accum_steps"),
