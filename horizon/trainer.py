@@ -72,8 +72,8 @@ def _init_fn(model: nn.Module):
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
-    ``transfer`` and ``updater`` replace the copy engine and the optimizer worker (tests inject
-    delays through them; leave them None).
+    ``transfer`` replaces the copy engine and ``optimizer_delay_s`` (a callable returning seconds)
+    delays every optimizer task: tests inject races through them; leave both None.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
@@ -143,14 +143,7 @@ class Trainer:
         loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
                                                 load_after=self.updater.pending, grads_landed=landed)
         micro.add(float(loss_sum), num_valid)
-        grad_norm, skipped = None, False
-        if last:
-            if not cfg.eager_updates:
-                outcome = self.updater.finish(lr=lr, divisor=micro.tokens if cfg.grad_accum_steps > 1 else 1,
-                                              clip_norm=cfg.grad_clip_norm, on_nonfinite=cfg.on_nonfinite)
-                grad_norm, skipped = outcome.grad_norm, outcome.skipped
-            self.skipped_steps += skipped
-            self.global_step += not skipped
+        grad_norm, skipped = self._end_update(lr, micro.tokens) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
         metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
                               seconds=micro.seconds, grad_norm=grad_norm, lr=lr, skipped=skipped,
@@ -158,6 +151,17 @@ class Trainer:
         if last:
             self._micro = _MicroBatches()
         return metrics
+
+    def _end_update(self, lr: float, tokens: int) -> tuple[float | None, bool]:
+        """After the last micro-batch: the deferred schedule's check, clip and updates; (norm, skipped)."""
+        cfg, grad_norm, skipped = self.config, None, False
+        if not cfg.eager_updates:
+            outcome = self.updater.finish(lr=lr, divisor=tokens if cfg.grad_accum_steps > 1 else 1,
+                                          clip_norm=cfg.grad_clip_norm, on_nonfinite=cfg.on_nonfinite)
+            grad_norm, skipped = outcome.grad_norm, outcome.skipped
+        self.skipped_steps += skipped
+        self.global_step += not skipped
+        return grad_norm, skipped
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).

@@ -88,7 +88,6 @@ class Engine:
         self._stochastic = [_is_stochastic(s.module) for s in specs]
         self.host_activations = HostActivations(pin=store.pinned)
         self.vocab_size = specs[-1].module.head.out_features
-        self.kept_bytes_last_step = 0
 
     # -- the step ---------------------------------------------------------------------------
 

@@ -1,7 +1,6 @@
 """Invariant 2: device memory is bounded by the plan, not by depth (the engine's own ledger on CPU)."""
 
 import pytest
-import torch
 
 import horizon
 from helpers import batches, horizon_run, tiny_decoder
