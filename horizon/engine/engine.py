@@ -196,7 +196,7 @@ class Engine:
         # x outlives its role as the hidden state until its offload is done (its handle holds it).
         self.ledger.hold(("offloading", unit), _nbytes(x))
         self._set_hidden(sweep, y)
-        for earlier in [u for u in sweep.offloads]:
+        for earlier in list(sweep.offloads):
             self._wait_offload(sweep, earlier)
         sweep.offloads[unit] = handle
 
