@@ -129,8 +129,8 @@ def _detect(model: nn.Module) -> tuple[Units, dict[str, str]]:
     return units, {role: path for role, (path, _) in found.items()}
 
 
-def _check_coverage(model: nn.Module, units: Units) -> None:
-    covered = {id(p) for m in (units.embedding, units.norm, units.head, *units.blocks) for p in m.parameters()}
+def _check_coverage(model: nn.Module, modules: Sequence[nn.Module]) -> None:
+    covered = {id(p) for m in modules for p in m.parameters()}
     missing = [name for name, p in model.named_parameters() if id(p) not in covered]
     if missing:
         raise ValueError(
@@ -145,8 +145,14 @@ def find_units(model: nn.Module, units: Units | None = None) -> list[UnitSpec]:
         raise ValueError(f"horizon trains an nn.Module, got {type(model).__name__}")
     paths = {"embedding": "embedding", "blocks": "blocks", "norm": "norm", "head": "head"}
     if units is None:
+        from horizon.models.hf import hf_units  # imports transformers only for a transformers model
+
+        specs = hf_units(model)
+        if specs is not None:
+            _check_coverage(model, [spec.module for spec in specs])
+            return specs
         units, paths = _detect(model)
-    _check_coverage(model, units)
+    _check_coverage(model, [units.embedding, units.norm, units.head, *units.blocks])
     specs = [UnitSpec(name=paths["embedding"], kind=UnitKind.EMBEDDING, module=units.embedding, call=_call_module)]
     specs += [UnitSpec(name=f"{paths['blocks']}.{i}", kind=UnitKind.BLOCK, module=block, call=_call_block)
               for i, block in enumerate(units.blocks)]

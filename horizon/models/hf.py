@@ -1,0 +1,176 @@
+"""Hugging Face ``transformers`` causal LMs (Llama, Qwen2, Mistral, GPT-2) as horizon unit chains.
+
+Why: their decoder layers do not take ``hidden -> hidden`` alone. A Llama-style layer needs the
+rotary ``position_embeddings=(cos, sin)`` that the model computes once from
+``model.model.rotary_emb``, and every layer needs the attention mask the model builds before its
+loop (None under SDPA without padding, where attention is ``is_causal``; an explicit causal mask
+under eager attention, which is not causal without one; a sliding-window mask where the window is
+shorter than the sequence). ``hf_units`` wraps each layer with the (shared, parameter-free) rotary
+module and builds the mask as the model does, so that a block unit is again ``hidden -> hidden``
+and the chain gives exactly the logits of ``model(input_ids)`` (no padding mask, no KV cache).
+GPT-2 adds its learned position embedding ``wpe`` in the embedding unit.
+
+``transformers`` is imported lazily: ``import horizon`` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import torch
+from torch import nn
+
+from horizon.models.units import HeadUnit, UnitKind, UnitSpec, _call_module
+
+__all__ = ["HF_MODEL_TYPES", "HFDecoderBlock", "HFSlidingDecoderBlock", "GPT2Embedding", "hf_units", "is_hf_model"]
+
+ROTARY_MODEL_TYPES = ("llama", "qwen2", "mistral")
+HF_MODEL_TYPES = (*ROTARY_MODEL_TYPES, "gpt2")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (False when transformers is absent)."""
+    if "transformers" not in sys.modules:  # a transformers model means it is already imported
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+@functools.cache
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _build_mask(config, hidden: torch.Tensor, position_ids: torch.Tensor, sliding: bool):
+    """The mask ``model.forward`` builds for ``attention_mask=None`` and no cache."""
+    from transformers import masking_utils  # transformers >= 4.53 (pyproject's hf extra)
+
+    fn = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    params = _parameters(fn)
+    kwargs = {"config": config, "attention_mask": None, "past_key_values": None, "position_ids": position_ids,
+              "inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
+    if "cache_position" in params:  # transformers 4.53 – 4.x
+        kwargs["cache_position"] = position_ids[0]
+    return fn(**kwargs)
+
+
+class HFDecoderBlock(nn.Module):
+    """One HF decoder layer (with the model's rotary module, if it has one): ``hidden -> hidden``.
+
+    The rotary module has only non-persistent buffers (``inv_freq``), equal for every layer, so
+    all blocks share one template structure. Attributes that differ per layer (``layer_idx``)
+    matter only to a KV cache, which training does not use.
+    """
+
+    sliding = False
+
+    def __init__(self, layer: nn.Module, rotary_emb: nn.Module | None, config) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rotary_emb = rotary_emb
+        self.config = config
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kwargs = {}
+        if self.rotary_emb is not None:
+            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+        out = self.layer(hidden, attention_mask=_build_mask(self.config, hidden, position_ids, self.sliding),
+                         position_ids=position_ids, use_cache=False, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class HFSlidingDecoderBlock(HFDecoderBlock):
+    """A layer with sliding-window attention (Mistral; Qwen2 ``sliding_attention`` layers).
+
+    Its own class gives it its own structure key, so its own template: sliding and full layers
+    of one model never share a template.
+    """
+
+    sliding = True
+
+
+class GPT2Embedding(nn.Module):
+    """GPT-2's token plus learned position embedding (``wte(ids) + wpe(arange(T))``)."""
+
+    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding) -> None:
+        super().__init__()
+        self.wte = wte
+        self.wpe = wpe
+
+    @property
+    def num_embeddings(self) -> int:  # the vocabulary size, read by the trainer like an nn.Embedding's
+        return self.wte.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.wte.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.wte(input_ids) + self.wpe(positions)
+
+
+def _layer_sliding(config, model_type: str, index: int) -> bool:
+    if model_type not in ("qwen2", "mistral") or getattr(config, "sliding_window", None) is None:
+        return False
+    if model_type == "mistral":
+        return True
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[index] == "sliding_attention"
+    return bool(getattr(config, "use_sliding_window", False))
+
+
+def _rotary_parts(model: nn.Module):
+    inner = getattr(model, "model", None)
+    parts = {name: getattr(inner, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")}
+    if (not isinstance(parts["embed_tokens"], nn.Embedding) or not isinstance(parts["layers"], nn.ModuleList)
+            or not isinstance(parts["norm"], nn.Module) or not isinstance(parts["rotary_emb"], nn.Module)):
+        return None
+    if list(parts["rotary_emb"].parameters()):
+        raise ValueError("the rotary embedding has parameters; horizon shares it between blocks as buffers only")
+    return ("model.embed_tokens", parts["embed_tokens"]), ("model.layers", parts["layers"]), parts["norm"], \
+        parts["rotary_emb"]
+
+
+def _gpt2_parts(model: nn.Module):
+    inner = getattr(model, "transformer", None)
+    parts = {name: getattr(inner, name, None) for name in ("wte", "wpe", "h", "ln_f", "drop")}
+    if (not isinstance(parts["wte"], nn.Embedding) or not isinstance(parts["wpe"], nn.Embedding)
+            or not isinstance(parts["h"], nn.ModuleList) or not isinstance(parts["ln_f"], nn.Module)):
+        return None
+    if getattr(model.config, "embd_pdrop", 0.0) > 0 or getattr(parts["drop"], "p", 0.0) > 0:
+        # The embedding unit is run again for its backward without replaying the RNG.
+        raise ValueError(f"horizon does not support embedding dropout (embd_pdrop={model.config.embd_pdrop}); "
+                         "load the model with embd_pdrop=0.0 (dropout inside the blocks is fine)")
+    if getattr(model.config, "add_cross_attention", False):
+        raise ValueError("horizon trains decoder-only GPT-2; add_cross_attention=True is not supported")
+    return ("transformer.wte", GPT2Embedding(parts["wte"], parts["wpe"])), ("transformer.h", parts["h"]), \
+        parts["ln_f"], None
+
+
+def hf_units(model: nn.Module) -> list[UnitSpec] | None:
+    """The unit chain of a supported HF causal LM (embedding, every layer, final norm + lm_head), else None."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HF_MODEL_TYPES or not is_hf_model(model):
+        return None
+    head = getattr(model, "lm_head", None)
+    parts = _gpt2_parts(model) if model_type == "gpt2" else _rotary_parts(model)
+    if parts is None or not isinstance(head, nn.Linear):
+        return None
+    (embed_name, embedding), (blocks_name, layers), norm, rotary_emb = parts
+    if len(layers) != config.num_hidden_layers:
+        raise ValueError(f"{type(model).__name__} has {len(layers)} layers but its config says "
+                         f"{config.num_hidden_layers}; horizon trains the chain the model's forward runs")
+    specs = [UnitSpec(name=embed_name, kind=UnitKind.EMBEDDING, module=embedding, call=_call_module)]
+    for i, layer in enumerate(layers):
+        block_cls = HFSlidingDecoderBlock if _layer_sliding(config, model_type, i) else HFDecoderBlock
+        specs.append(UnitSpec(name=f"{blocks_name}.{i}", kind=UnitKind.BLOCK,
+                              module=block_cls(layer, rotary_emb, config), call=_call_module))
+    specs.append(UnitSpec(name="lm_head", kind=UnitKind.HEAD, module=HeadUnit(norm, head), call=_call_module))
+    return specs
