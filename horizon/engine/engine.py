@@ -15,6 +15,7 @@ embedding``; ``assign_slots`` maps it onto the slots once per step.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -167,6 +168,7 @@ class Engine:
     def _forward_unit(self, sweep: _Sweep, unit: int, slot: int) -> None:
         spec, template = self.specs[unit], self.pool.template(slot, unit)
         if spec.kind is UnitKind.EMBEDDING:
+            self._save_rng(sweep, unit)
             with torch.no_grad():
                 self._set_hidden(sweep, spec.call(template, sweep.input_ids))
         elif spec.kind is UnitKind.HEAD:
@@ -189,8 +191,7 @@ class Engine:
             buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
             sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
         handle = self.transfer.d2h([sweep.checkpoints[unit]], [x])
-        if self._stochastic[unit]:
-            sweep.rng[unit] = self._rng_state()
+        self._save_rng(sweep, unit)
         with torch.no_grad():
             y = self.specs[unit].call(self.pool.template(slot, unit), x)
         # x outlives its role as the hidden state until its offload is done (its handle holds it).
@@ -230,7 +231,7 @@ class Engine:
         grad_y = sweep.hidden
         if spec.kind is UnitKind.EMBEDDING:
             params = self.pool.params(slot, unit)
-            with torch.enable_grad():
+            with self._replayed_rng(sweep, unit), torch.enable_grad():
                 y = spec.call(template, sweep.input_ids)
                 grads = torch.autograd.grad(y, params, grad_y)
             self._set_hidden(sweep, None)
@@ -247,12 +248,9 @@ class Engine:
     def _recompute_backward(self, sweep: _Sweep, unit: int, slot: int, grad_y: torch.Tensor):
         x = sweep.restored.pop(unit).requires_grad_()
         params = self.pool.params(slot, unit)
-        with torch.random.fork_rng(devices=self._rng_devices(), enabled=self._stochastic[unit]):
-            if self._stochastic[unit]:
-                self._set_rng_state(sweep.rng.pop(unit))
-            with torch.enable_grad():
-                y = self.specs[unit].call(self.pool.template(slot, unit), x)
-                grads = torch.autograd.grad(y, [x, *params], grad_y)
+        with self._replayed_rng(sweep, unit), torch.enable_grad():
+            y = self.specs[unit].call(self.pool.template(slot, unit), x)
+            grads = torch.autograd.grad(y, [x, *params], grad_y)
         self.ledger.release(("input", unit))
         return grads
 
@@ -288,17 +286,25 @@ class Engine:
 
     # -- randomness for recomputed dropout -----------------------------------------------------
 
-    def _rng_devices(self) -> list[torch.device]:
-        return [self.device] if self.device.type == "cuda" else []
+    def _save_rng(self, sweep: _Sweep, unit: int) -> None:
+        """Before a stochastic unit's forward: the RNG state its recompute will replay."""
+        if self._stochastic[unit]:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            sweep.rng[unit] = (torch.get_rng_state(), cuda)
 
-    def _rng_state(self) -> tuple:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
-
-    def _set_rng_state(self, state: tuple) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.device)
+    @contextlib.contextmanager
+    def _replayed_rng(self, sweep: _Sweep, unit: int):
+        """Run a recompute with the forward's RNG state, leaving the global RNG as it was."""
+        if not self._stochastic[unit]:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            cpu, cuda = sweep.rng.pop(unit)
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            yield
 
     def set_training(self, training: bool) -> None:
         """Put every template in the user's model's mode (dropout on or off)."""

@@ -94,12 +94,13 @@ class HFSlidingDecoderBlock(HFDecoderBlock):
 
 
 class GPT2Embedding(nn.Module):
-    """GPT-2's token plus learned position embedding (``wte(ids) + wpe(arange(T))``)."""
+    """GPT-2's token plus learned position embedding, then its dropout: ``drop(wte(ids) + wpe(arange(T)))``."""
 
-    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding) -> None:
+    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding, drop: nn.Module | None) -> None:
         super().__init__()
         self.wte = wte
         self.wpe = wpe
+        self.drop = drop if drop is not None else nn.Identity()
 
     @property
     def num_embeddings(self) -> int:  # the vocabulary size, read by the trainer like an nn.Embedding's
@@ -111,7 +112,7 @@ class GPT2Embedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return self.wte(input_ids) + self.wpe(positions)
+        return self.drop(self.wte(input_ids) + self.wpe(positions))
 
 
 def _layer_sliding(config, model_type: str, index: int) -> bool:
@@ -143,13 +144,9 @@ def _gpt2_parts(model: nn.Module):
     if (not isinstance(parts["wte"], nn.Embedding) or not isinstance(parts["wpe"], nn.Embedding)
             or not isinstance(parts["h"], nn.ModuleList) or not isinstance(parts["ln_f"], nn.Module)):
         return None
-    if getattr(model.config, "embd_pdrop", 0.0) > 0 or getattr(parts["drop"], "p", 0.0) > 0:
-        # The embedding unit is run again for its backward without replaying the RNG.
-        raise ValueError(f"horizon does not support embedding dropout (embd_pdrop={model.config.embd_pdrop}); "
-                         "load the model with embd_pdrop=0.0 (dropout inside the blocks is fine)")
     if getattr(model.config, "add_cross_attention", False):
         raise ValueError("horizon trains decoder-only GPT-2; add_cross_attention=True is not supported")
-    return ("transformer.wte", GPT2Embedding(parts["wte"], parts["wpe"])), ("transformer.h", parts["h"]), \
+    return ("transformer.wte", GPT2Embedding(parts["wte"], parts["wpe"], parts["drop"])), ("transformer.h", parts["h"]), \
         parts["ln_f"], None
 
 
