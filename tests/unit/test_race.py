@@ -46,7 +46,7 @@ def test_throttled_link_takes_the_time_its_bandwidth_says():
     elapsed = time.perf_counter() - start
     transfer.close()
     assert torch.equal(dst, src)
-    assert 0.1 <= elapsed < 0.5
+    assert 0.1 <= elapsed < 2.0  # the lower bound is the throttle; the upper one only catches a hang
 
 
 @pytest.mark.parametrize("clip,nonfinite,accum", [(None, "ignore", 1), (None, "skip", 1), (1.0, "skip", 1),
