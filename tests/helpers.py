@@ -28,14 +28,17 @@ def batches(num: int, *, vocab: int = 256, batch: int = 2, seq: int = 16, seed: 
     return out
 
 
-def plain_run(model: torch.nn.Module, data, *, opt: horizon.AdamW, clip: float | None):
-    """Losses and final state of plain autograd + torch.optim.AdamW on a copy of ``model``."""
+def plain_run(model: torch.nn.Module, data, *, opt: horizon.AdamW, clip: float | None,
+              logits_of=lambda output: output):
+    """Losses and final state of plain autograd + torch.optim.AdamW on a copy of ``model``.
+
+    ``logits_of`` takes the logits out of the model's output (``.logits`` for Hugging Face models)."""
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, eps=opt.eps,
                                   weight_decay=opt.weight_decay)
     losses = []
     for b in data:
-        logits = model(b["input_ids"])
+        logits = logits_of(model(b["input_ids"]))
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["labels"].view(-1), ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 import horizon  # noqa: E402
-from helpers import batches, rel_err  # noqa: E402
+from helpers import batches, plain_run, rel_err  # noqa: E402
 from horizon.models.hf import GPT2Embedding, HFDecoderBlock, HFSlidingDecoderBlock  # noqa: E402
 from horizon.models.units import HeadUnit, UnitKind, find_units  # noqa: E402
 
@@ -43,22 +42,8 @@ def tiny_hf(family, *, tie=False, layers=3, attn="sdpa", seed=0, **overrides):
 
 
 def hf_plain_run(model, data, *, clip):
-    """Plain autograd + torch.optim.AdamW on a copy, through the HF model's own forward."""
-    model = copy.deepcopy(model)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=OPT.lr, betas=OPT.betas, eps=OPT.eps,
-                                  weight_decay=OPT.weight_decay)
-    losses = []
-    for b in data:
-        logits = model(b["input_ids"]).logits
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["labels"].view(-1), ignore_index=-100)
-        optimizer.zero_grad()
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Plain autograd + torch.optim.AdamW on a copy, through the HF model's own forward (in train mode)."""
+    return plain_run(model.train(), data, opt=OPT, clip=clip, logits_of=lambda output: output.logits)
 
 
 def hf_horizon_run(model, data, *, plan, clip):
