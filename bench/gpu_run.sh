@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || echo "native AdamW not built: see build.log"
 python3 -c "import torch, os; print(torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), 'cores')"
 if [[ $stage == tests || $stage == all ]]; then
-  python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+  python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" || true
 fi
 if [[ $stage == throughput || $stage == all ]]; then
   python3 bench/throughput.py --out "$out/throughput.json" "$@" 2>&1 | tee "$out/throughput.log"

@@ -148,6 +148,17 @@ def _run_deepspeed(cfg, args, device):
     return step, lambda: None, {"zero_stage": 3}
 
 
+def horizon_plan(spec: str, num_layers: int):
+    """'recompute', 'keep', or 'keep:K' (the first K blocks keep their activations, the rest recompute)."""
+    import horizon
+
+    if not spec.startswith("keep:"):
+        return spec
+    keep = min(int(spec.split(":", 1)[1]), num_layers)
+    return horizon.Plan(default=horizon.ActivationPolicy.RECOMPUTE,
+                        per_unit={f"layers.{i}": horizon.ActivationPolicy.KEEP for i in range(keep)})
+
+
 def _run_horizon(cfg, args, device):
     import horizon
     from horizon.models import Decoder
@@ -155,7 +166,7 @@ def _run_horizon(cfg, args, device):
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Decoder(cfg)
-    config = horizon.TrainConfig(device=str(device), plan=args.plan, grad_clip_norm=CLIP,
+    config = horizon.TrainConfig(device=str(device), plan=horizon_plan(args.plan, cfg.num_layers), grad_clip_norm=CLIP,
                                  optimizer=horizon.AdamW(lr=LR, betas=BETAS, weight_decay=WD))
     trainer = horizon.Trainer(model, config)
 
@@ -271,7 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--plan", default="recompute", help="horizon's plan: recompute or keep")
+    p.add_argument("--plan", default="recompute",
+                   help="horizon's plan: recompute, keep, or keep:K (the first K blocks keep, the rest recompute)")
     p.add_argument("--timeout-s", type=int, default=1800)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 1 timed step: checks the harness")
     p.add_argument("--out", default=str(RESULTS_DIR / "throughput.json"))

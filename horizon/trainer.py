@@ -134,16 +134,25 @@ class Trainer:
         lr = cfg.lr_schedule.lr_at(self.global_step, cfg.optimizer.lr)
         eager_lr = lr if cfg.eager_updates else None
 
+        # One micro-batch: the engine takes the gradient norm on the device as gradients are made.
+        norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1
+
         def landed(unit: int) -> None:
-            self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr)
+            self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr,
+                                norm_on_device=norm_on_device)
 
         self.engine.set_training(self.model.training)
         # One micro-batch divides by its own label count; several sum token losses and divide at the update.
         divisor = num_valid if cfg.grad_accum_steps == 1 else 1
-        loss_sum = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
-                                                load_after=self.updater.pending, grads_landed=landed)
-        micro.add(float(loss_sum), num_valid)
-        grad_norm, skipped = self._end_update(lr, micro.tokens) if last else (None, False)
+        loss_sum, norm = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
+                                                      load_after=self.updater.pending, grads_landed=landed,
+                                                      grad_norm=norm_on_device)
+        # One device-to-host sync per step, for both scalars.
+        scalars = torch.stack([loss_sum, norm]) if norm is not None else loss_sum[None]
+        scalars = scalars.cpu()
+        micro.add(float(scalars[0]), num_valid)
+        device_norm = scalars[1] if norm is not None else None
+        grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
         metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
                               seconds=micro.seconds, grad_norm=grad_norm, lr=lr, skipped=skipped,
@@ -152,12 +161,13 @@ class Trainer:
             self._micro = _MicroBatches()
         return metrics
 
-    def _end_update(self, lr: float, tokens: int) -> tuple[float | None, bool]:
+    def _end_update(self, lr: float, tokens: int, device_norm: torch.Tensor | None) -> tuple[float | None, bool]:
         """After the last micro-batch: the deferred schedule's check, clip and updates; (norm, skipped)."""
         cfg, grad_norm, skipped = self.config, None, False
         if not cfg.eager_updates:
             outcome = self.updater.finish(lr=lr, divisor=tokens if cfg.grad_accum_steps > 1 else 1,
-                                          clip_norm=cfg.grad_clip_norm, on_nonfinite=cfg.on_nonfinite)
+                                          clip_norm=cfg.grad_clip_norm, on_nonfinite=cfg.on_nonfinite,
+                                          grad_norm=device_norm)
             grad_norm, skipped = outcome.grad_norm, outcome.skipped
         self.skipped_steps += skipped
         self.global_step += not skipped

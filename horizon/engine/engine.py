@@ -66,6 +66,7 @@ class _Sweep:
     grads: collections.deque = dataclasses.field(default_factory=collections.deque)
     hidden: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
+    norms: list[torch.Tensor] | None = None    # per-parameter gradient 2-norms (fp32, on the device)
     load_after: Callable[[int], Future | None] = lambda unit: None
     grads_landed: Callable[[int], None] = lambda unit: None
 
@@ -94,19 +95,22 @@ class Engine:
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_divisor: int, *,
                          load_after: Callable[[int], Future | None] = lambda unit: None,
-                         grads_landed: Callable[[int], None] = lambda unit: None) -> torch.Tensor:
+                         grads_landed: Callable[[int], None] = lambda unit: None,
+                         grad_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward and backward of ``sum of token losses / loss_divisor``; gradients are in the
         store's GRAD buffers when it returns.
 
         ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
         pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
-        complete in the store. Returns the sum of token losses (a 0-d fp32 tensor on the device).
+        complete in the store. Returns the sum of token losses and, with ``grad_norm``, the
+        global 2-norm of the gradient taken on the device as each unit's gradient is final, the
+        way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device).
         """
         num_units = len(self.specs)
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed)
+                       load_after=load_after, grads_landed=grads_landed, norms=[] if grad_norm else None)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
             self._issue_weights(sweep, position)
@@ -114,16 +118,20 @@ class Engine:
             if position + depth < len(order):
                 self._issue_weights(sweep, position + depth)
             self._issue_restores(sweep, position, until=position + depth)
-            for handle in sweep.ready.pop(position):
-                handle.wait_device()
+            with torch.profiler.record_function("horizon.wait_loads"):
+                for handle in sweep.ready.pop(position):
+                    handle.wait_device()
             slot = sweep.uses[position].slot
-            if position < num_units:
-                self._forward_unit(sweep, unit, slot)
-            else:
-                self._backward_unit(sweep, unit, slot)
+            forward = position < num_units
+            with torch.profiler.record_function(f"horizon.{'forward' if forward else 'backward'}.{self.specs[unit].name}"):
+                if forward:
+                    self._forward_unit(sweep, unit, slot)
+                else:
+                    self._backward_unit(sweep, unit, slot)
         self._drain(sweep)
         assert sweep.loss_sum is not None
-        return sweep.loss_sum
+        norm = torch.linalg.vector_norm(torch.stack(sweep.norms), 2.0) if grad_norm else None
+        return sweep.loss_sum, norm
 
     def _issue_weights(self, sweep: _Sweep, position: int) -> None:
         unit, use = sweep.order[position], sweep.uses[position]
@@ -265,6 +273,8 @@ class Engine:
         for index, g in sweep.pending.pop(unit, []):
             own[index] = own[index] + g
             self.ledger.release(("pending", unit, index))
+        if sweep.norms is not None:
+            sweep.norms.extend(torch._foreach_norm(own, 2.0, dtype=torch.float32))
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
         dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())

@@ -138,10 +138,8 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = _rotary(T, self.head_dim, self.rope_theta, x_BTD.device)
         q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-        if self.kv_heads != self.num_heads:
-            repeat = self.num_heads // self.kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Grouped-query attention without materialising repeated keys and values.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

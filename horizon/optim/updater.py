@@ -9,10 +9,12 @@ every reader of the state calls ``wait_all`` first.
 Two exact schedules (``StepPlan.eager`` picks):
 - eager (no clipping, no accumulation, non-finite gradients not checked): a unit is updated as
   soon as its gradient has landed, overlapping the backward of the units before it;
-- deferred (everything else): as each gradient lands, the worker folds it into the accumulator
-  and takes its squared norm; once all are in, the global norm decides (skip a non-finite step,
-  clip) and every unit is submitted in forward order, so the next step's forward of unit i waits
-  only for update i while later units are still being updated.
+- deferred (everything else): the global norm decides (skip a non-finite step, clip), then every
+  unit is submitted in forward order, so the next step's forward of unit i waits only for update
+  i while later units are still being updated. With one micro-batch the engine takes the norm on
+  the device as gradients are made (``finish(grad_norm=...)``) and the worker has nothing to do
+  until then; with accumulation, the worker folds each landed gradient into the fp32 accumulator
+  and takes the norm of the sum after the last micro-batch.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class Updater:
     def _update(self, unit: int, lr: float, grad_scale: float | None) -> None:
         self._maybe_delay()
         self.steps[unit] += 1
-        adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
-                        grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
+        with torch.profiler.record_function(f"horizon.adamw.{unit}"):
+            adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
+                            grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
 
     def _fold(self, unit: int, first: bool, norm: bool) -> torch.Tensor | None:
         self._maybe_delay()
@@ -79,24 +82,35 @@ class Updater:
                 buffers.grad_accum.add_(buffers.grad)
         if not norm:
             return None
-        return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
+        with torch.profiler.record_function(f"horizon.grad_norm.{unit}"):
+            return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
 
     # -- on the caller's thread ------------------------------------------------------------------
 
-    def landed(self, unit: int, *, first_micro: bool, last_micro: bool, eager_lr: float | None) -> None:
-        """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once."""
+    def landed(self, unit: int, *, first_micro: bool, last_micro: bool, eager_lr: float | None,
+               norm_on_device: bool = False) -> None:
+        """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once.
+
+        ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
         if eager_lr is not None:
             self._submit_update(unit, eager_lr, None)
+            return
+        if norm_on_device and self.store.units[unit].grad_accum is None:
             return
         future = self._pool.submit(self._fold, unit, first_micro, last_micro)
         self._pending[unit] = future  # the unit's next gradient must not land before this fold read it
         if last_micro:
             self._norms[unit] = future
 
-    def finish(self, *, lr: float, divisor: int, clip_norm: float | None, on_nonfinite: str) -> Outcome:
-        """After the last micro-batch: check, clip and submit every unit's update in forward order."""
-        norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) / divisor
+    def finish(self, *, lr: float, divisor: int, clip_norm: float | None, on_nonfinite: str,
+               grad_norm: torch.Tensor | None = None) -> Outcome:
+        """After the last micro-batch: check, clip and submit every unit's update in forward order.
+
+        ``grad_norm``: the global norm (a 0-d fp32 CPU tensor) when the engine took it on the device."""
+        if grad_norm is None:
+            norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        total = grad_norm / divisor
         norm = float(total)
         if not math.isfinite(norm):
             if on_nonfinite == "raise":

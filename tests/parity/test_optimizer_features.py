@@ -150,18 +150,17 @@ def test_eager_updates_match_plain_pytorch():
 
 
 def _poison(trainer, unit=2):
-    """Make one gradient NaN as it lands (a hook on the engine's landing callback)."""
+    """Make one element of a unit's gradient NaN on the device, as the engine lands it."""
     engine = trainer.engine
-    forward_backward = engine.forward_backward
+    land_grads = engine._land_grads
 
-    def poisoned(*args, grads_landed, **kwargs):
-        def landed(u):
-            if u == unit:
-                trainer.store.units[u].grad[5] = float("nan")
-            grads_landed(u)
-        return forward_backward(*args, grads_landed=landed, **kwargs)
+    def poisoned(sweep, u, grads):
+        if u == unit:
+            grads[0] = grads[0].clone()
+            grads[0].view(-1)[5] = float("nan")
+        return land_grads(sweep, u, grads)
 
-    engine.forward_backward = poisoned
+    engine._land_grads = poisoned
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
