@@ -93,7 +93,10 @@ class _Carver:
     """Hands out consecutive page-aligned typed views of one byte buffer."""
 
     def __init__(self, nbytes: int) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        # Page-aligned start, so every ALIGN_BYTES-aligned extent starts on a page (pinning splits there).
+        raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
+        lead = -raw.data_ptr() % ALIGN_BYTES
+        self.buffer = raw[lead:lead + nbytes]
         self.offset_bytes = 0
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -121,7 +124,7 @@ class HostStore:
         self._cpu = _Carver(cpu_bytes)
         self.units = [self._carve(layout) for layout in layouts]
         self.pinned = pin and can_pin
-        self._pinned_region = self._pin(self._pcie.buffer) if self.pinned else None
+        self._pinned_region = self._pin(self._pcie.buffer, self._unit_starts()) if self.pinned else None
 
     def _carve(self, layout: UnitLayout) -> UnitBuffers:
         master = self._cpu.take(layout.numel, torch.float32)
@@ -136,11 +139,17 @@ class HostStore:
         return UnitBuffers(layout=layout, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                            grad=grad, compute=compute, grad_accum=grad_accum)
 
+    def _unit_starts(self) -> list[int]:
+        """Byte offsets in the PCIe buffer where each unit's extents begin: no copy crosses one."""
+        base = self._pcie.buffer.data_ptr()
+        first = [u.grad if u.compute.data_ptr() == u.master.data_ptr() else u.compute for u in self.units]
+        return [t.data_ptr() - base for t in first]
+
     @staticmethod
-    def _pin(buffer: torch.Tensor):
+    def _pin(buffer: torch.Tensor, split_at: list[int]):
         from horizon.store.pinning import PinnedRegion
 
-        return PinnedRegion(buffer)
+        return PinnedRegion(buffer, split_at=split_at)
 
     @property
     def total_bytes(self) -> int:

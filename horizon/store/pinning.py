@@ -7,7 +7,9 @@ a block from PyTorch's caching host allocator, which rounds each request up to a
 store already owns with ``cudaHostRegister`` pins it where it is, at its exact size. A single
 registration of 512 GiB or more fails on CUDA, so large stores are registered in chunks whose
 boundaries fall on page boundaries: the driver pins whole pages, and two registrations sharing
-a page would collide.
+a page would collide. A single copy must not span two registrations (the driver rejects it
+with an invalid-argument error), so a caller whose copies cover known extents passes their
+starts as ``split_at`` and chunks end only there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PinnedRegion", "chunk_ranges"]
+__all__ = ["PinnedRegion", "chunk_ranges", "grouped_ranges"]
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**30
 _CUDA_HOST_REGISTER_DEFAULT = 0  # cudaHostRegisterDefault
@@ -52,6 +54,20 @@ def chunk_ranges(
     return ranges
 
 
+def grouped_ranges(nbytes: int, split_at: list[int], chunk_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) chunks of ``[0, nbytes)`` that start only at 0 or an offset in ``split_at``,
+    each as long as possible up to ``chunk_bytes`` (a single extent longer than that is one chunk)."""
+    starts = sorted({0, *(o for o in split_at if 0 < o < nbytes)})
+    ends = starts[1:] + [nbytes]
+    ranges: list[tuple[int, int]] = []
+    for start, end in zip(starts, ends):
+        if ranges and end - ranges[-1][0] <= chunk_bytes:
+            ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
+        else:
+            ranges.append((start, end - start))
+    return ranges if nbytes else []
+
+
 def _require_pinnable(tensor: torch.Tensor) -> None:
     if tensor.device.type != "cpu":
         raise ValueError(f"PinnedRegion needs a CPU tensor, got one on {tensor.device}")
@@ -81,7 +97,8 @@ class PinnedRegion:
     context manager, or call ``close()``; it is idempotent.
     """
 
-    def __init__(self, tensor: torch.Tensor, *, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, tensor: torch.Tensor, *, chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+                 split_at: list[int] | None = None) -> None:
         self._registered_ptrs: list[int] = []
         self._closed = False
         _require_pinnable(tensor)
@@ -91,11 +108,15 @@ class PinnedRegion:
         self._tensor = tensor
         self.nbytes = tensor.nbytes
         base_ptr = tensor.data_ptr()
-        self.ranges = tuple(
-            chunk_ranges(
-                self.nbytes, chunk_bytes, base_address=base_ptr, page_bytes=mmap.PAGESIZE
-            )
-        )
+        if split_at is None:
+            ranges = chunk_ranges(self.nbytes, chunk_bytes, base_address=base_ptr, page_bytes=mmap.PAGESIZE)
+        else:
+            ranges = grouped_ranges(self.nbytes, split_at, chunk_bytes)
+            unaligned = [o for o, _ in ranges[1:] if (base_ptr + o) % mmap.PAGESIZE]
+            if unaligned:
+                raise ValueError(f"PinnedRegion: split_at offsets {unaligned[:3]} are not page-aligned "
+                                 f"({mmap.PAGESIZE} bytes); align the extents or let the region choose")
+        self.ranges = tuple(ranges)
         self._register_all(base_ptr)
 
     def _register_all(self, base_ptr: int) -> None:

@@ -29,9 +29,11 @@ def test_register_in_three_chunks_and_round_trip() -> None:
         for offset, length_bytes in expected_ranges:  # every chunk is page-locked
             assert host[offset : offset + length_bytes].is_pinned()
 
-        device = host.to("cuda", non_blocking=True)
+        # One copy per registration: a copy spanning two is rejected by the driver.
         back = torch.empty_like(host)
-        back.copy_(device, non_blocking=True)
+        for offset, length_bytes in expected_ranges:
+            part = host[offset:offset + length_bytes].to("cuda", non_blocking=True)
+            back[offset:offset + length_bytes].copy_(part, non_blocking=True)
         torch.cuda.synchronize()
         assert torch.equal(back, host)
 
@@ -48,3 +50,25 @@ def test_reregister_after_close() -> None:
             chunk_ranges(host.nbytes, MIB, base_address=host.data_ptr(), page_bytes=mmap.PAGESIZE)
         )
         assert host.is_pinned()
+
+
+def test_store_pins_whole_units_so_no_copy_crosses_a_registration():
+    from horizon.store.host_store import HostStore
+    from horizon.store.layout import plan_layouts
+    from helpers import tiny_decoder
+
+    from horizon.models.units import find_units
+
+    specs = find_units(tiny_decoder(num_layers=3), None)
+    layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
+    store = HostStore(layouts, compute_dtype=torch.bfloat16, pin=True)
+    try:
+        region = store._pinned_region
+        base = store._pcie.buffer.data_ptr()
+        for unit in store.units:  # each unit's compute and grad lie inside one registered range
+            lo, hi = unit.compute.data_ptr() - base, unit.grad.data_ptr() + unit.grad.nbytes - base
+            assert any(o <= lo and hi <= o + n for o, n in region.ranges)
+            unit.compute.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+    finally:
+        store.close()

@@ -95,3 +95,27 @@ def test_import_does_not_initialise_cuda() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grouped_ranges_split_only_at_extent_starts(seed):
+    import random
+
+    from horizon.store.pinning import grouped_ranges
+
+    rng = random.Random(seed)
+    nbytes = rng.randrange(1, 10_000)
+    split_at = rng.sample(range(1, nbytes + 1), min(nbytes, rng.randrange(0, 12)))
+    chunk_bytes = rng.randrange(1, 4_000)
+    ranges = grouped_ranges(nbytes, split_at, chunk_bytes)
+    starts = [o for o, _ in ranges]
+    assert starts[0] == 0 and set(starts) <= {0, *split_at}
+    assert sum(n for _, n in ranges) == nbytes
+    assert all(o + n == nxt for (o, n), nxt in zip(ranges, starts[1:]))
+    extents = sorted({0, *(o for o in split_at if o < nbytes)})
+    for o, n in ranges:
+        inner = [e for e in extents if o <= e < o + n]
+        assert n <= chunk_bytes or len(inner) == 1  # longer than a chunk only as one extent
+    for (o, n), (o2, n2) in zip(ranges, ranges[1:]):  # greedy: the next extent would not have fit
+        first_extent_end = min([e for e in extents if e > o2] + [nbytes])
+        assert first_extent_end - o > chunk_bytes
