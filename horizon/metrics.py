@@ -34,7 +34,8 @@ class StepMetrics:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryReport:
     device_peak_bytes: int
-    """Peak device bytes since the trainer started (CUDA: the allocator's peak; CPU: the engine's ledger)."""
+    """Peak device bytes since the trainer started (CUDA: the allocator's peak above what was allocated
+    before the trainer; CPU: the engine's ledger)."""
     host_bytes: int
     """Bytes of the host store plus the host activation buffers."""
     host_bytes_by_role: dict[str, int]

@@ -104,8 +104,11 @@ class Trainer:
         self.skipped_steps = 0
         """Updates skipped because a gradient was not finite."""
         self._micro = _MicroBatches()
+        self._device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            # What others held before this trainer existed is not its peak.
+            self._device_base_bytes = torch.cuda.memory_allocated(device)
 
     def _decay_runs(self) -> list[list[tuple[int, int, float]]]:
         """Per unit, contiguous element ranges with their weight decay (exclusions by name)."""
@@ -199,7 +202,7 @@ class Trainer:
         by_role = dict(self.store.bytes_by_role)
         by_role["activations"] = self.engine.host_activations.nbytes
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._device_base_bytes
         else:
             peak = self.engine.ledger.peak_bytes
         return MemoryReport(device_peak_bytes=peak, host_bytes=sum(by_role.values()), host_bytes_by_role=by_role,

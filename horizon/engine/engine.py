@@ -66,7 +66,7 @@ class _Sweep:
     grads: collections.deque = dataclasses.field(default_factory=collections.deque)
     hidden: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
-    norms: list[torch.Tensor] | None = None    # per-parameter gradient 2-norms (fp32, on the device)
+    norm_sq: torch.Tensor | None = None    # running sum of squared gradient norms (fp32, on the device)
     load_after: Callable[[int], Future | None] = lambda unit: None
     grads_landed: Callable[[int], None] = lambda unit: None
 
@@ -110,7 +110,9 @@ class Engine:
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed, norms=[] if grad_norm else None)
+                       load_after=load_after, grads_landed=grads_landed)
+        if grad_norm:
+            sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
             self._issue_weights(sweep, position)
@@ -130,7 +132,7 @@ class Engine:
                     self._backward_unit(sweep, unit, slot)
         self._drain(sweep)
         assert sweep.loss_sum is not None
-        norm = torch.linalg.vector_norm(torch.stack(sweep.norms), 2.0) if grad_norm else None
+        norm = sweep.norm_sq.sqrt() if grad_norm else None
         return sweep.loss_sum, norm
 
     def _issue_weights(self, sweep: _Sweep, position: int) -> None:
@@ -273,8 +275,8 @@ class Engine:
         for index, g in sweep.pending.pop(unit, []):
             own[index] = own[index] + g
             self.ledger.release(("pending", unit, index))
-        if sweep.norms is not None:
-            sweep.norms.extend(torch._foreach_norm(own, 2.0, dtype=torch.float32))
+        if sweep.norm_sq is not None:  # one accumulator: device memory does not grow with depth
+            sweep.norm_sq += torch.stack(torch._foreach_norm(own, 2.0, dtype=torch.float32)).square().sum()
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
         dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())

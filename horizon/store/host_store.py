@@ -94,9 +94,9 @@ class _Carver:
 
     def __init__(self, nbytes: int) -> None:
         # Page-aligned start, so every ALIGN_BYTES-aligned extent starts on a page (pinning splits there).
-        raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
-        lead = -raw.data_ptr() % ALIGN_BYTES
-        self.buffer = raw[lead:lead + nbytes]
+        self.raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
+        self.lead_bytes = -self.raw.data_ptr() % ALIGN_BYTES
+        self.buffer = self.raw[self.lead_bytes:self.lead_bytes + nbytes]
         self.offset_bytes = 0
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -124,7 +124,8 @@ class HostStore:
         self._cpu = _Carver(cpu_bytes)
         self.units = [self._carve(layout) for layout in layouts]
         self.pinned = pin and can_pin
-        self._pinned_region = self._pin(self._pcie.buffer, self._unit_starts()) if self.pinned else None
+        # The whole allocation is registered (torch asks the storage's start whether it is pinned).
+        self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
 
     def _carve(self, layout: UnitLayout) -> UnitBuffers:
         master = self._cpu.take(layout.numel, torch.float32)
@@ -140,8 +141,8 @@ class HostStore:
                            grad=grad, compute=compute, grad_accum=grad_accum)
 
     def _unit_starts(self) -> list[int]:
-        """Byte offsets in the PCIe buffer where each unit's extents begin: no copy crosses one."""
-        base = self._pcie.buffer.data_ptr()
+        """Byte offsets in the PCIe allocation where each unit's extents begin: no copy crosses one."""
+        base = self._pcie.raw.data_ptr()
         first = [u.grad if u.compute.data_ptr() == u.master.data_ptr() else u.compute for u in self.units]
         return [t.data_ptr() - base for t in first]
 

@@ -64,7 +64,7 @@ def test_store_pins_whole_units_so_no_copy_crosses_a_registration():
     store = HostStore(layouts, compute_dtype=torch.bfloat16, pin=True)
     try:
         region = store._pinned_region
-        base = store._pcie.buffer.data_ptr()
+        base = store._pcie.raw.data_ptr()
         for unit in store.units:  # each unit's compute and grad lie inside one registered range
             lo, hi = unit.compute.data_ptr() - base, unit.grad.data_ptr() + unit.grad.nbytes - base
             assert any(o <= lo and hi <= o + n for o, n in region.ranges)
