@@ -4,6 +4,7 @@ Skipped without CUDA; run on a GPU machine with ``pytest tests/gpu``.
 """
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -86,6 +87,7 @@ def _one_block_training_peak_bytes(model, batch, seq):
 def test_device_peak_does_not_grow_with_depth_and_stays_within_the_ledger():
     reports = []
     for layers in (4, 16):
+        gc.collect()  # the last trainer's slots must be gone, not freed midway through this one
         torch.cuda.empty_cache()
         model = tiny_decoder(num_layers=layers, dim=256, num_heads=8, num_kv_heads=4, ffn_dim=704)
         workspace = _one_block_training_peak_bytes(model, 4, 128)
