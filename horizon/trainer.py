@@ -275,7 +275,7 @@ class Trainer:
         if self._data is not None and state["data"] is not None:
             self._data.load_state_dict(state["data"])
         if self.checkpointer is not None:
-            self.checkpointer.last_requested_step = self.global_step
+            self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = self.global_step
         return self.global_step
 
     def register_data(self, loader) -> None:
@@ -326,11 +326,13 @@ class Trainer:
         error = None
         try:
             if self.checkpointer is not None:
+                self.checkpointer.wait()
                 if self.config.checkpoint.final_save and self._micro.count == 0 \
-                        and self.checkpointer.last_requested_step != self.global_step:
+                        and self.checkpointer.last_committed_step != self.global_step:
+                    self.checkpointer.last_requested_step = None  # a failed one at this step is taken again
                     self._request_checkpoint()
-                flight = self.checkpointer.wait()
-                error = flight.error if flight is not None and flight.path is None else None
+                    flight = self.checkpointer.wait()
+                    error = flight.error
         finally:
             self.updater.close()
             self.transfer.close()

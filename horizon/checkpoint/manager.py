@@ -83,11 +83,14 @@ class Checkpointer:
         self._flight: _Flight | None = None
         self._errors: list[str] = []
         self.last_requested_step: int | None = None
+        self.last_committed_step: int | None = None
         self.num_taken = self.num_skipped = self.num_failed = 0
         self.request_wait_s = 0.0
         """Seconds requests spent waiting for the previous checkpoint (on_busy="wait")."""
         self.history: list[_Flight] = []
         """Every checkpoint finished so far (for reports and the benchmark)."""
+        self.barrier_enabled = True
+        """Tests only: False skips the per-unit barrier (the negative control, which must corrupt snapshots)."""
 
     # -- the training thread ---------------------------------------------------------------------
 
@@ -105,6 +108,7 @@ class Checkpointer:
         self._finish_previous()
         snapshot = Snapshot(step=step, store=self.store, ring=self.ring, order=order, after=after,
                             adam_steps=adam_steps)
+        snapshot.barrier_enabled = self.barrier_enabled
         flight = _Flight(snapshot=snapshot, train_state=train_state, requested_unix_s=time.time(),
                          deadline_s=time.monotonic() + self.config.timeout_s)
         flight.threads = [threading.Thread(target=snapshot.run_copier, name="horizon-ckpt-copier", daemon=True),
@@ -173,6 +177,7 @@ class Checkpointer:
                                    f"{self.config.timeout_s} s")
             flight.path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
             flight.durable_s = time.time() - flight.requested_unix_s
+            self.last_committed_step = snapshot.step
             self.num_taken += 1
             retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
         except Exception as e:  # any failure aborts this checkpoint only

@@ -52,7 +52,7 @@ class Snapshot:
         self.stop = threading.Event()
         self._cond = threading.Condition()
         self.barrier_enabled = True
-        """Tests only: False turns the barrier off, the negative control that must corrupt snapshots."""
+        """False turns the barrier off (``Checkpointer.barrier_enabled``: the tests' negative control)."""
         self.blocked_s = 0.0
         """Seconds the optimizer spent in ``before_update`` for this version (waits and its own copies)."""
 
