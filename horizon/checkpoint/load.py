@@ -18,7 +18,7 @@ from horizon.checkpoint.commit import committed_steps, quarantine, step_dir_name
 from horizon.checkpoint.manifest import CorruptCheckpoint, read_manifest
 from horizon.checkpoint.shard import crc32_of
 
-__all__ = ["verify", "find_valid", "load_into", "NoValidCheckpoint"]
+__all__ = ["verify", "find_valid", "load_into", "each_tensor", "NoValidCheckpoint"]
 
 
 class NoValidCheckpoint(ValueError):
@@ -45,7 +45,7 @@ def _read_checked(f, directory: str, name: str, record: dict) -> torch.Tensor:
     return t
 
 
-def _each_tensor(directory: str, manifest: dict):
+def each_tensor(directory: str, manifest: dict):
     """(name, manifest record, tensor) for every tensor, sizes and CRCs checked."""
     for file, entry in manifest["files"].items():
         path = os.path.join(directory, file)
@@ -69,7 +69,7 @@ def _each_tensor(directory: str, manifest: dict):
 def verify(directory: str, manifest: dict | None = None) -> dict:
     """Check one checkpoint directory end to end; its manifest, or CorruptCheckpoint."""
     manifest = manifest if manifest is not None else read_manifest(directory)
-    for _ in _each_tensor(directory, manifest):
+    for _ in each_tensor(directory, manifest):
         pass
     adam_steps = manifest["train_state"].get("adam_steps", [])
     if any(s != manifest["step"] for s in adam_steps):
@@ -103,7 +103,7 @@ def find_valid(root: str, *, layout_hash: str, allow_fresh_start: bool) -> tuple
 
 def load_into(store, directory: str, manifest: dict) -> None:
     """Copy every unit's master, m and v from ``directory`` into ``store`` (CRCs checked again)."""
-    for _, record, t in _each_tensor(directory, manifest):
+    for _, record, t in each_tensor(directory, manifest):
         unit = store.units[record["unit"]]
         flat = getattr(unit, record["role"])
         flat[record["offset"]:record["offset"] + t.numel()].copy_(t.view(-1))
