@@ -87,6 +87,8 @@ class Checkpointer:
         self.num_taken = self.num_skipped = self.num_failed = 0
         self.request_wait_s = 0.0
         """Seconds requests spent waiting for the previous checkpoint (on_busy="wait")."""
+        self.request_s = 0.0
+        """Seconds the training thread spent in ``request`` (that wait included)."""
         self.history: list[_Flight] = []
         """Every checkpoint finished so far (for reports and the benchmark)."""
         self.barrier_enabled = True
@@ -97,6 +99,15 @@ class Checkpointer:
     def request(self, *, step: int, train_state: dict, order: list[int], after: dict[int, Future | None],
                 adam_steps: list[torch.Tensor]) -> bool:
         """Start a checkpoint of ``step``; False if skipped because one is still in flight."""
+        entered = time.perf_counter()
+        try:
+            return self._request(step=step, train_state=train_state, order=order, after=after,
+                                 adam_steps=adam_steps)
+        finally:
+            self.request_s += time.perf_counter() - entered
+
+    def _request(self, *, step: int, train_state: dict, order: list[int], after: dict[int, Future | None],
+                 adam_steps: list[torch.Tensor]) -> bool:
         if self._flight is not None and not self._flight.done.is_set():
             if self.config.on_busy == "skip":
                 self.num_skipped += 1
