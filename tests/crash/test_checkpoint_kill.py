@@ -74,7 +74,9 @@ def test_kill_at_random_instants_then_resume(tmp_path, reference):
         child = _child(root)
         started = child.stdout.readline()
         assert started.startswith("started"), child.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.6))
+        for _ in range(rng.randrange(STEPS)):  # let a random number of steps finish, then a random instant
+            child.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.3))
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=60)
         outcomes.append(_resume_and_check(root, reference))
