@@ -5,6 +5,7 @@ The public surface: ``Trainer`` and its ``TrainConfig``, the optimizer ``AdamW``
 the reference decoder in ``horizon.models``.
 """
 
+from horizon.checkpoint import CheckpointConfig
 from horizon.config import TrainConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.metrics import MemoryReport, StepMetrics
@@ -14,5 +15,5 @@ from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
 from horizon.optim.updater import NonFiniteGradientError
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
+__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
            "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError"]

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from horizon.checkpoint.config import CheckpointConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
@@ -43,6 +44,10 @@ class TrainConfig:
     """Page-lock the buffers that cross PCIe (CUDA only; falls back with a warning if short)."""
     cpu_link_bytes_per_s: float | None = None
     """device="cpu" only: throttle the transfer thread to this bandwidth (to model a PCIe link)."""
+    checkpoint: CheckpointConfig | None = None
+    """Asynchronous checkpoints (horizon.CheckpointConfig); None = none."""
+    resume: bool = False
+    """Start from the newest checkpoint in checkpoint.dir that validates, if there is one."""
 
     def __post_init__(self) -> None:
         try:
@@ -78,6 +83,13 @@ class TrainConfig:
                                  "it has no meaning on CUDA")
             if not self.cpu_link_bytes_per_s > 0:
                 raise ValueError(f"TrainConfig.cpu_link_bytes_per_s must be positive, got {self.cpu_link_bytes_per_s}")
+
+        if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
+            raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
+                             f"got {type(self.checkpoint).__name__}")
+        if self.resume and self.checkpoint is None:
+            raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
+                             "to know where to resume from")
 
     @property
     def torch_device(self) -> torch.device:

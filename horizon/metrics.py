@@ -25,6 +25,8 @@ class StepMetrics:
     """True when a non-finite gradient made this update be skipped."""
     updated: bool = True
     """True when this call ended with an update (False mid-accumulation or when skipped)."""
+    checkpoint_errors: tuple[str, ...] = ()
+    """Checkpoints that failed since the previous step (each reported once; training went on)."""
 
     @property
     def tokens_per_s(self) -> float:

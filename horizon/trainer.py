@@ -9,6 +9,7 @@ clipping and AdamW on the host buffers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 
@@ -16,6 +17,10 @@ import torch
 from torch import nn
 
 from horizon.batch import check_batch
+from horizon.checkpoint.commit import committed_steps
+from horizon.checkpoint.load import find_valid, load_into
+from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
+from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
 from horizon.config import TrainConfig
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
@@ -56,6 +61,28 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("unsupported model: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
 
 
+def _model_config(model: nn.Module) -> dict | None:
+    """The model's config as JSON (HF ``to_dict()`` or a dataclass), for export; None if it has none."""
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        value = config.to_dict()
+    elif dataclasses.is_dataclass(config):
+        value = dataclasses.asdict(config)
+    else:
+        return None
+    try:
+        check_json(value, "model.config")
+    except ValueError:
+        return None
+    return value
+
+
+def _layout_hash(trainer: "Trainer") -> str:
+    from horizon.checkpoint.manifest import layout_hash, layout_of
+
+    return layout_hash(layout_of(trainer.store, trainer._param_names()))
+
+
 def _init_fn(model: nn.Module):
     init_weights = getattr(model, "init_weights", None)
     if callable(init_weights):
@@ -72,12 +99,13 @@ def _init_fn(model: nn.Module):
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
-    ``transfer`` replaces the copy engine and ``optimizer_delay_s`` (a callable returning seconds)
-    delays every optimizer task: tests inject races through them; leave both None.
+    ``transfer`` replaces the copy engine, ``optimizer_delay_s`` (a callable returning seconds)
+    delays every optimizer task and ``checkpoint_disk`` replaces the checkpoint writer's file
+    system calls: tests inject races and faults through them; leave them None.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 transfer: Transfer | None = None, optimizer_delay_s=None) -> None:
+                 transfer: Transfer | None = None, optimizer_delay_s=None, checkpoint_disk=None) -> None:
         config = config if config is not None else TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
@@ -88,6 +116,12 @@ class Trainer:
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
+        if config.checkpoint is not None:
+            staging_plan(config.checkpoint, layouts)  # a budget too small for one unit fails before allocating
+            existing = committed_steps(str(config.checkpoint.dir))
+            if existing and not config.resume:
+                raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
+                                 "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
         self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
                                pin=device.type == "cuda" and config.pin_memory,
                                accumulate=config.grad_accum_steps > 1)
@@ -96,19 +130,28 @@ class Trainer:
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(),
-                               delay_s=optimizer_delay_s)
+        self.checkpointer = None if config.checkpoint is None else Checkpointer(
+            config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
+            disk=checkpoint_disk)
+        self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
+                               before_update=self.checkpointer.before_update if self.checkpointer else None)
         self.device = device
         self.global_step = 0
         """Updates made so far (a skipped step does not count)."""
         self.skipped_steps = 0
         """Updates skipped because a gradient was not finite."""
+        self.tokens_seen = 0
+        """Labels that counted in the loss of every update so far (skipped ones included)."""
         self._micro = _MicroBatches()
+        self._data = None
+        self._resumed_data_state = None
         self._device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             # What others held before this trainer existed is not its peak.
             self._device_base_bytes = torch.cuda.memory_allocated(device)
+        if config.resume:
+            self.resume()
 
     def _decay_runs(self) -> list[list[tuple[int, int, float]]]:
         """Per unit, contiguous element ranges with their weight decay (exclusions by name)."""
@@ -157,9 +200,13 @@ class Trainer:
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
+        every = cfg.checkpoint.every_steps if cfg.checkpoint else None
+        if last and not skipped and every and self.global_step % every == 0:
+            self._request_checkpoint()
+        errors = tuple(self.checkpointer.take_errors()) if self.checkpointer else ()
         metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
                               seconds=micro.seconds, grad_norm=grad_norm, lr=lr, skipped=skipped,
-                              updated=last and not skipped)
+                              updated=last and not skipped, checkpoint_errors=errors)
         if last:
             self._micro = _MicroBatches()
         return metrics
@@ -174,7 +221,86 @@ class Trainer:
             grad_norm, skipped = outcome.grad_norm, outcome.skipped
         self.skipped_steps += skipped
         self.global_step += not skipped
+        self.tokens_seen += tokens
         return grad_norm, skipped
+
+    # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
+
+    def _param_names(self) -> list[list[str]]:
+        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
+        return [[name_of[unit.master[slot.offset:].data_ptr()] for slot in unit.layout.own]
+                for unit in self.store.units]
+
+    def _request_checkpoint(self) -> bool:
+        """Capture the train state now and start copying and writing version ``global_step``."""
+        data = self._data.state_dict() if self._data is not None else None
+        if data is not None:
+            check_json(data, "the registered data loader's state_dict()")
+        state = {"step": self.global_step, "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+                 "rng": capture_rng(), "data": data}
+        num_units = len(self.store.units)
+        order = list(range(num_units))[::-1] if self.config.eager_updates else list(range(num_units))
+        after = {unit: self.updater.pending(unit) for unit in range(num_units)}
+        return self.checkpointer.request(step=self.global_step, train_state=state, order=order, after=after,
+                                         adam_steps=self.updater.steps)
+
+    def save(self, *, wait: bool = False) -> str | None:
+        """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
+        and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
+        if self.checkpointer is None:
+            raise ValueError("Trainer.save() needs TrainConfig(checkpoint=horizon.CheckpointConfig(dir=...))")
+        if self._micro.count:
+            raise ValueError("Trainer.save() in the middle of gradient accumulation: call it after the "
+                             f"{self.config.grad_accum_steps}-th micro-batch of an update")
+        if self.checkpointer.last_requested_step != self.global_step:
+            self._request_checkpoint()
+        if not wait:
+            return None
+        flight = self.checkpointer.wait()
+        if flight is None or flight.path is None:
+            raise CheckpointError(flight.error if flight else "no checkpoint was taken")
+        return flight.path
+
+    def resume(self, dir=None) -> int | None:
+        """Load the newest checkpoint in ``dir`` (default: checkpoint.dir) that validates; its step, or None
+        when there is none. Corrupt checkpoints are moved aside; if all are, NoValidCheckpoint is raised
+        unless CheckpointConfig(allow_fresh_start=True)."""
+        ckpt = self.config.checkpoint
+        if dir is None and ckpt is None:
+            raise ValueError("Trainer.resume() needs a directory, or TrainConfig(checkpoint=CheckpointConfig(dir=...))")
+        self.updater.wait_all()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        layout_hash = self.checkpointer.layout_hash if self.checkpointer else _layout_hash(self)
+        found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
+                           allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
+        if found is None:
+            return None
+        directory, manifest = found
+        load_into(self.store, directory, manifest)
+        state = manifest["train_state"]
+        for step, saved in zip(self.updater.steps, state["adam_steps"]):
+            step.fill_(saved)
+        self.global_step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.tokens_seen, self._micro = state["tokens_seen"], _MicroBatches()
+        restore_rng(state["rng"])
+        self._resumed_data_state = state["data"]
+        if self._data is not None and state["data"] is not None:
+            self._data.load_state_dict(state["data"])
+        if self.checkpointer is not None:
+            self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = self.global_step
+        return self.global_step
+
+    def register_data(self, loader) -> None:
+        """Checkpoint ``loader``'s position: it needs ``state_dict()`` (JSON-serialisable) and
+        ``load_state_dict(state)``; if this trainer resumed, the saved position is loaded into it now."""
+        if not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))):
+            raise ValueError(f"register_data needs an object with state_dict() and load_state_dict(state), "
+                             f"got {type(loader).__name__}")
+        check_json(loader.state_dict(), f"{type(loader).__name__}.state_dict()")
+        self._data = loader
+        if self._resumed_data_state is not None:
+            loader.load_state_dict(self._resumed_data_state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).
@@ -209,10 +335,24 @@ class Trainer:
                             slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots)
 
     def close(self) -> None:
-        self.updater.close()
-        self.transfer.close()
-        self.engine.close()
-        self.store.close()
+        """Wait for the updates and the checkpoint in flight, take the final checkpoint, free everything."""
+        error = None
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+                if self.config.checkpoint.final_save and self._micro.count == 0 \
+                        and self.checkpointer.last_committed_step != self.global_step:
+                    self.checkpointer.last_requested_step = None  # a failed one at this step is taken again
+                    self._request_checkpoint()
+                    flight = self.checkpointer.wait()
+                    error = flight.error
+        finally:
+            self.updater.close()
+            self.transfer.close()
+            self.engine.close()
+            self.store.close()
+        if error is not None:
+            raise CheckpointError(f"the final checkpoint failed: {error}")
 
     def __enter__(self) -> "Trainer":
         return self

@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from horizon.cli import train
+from horizon.cli import checkpoint, train
 
 __all__ = ["main", "build_parser"]
 
@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_arguments(train_parser)
     train_parser.set_defaults(check=train.check_arguments, run=train.run)
+    ckpt_parser = commands.add_parser("checkpoint", help="list, verify or export checkpoints",
+                                      description=(checkpoint.__doc__ or "").split("\n\n")[0])
+    checkpoint.add_arguments(ckpt_parser)
+    ckpt_parser.set_defaults(check=checkpoint.check_arguments, run=checkpoint.run)
     return parser
 
 

@@ -46,8 +46,11 @@ class Outcome:
 
 class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
-                 delay_s: Callable[[], float] | None = None) -> None:
+                 delay_s: Callable[[], float] | None = None,
+                 before_update: Callable[[int], None] | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
+        self.before_update = before_update
+        """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
         self.decay_runs = decay_runs
         self.num_threads = optimizer_threads()
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
@@ -67,6 +70,8 @@ class Updater:
 
     def _update(self, unit: int, lr: float, grad_scale: float | None) -> None:
         self._maybe_delay()
+        if self.before_update is not None:
+            self.before_update(unit)
         self.steps[unit] += 1
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
             adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),

@@ -1,0 +1,194 @@
+"""Checkpoint overhead: Horizon's lazy asynchronous checkpoints vs torch.save and DCP async_save.
+
+What it measures, in one run on one training loop (horizon.Trainer on a Decoder, CPU, clipping on):
+  * none              no checkpoint: the baseline iteration time
+  * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread
+  * torch_save        every N steps, torch.save of the same state (master weights + AdamW state), fsynced
+  * dcp_async_save    every N steps, torch.distributed.checkpoint.async_save of that state (no process group);
+                      the previous save is waited for before the next one
+for N in 1, 2, 10. Per system and N: blocking ms per checkpoint (time the training loop or the optimizer was
+held: Horizon's request + barrier waits; torch.save's whole call; async_save's call + waiting for the
+previous one), r(N) = mean iteration time / mean iteration time without checkpoints (the final drain
+included), time-to-durable, and Horizon's write throughput against the disk's sequential write limit
+measured in the same run (fio when installed; otherwise dd oflag=direct at queue depth 1, which understates
+the device, and the JSON says so). Warm-up steps are excluded; medians are quoted where they exist.
+
+    python bench/checkpoint.py [--dim 384 --layers 4 --warmup 3 --dir /tmp/horizon-ckpt-bench]
+Writes bench/results/checkpoint.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import horizon
+from horizon.models import Decoder, decoder_config
+
+from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
+
+INTERVALS = (1, 2, 10)
+SYSTEMS = ("horizon", "torch_save", "dcp_async_save")
+
+
+def steps_for(n: int) -> int:
+    return max(20, 5 * n)  # at least 5 checkpoints per interval
+
+
+def make_batches(num: int, *, batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 256, (batch, seq), generator=g),
+             "labels": torch.randint(0, 256, (batch, seq), generator=g)} for _ in range(num)]
+
+
+def train_config(ckpt=None):
+    return horizon.TrainConfig(optimizer=horizon.AdamW(lr=1e-3), grad_clip_norm=1.0, checkpoint=ckpt)
+
+
+def full_state(trainer) -> dict:
+    return {"model": trainer.state_dict(), "optim": trainer.optimizer_state_dict()["state"]}
+
+
+def fsync_tree(path: str) -> None:
+    for base, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(base, f), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def run(system: str, n: int, model, batches, args) -> dict:
+    """Iteration times and checkpoint costs of one system at interval n (0 = no checkpoints)."""
+    root = os.path.join(args.dir, f"{system}-{n}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if system == "horizon" and n else None
+    trainer = horizon.Trainer(copy.deepcopy(model), train_config(ckpt))
+    blocking, durable, future, iters = [], [], None, []
+    for b in batches[:args.warmup]:
+        trainer.step(b)
+    trainer.updater.wait_all()
+    start = time.perf_counter()
+    for i, b in enumerate(batches[args.warmup:], 1):
+        t0 = time.perf_counter()
+        trainer.step(b)
+        if n and system != "horizon" and i % n == 0:
+            c0 = time.perf_counter()
+            if system == "torch_save":
+                path = os.path.join(root, f"step-{i}.pt")
+                with open(path, "wb") as f:
+                    torch.save(full_state(trainer), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                durable.append(time.perf_counter() - c0)
+            else:
+                if future is not None:
+                    future.result()
+                future = dcp.async_save(full_state(trainer), checkpoint_id=os.path.join(root, f"step-{i}"))
+                requested = c0
+                future.add_done_callback(lambda _, r=requested: durable.append(time.perf_counter() - r))
+            blocking.append(time.perf_counter() - c0)
+        iters.append(time.perf_counter() - t0)
+    if future is not None:
+        future.result()
+    drain0 = time.perf_counter()
+    if trainer.checkpointer is not None:
+        cp = trainer.checkpointer
+        cp.wait()
+        flights = [f for f in cp.history if f.path is not None]
+        blocking = [cp.request_s / max(1, len(flights)) + f.snapshot.blocked_s for f in flights]
+        durable = [f.durable_s for f in flights]
+        bytes_per_ckpt = sum(os.path.getsize(os.path.join(flights[-1].path, x))
+                             for x in os.listdir(flights[-1].path)) if flights else 0
+    else:
+        bytes_per_ckpt = None
+    trainer.updater.wait_all()
+    total = time.perf_counter() - start
+    drain = time.perf_counter() - drain0
+    trainer.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return {"mean_iter_s": total / len(iters), "median_iter_s": median(iters), "max_iter_s": max(iters),
+            "drain_s": drain, "num_checkpoints": len(blocking),
+            "blocking_ms_per_ckpt": 1e3 * sum(blocking) / len(blocking) if blocking else 0.0,
+            "median_durable_s": median(durable) if durable else None, "bytes_per_ckpt": bytes_per_ckpt}
+
+
+def disk_limit(directory: str, total_mb: int = 1024) -> tuple[float, str]:
+    """Sequential direct-I/O write bandwidth (bytes/s) of the disk under ``directory``, and the tool used."""
+    path = os.path.join(directory, "disk-limit.bin")
+    try:
+        if shutil.which("fio"):
+            out = subprocess.run(["fio", "--name=w", f"--filename={path}", "--rw=write", "--bs=8M", "--direct=1",
+                                  f"--size={total_mb}M", "--iodepth=16", "--ioengine=libaio", "--output-format=terse"],
+                                 capture_output=True, text=True, check=True).stdout
+            return float(out.split(";")[47]) * 1024, "fio direct=1 bs=8M iodepth=16"
+        out = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=8M", f"count={total_mb // 8}", "oflag=direct",
+                              "conv=fsync"], capture_output=True, text=True, check=True).stderr
+        nbytes, secs = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out).groups()
+        return int(nbytes) / float(secs), "dd oflag=direct bs=8M (fio not installed: queue depth 1 understates the disk)"
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, default=384, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="blocks")
+    parser.add_argument("--batch", type=int, default=2, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    parser.add_argument("--dir", default="/tmp/horizon-ckpt-bench", help="scratch directory on the disk to test")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "checkpoint.json"))
+    args = parser.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    torch.manual_seed(0)
+    model = Decoder(decoder_config("tiny", vocab_size=256, dim=args.dim, num_layers=args.layers,
+                                   num_heads=args.dim // 64, num_kv_heads=args.dim // 64, ffn_dim=4 * args.dim))
+    params = sum(p.numel() for p in model.parameters())
+    meter = CpuMeter().start()
+    limit_bps, limit_tool = disk_limit(args.dir)
+    rows = {}
+    for n in INTERVALS:
+        batches = make_batches(args.warmup + steps_for(n), batch=args.batch, seq=args.seq)
+        base = run("none", 0, model, batches, args)
+        rows[f"none@{n}"] = base
+        for system in SYSTEMS:
+            row = run(system, n, model, batches, args)
+            row["r"] = row["mean_iter_s"] / base["mean_iter_s"]
+            rows[f"{system}@{n}"] = row
+            print(f"N={n:2d} {system:15s} blocking {row['blocking_ms_per_ckpt']:8.1f} ms/ckpt  r={row['r']:.3f}  "
+                  f"iter {row['mean_iter_s'] * 1e3:7.1f} ms (none {base['mean_iter_s'] * 1e3:7.1f})  "
+                  f"durable {row['median_durable_s'] or 0:.2f} s", flush=True)
+    step_s = {n: rows[f"none@{n}"]["mean_iter_s"] for n in INTERVALS}
+    worst_fraction = max(rows[f"horizon@{n}"]["blocking_ms_per_ckpt"] / 1e3 / step_s[n] for n in INTERVALS if n >= 2)
+    vs_save = min(rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] / max(rows[f"horizon@{n}"]["blocking_ms_per_ckpt"],
+                                                                         1e-3) for n in INTERVALS)
+    h = [rows[f"horizon@{n}"] for n in INTERVALS if n >= 2]
+    throughput = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
+    print(f"disk limit {limit_bps / 1e9:.2f} GB/s ({limit_tool}); horizon durable {throughput / 1e9:.2f} GB/s "
+          f"= {throughput / limit_bps:.2f} of it; worst blocking fraction (N>=2) {worst_fraction:.4f}; "
+          f"torch.save blocks {vs_save:.1f}x longer")
+    record = result_record(
+        "checkpoint", unit="ms blocking per checkpoint", higher_is_better=False,
+        results={"horizon": {n: rows[f"horizon@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "torch_save": {n: rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "dcp_async_save": {n: rows[f"dcp_async_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool}},
+        ratios={"blocking_fraction_of_step": worst_fraction, "vs_torch_save_blocking": vs_save,
+                "vs_limit": throughput / limit_bps},
+        rows=rows, cpu=meter.stop(),
+        config={"params": params, "state_bytes": 12 * params, **vars(args), "intervals": INTERVALS})
+    print("wrote", write_json(args.out, record))
+
+
+if __name__ == "__main__":
+    main()

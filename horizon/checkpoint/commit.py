@@ -1,0 +1,125 @@
+"""The directory protocol: in-flight directory, durable commit by rename, retention, leftovers.
+
+Why a rename: a checkpoint is visible only as ``step-<N>``, and that name appears in one atomic
+``rename`` of a directory whose every file, the manifest last, was already fsynced, followed by
+an fsync of the root. A crash before the rename leaves an ``.inflight.*`` directory the loader
+ignores and the next start deletes; a crash after it leaves a complete checkpoint. Retention
+runs only after a durable commit, never touches the newest, and deletes by renaming into
+``.trash/`` first, so a crash mid-delete never leaves a half-deleted ``step-<N>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+
+from horizon.checkpoint.disk import Disk
+from horizon.checkpoint.manifest import MANIFEST
+
+__all__ = ["step_dir_name", "new_inflight_dir", "commit", "committed_steps", "retain", "clean_leftovers",
+           "quarantine", "abandon"]
+
+log = logging.getLogger("horizon.checkpoint")
+_STEP_RE = re.compile(r"^step-(\d{9,})$")
+TRASH = ".trash"
+INFLIGHT_PREFIX = ".inflight."
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"  # zero-padded: names sort in step order
+
+
+def new_inflight_dir(root: str, step: int) -> str:
+    path = os.path.join(root, f"{INFLIGHT_PREFIX}{step_dir_name(step)}.{uuid.uuid4().hex[:12]}")
+    os.mkdir(path)
+    return path
+
+
+def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> str:
+    """Write the manifest last, make everything durable, rename into place; the committed path."""
+    fd = disk.open_new(os.path.join(inflight, MANIFEST))
+    try:
+        disk.write(fd, memoryview(json.dumps(manifest, indent=1).encode()))
+        disk.fsync(fd)
+    finally:
+        os.close(fd)
+    disk.at("manifest_written")
+    disk.fsync_dir(inflight)
+    final = os.path.join(root, step_dir_name(step))
+    disk.at("before_rename")
+    disk.rename_new(inflight, final)
+    disk.at("after_rename")
+    disk.fsync_dir(root)
+    disk.at("committed")
+    return final
+
+
+def committed_steps(root: str) -> list[int]:
+    """Steps of the committed checkpoint directories under ``root``, oldest first."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_STEP_RE.match, names) if m)
+
+
+def _to_trash(root: str, name: str) -> str:
+    trash = os.path.join(root, TRASH)
+    os.makedirs(trash, exist_ok=True)
+    target = os.path.join(trash, f"{name}.{uuid.uuid4().hex[:8]}")
+    os.rename(os.path.join(root, name), target)
+    return target
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk) -> list[int]:
+    """Delete the committed checkpoints the policy does not keep; the steps deleted.
+
+    Keeps the newest ``keep_last`` and every step that is a multiple of ``keep_every``. A failed
+    delete is logged and left for the next time: it never fails the checkpoint that triggered it.
+    """
+    steps = committed_steps(root)
+    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
+    deleted = []
+    for step in steps[:-1]:  # never the newest
+        if step in keep:
+            continue
+        try:
+            trashed = _to_trash(root, step_dir_name(step))
+            disk.fsync_dir(root)
+            _remove(trashed)
+            deleted.append(step)
+        except OSError as e:
+            log.warning("retention could not delete step %d: %s (will retry at the next commit)", step, e)
+    return deleted
+
+
+def clean_leftovers(root: str) -> list[str]:
+    """Delete what dead runs left (in-flight directories, trash); the names removed. Single writer per root."""
+    removed = []
+    for name in os.listdir(root):
+        if name.startswith(INFLIGHT_PREFIX) or name == TRASH:
+            _remove(os.path.join(root, name))
+            removed.append(name)
+    return removed
+
+
+def quarantine(root: str, step: int, reason: str) -> str:
+    """Rename a checkpoint that failed validation out of the loader's way; the new name."""
+    name = f"{step_dir_name(step)}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    os.rename(os.path.join(root, step_dir_name(step)), os.path.join(root, name))
+    log.error("checkpoint step %d failed validation and was moved to %s: %s", step, name, reason)
+    return name
+
+
+def abandon(inflight: str) -> None:
+    """Delete an in-flight directory after a failed write (best effort; leftovers are cleaned at start)."""
+    _remove(inflight)
