@@ -7,7 +7,9 @@ sizes itself with), the host activation buffers are one hidden state per RECOMPU
 the device holds what the engine's ledger records, replayed in ``device_peak``. The model may
 live on the meta device, so a 70B estimate costs nothing. KEEP blocks need what their autograd
 graph saves; that is measured by running one block of each structure under ``FakeTensorMode``
-(shapes and dtypes only, nothing allocated).
+(shapes and dtypes only, nothing allocated). That is exact for horizon's decoder; Hugging Face
+attention sees the fake tensors as tracing and takes its traceable path (an explicit causal mask,
+repeated key/value heads), so for HF KEEP blocks the figure is a slight upper bound.
 """
 
 from __future__ import annotations
