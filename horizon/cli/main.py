@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from horizon.cli import train
+from horizon.cli import estimate, train
 
 __all__ = ["main", "build_parser"]
 
@@ -22,12 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horizon", description="Train models larger than GPU memory.")
     parser.add_argument("--version", action="version", version=f"horizon {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser(
-        "train", help="train the reference decoder on byte-level text",
-        description=(train.__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(check=train.check_arguments, run=train.run)
+    for name, module, summary in (("train", train, "train the reference decoder on byte-level text"),
+                                  ("estimate", estimate, "host, pinned, device and SSD bytes a run needs")):
+        sub = commands.add_parser(name, help=summary, description=(module.__doc__ or "").split("\n\n")[0],
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(check=module.check_arguments, run=module.run)
     return parser
 
 
