@@ -1,6 +1,5 @@
 """``horizon.estimate``: predicted bytes equal what the runtime allocates and accounts."""
 
-import copy
 import json
 import subprocess
 import sys
