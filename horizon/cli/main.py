@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from horizon.cli import checkpoint, train
+from horizon.cli import checkpoint, estimate, train
 
 __all__ = ["main", "build_parser"]
 
@@ -22,16 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horizon", description="Train models larger than GPU memory.")
     parser.add_argument("--version", action="version", version=f"horizon {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser(
-        "train", help="train the reference decoder on byte-level text",
-        description=(train.__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(check=train.check_arguments, run=train.run)
-    ckpt_parser = commands.add_parser("checkpoint", help="list, verify or export checkpoints",
-                                      description=(checkpoint.__doc__ or "").split("\n\n")[0])
-    checkpoint.add_arguments(ckpt_parser)
-    ckpt_parser.set_defaults(check=checkpoint.check_arguments, run=checkpoint.run)
+    for name, module, summary in (("train", train, "train the reference decoder on byte-level text"),
+                                  ("estimate", estimate, "host, pinned, device and SSD bytes a run needs"),
+                                  ("checkpoint", checkpoint, "list, verify or export checkpoints")):
+        sub = commands.add_parser(name, help=summary, description=(module.__doc__ or "").split("\n\n")[0],
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(check=module.check_arguments, run=module.run)
     return parser
 
 
