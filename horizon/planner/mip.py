@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 from horizon.engine.plan import ActivationPolicy as P
 from horizon.planner.profile import Profile
@@ -75,11 +76,19 @@ def _solver(time_limit_s: float, gap: float):
 
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
 
 
 def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
     """The model for one slot count; ``budget_bytes=None`` builds the min-peak variant instead."""
+    with warnings.catch_warnings():  # PuLP 3.3 announces its 4.0 API on every variable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _build_model(profile, num_slots, budget_bytes, host_budget_bytes)
+
+
+def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
     import pulp
 
     m = pulp.LpProblem(f"plan_S{num_slots}", pulp.LpMinimize)
