@@ -3,7 +3,7 @@
 Why measured, not estimated: the plan trades compute against link time against device bytes,
 and all three depend on the machine, the dtype and the batch shape. Each distinct block
 structure is timed once (identical blocks share it): forward without autograd, forward with
-autograd under the KEEP hooks, backward from the kept graph; medians after one warm-up. Saved
+autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
 bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, and the link
 is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
 """
@@ -29,7 +29,7 @@ __all__ = ["measure_profile"]
 _ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
 
 
-def _median_s(fn, *, device: torch.device, reps: int, warmup: int = 1) -> float:
+def _median_s(fn, *, device: torch.device, reps: int, warmup: int = 2) -> float:
     times = []
     for i in range(warmup + reps):
         if device.type == "cuda":
@@ -44,7 +44,7 @@ def _median_s(fn, *, device: torch.device, reps: int, warmup: int = 1) -> float:
 
 
 def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-                    batch_size: int, seq_len: int, reps: int = 3) -> Profile:
+                    batch_size: int, seq_len: int, reps: int = 5) -> Profile:
     """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations."""
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"measure_profile needs a positive batch shape, got {batch_size} × {seq_len}")
