@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 
@@ -35,7 +36,10 @@ class TrainConfig:
     """A gradient with inf/NaN: "skip" the update (counted in Trainer.skipped_steps), "raise"
     NonFiniteGradientError, or "ignore" (no check; lets updates start while backward runs)."""
     plan: str | Plan = "recompute"
-    """"recompute" or "keep" for every block, or a horizon.Plan."""
+    """"recompute", "keep" or "swap" for every block; "auto" (the planner picks per block under
+    ``device_memory_budget_bytes`` at the first step); a plan JSON path; or a horizon.Plan."""
+    device_memory_budget_bytes: int | None = None
+    """Device bytes the engine may hold (slots, activations, gradients in flight); needed by plan="auto"."""
     compute_dtype: torch.dtype | None = None
     """dtype of the weights and activations on the device (float32 or bfloat16); None = fp32 on CPU, bf16 on CUDA."""
     units: Units | None = None
@@ -68,8 +72,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
         if self.on_nonfinite not in ("skip", "raise", "ignore"):
             raise ValueError(f"TrainConfig.on_nonfinite must be 'skip', 'raise' or 'ignore', got {self.on_nonfinite!r}")
-        if isinstance(self.plan, str) and self.plan not in _PLAN_WORDS:
-            raise ValueError(f"TrainConfig.plan={self.plan!r}: use one of {sorted(_PLAN_WORDS)} or a horizon.Plan")
+        self._check_plan()
         if not isinstance(self.plan, (str, Plan)):
             raise ValueError(f"TrainConfig.plan must be a string or a horizon.Plan, got {type(self.plan).__name__}")
         if self.compute_dtype == torch.float16:
@@ -83,13 +86,27 @@ class TrainConfig:
                                  "it has no meaning on CUDA")
             if not self.cpu_link_bytes_per_s > 0:
                 raise ValueError(f"TrainConfig.cpu_link_bytes_per_s must be positive, got {self.cpu_link_bytes_per_s}")
-
         if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
             raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
                              f"got {type(self.checkpoint).__name__}")
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")
+
+    def _check_plan(self) -> None:
+        budget = self.device_memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"TrainConfig.device_memory_budget_bytes must be a positive int of bytes, got {budget!r}")
+        if self.plan == "auto" and budget is None:
+            raise ValueError('TrainConfig(plan="auto") needs device_memory_budget_bytes=... (the device bytes '
+                             "the planner may use)")
+        if isinstance(self.plan, str) and self.plan.endswith(".json"):
+            if not os.path.isfile(self.plan):
+                raise ValueError(f"TrainConfig.plan={self.plan!r}: no such plan file (write one with "
+                                 "horizon.planner.apply.save_plan, or use plan='auto')")
+        elif isinstance(self.plan, str) and self.plan not in _PLAN_WORDS | {"auto"}:
+            raise ValueError(f"TrainConfig.plan={self.plan!r}: use one of {sorted(_PLAN_WORDS | {'auto'})}, "
+                             "a plan .json path or a horizon.Plan")
 
     @property
     def torch_device(self) -> torch.device:
@@ -113,4 +130,11 @@ class TrainConfig:
 
     @property
     def resolved_plan(self) -> Plan:
-        return self.plan if isinstance(self.plan, Plan) else Plan.uniform(self.plan)
+        """The plan to start with: "auto" starts as all-RECOMPUTE until the planner has measured a step."""
+        if isinstance(self.plan, Plan):
+            return self.plan
+        if self.plan.endswith(".json"):
+            from horizon.planner.apply import load_plan
+
+            return load_plan(self.plan)
+        return Plan.uniform("recompute" if self.plan == "auto" else self.plan)

@@ -136,6 +136,11 @@ class Trainer:
         self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None)
         self.device = device
+        self.plan_solution = None
+        """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
+        if config.plan == "auto" and config.device_memory_budget_bytes < 2 * self.engine.pool.slot_bytes:
+            raise ValueError(f"device_memory_budget_bytes={config.device_memory_budget_bytes:,} cannot hold two "
+                             f"weight slots of {self.engine.pool.slot_bytes:,} bytes; raise it")
         self.global_step = 0
         """Updates made so far (a skipped step does not count)."""
         self.skipped_steps = 0
@@ -174,6 +179,8 @@ class Trainer:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
         ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
+        if self.config.plan == "auto" and self.plan_solution is None:
+            self._plan_auto(*input_ids.shape)
         start_s = time.perf_counter()
         cfg, micro = self.config, self._micro
         first, last = micro.count == 0, micro.count == cfg.grad_accum_steps - 1
@@ -210,6 +217,20 @@ class Trainer:
         if last:
             self._micro = _MicroBatches()
         return metrics
+
+    def _plan_auto(self, batch_size: int, seq_len: int) -> None:
+        """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
+        from horizon.planner.apply import auto_plan
+
+        specs = self.engine.specs
+        plan, _, self.plan_solution = auto_plan(specs, self.store, device=self.device, transfer=self.transfer,
+                                                batch_size=batch_size, seq_len=seq_len,
+                                                budget_bytes=self.config.device_memory_budget_bytes)
+        self.engine.close()
+        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._device_base_bytes = torch.cuda.memory_allocated(self.device)
 
     def _end_update(self, lr: float, tokens: int, device_norm: torch.Tensor | None) -> tuple[float | None, bool]:
         """After the last micro-batch: the deferred schedule's check, clip and updates; (norm, skipped)."""

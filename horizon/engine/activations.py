@@ -5,7 +5,8 @@ are views into a slot that will hold other units by the time backward runs. ``Ke
 therefore saves every tensor that aliases the slot as its place in the slot (offset, size,
 stride) and, in backward, reads it from whichever slot holds the unit then: the weights are the
 same because the optimizer has not run yet. Everything else it saves is a real activation and is
-counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations``.
+counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations``; SWAP
+(``swap.py``) keeps the saved tensors there too.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class KeptGraph:
 
 
 class HostActivations:
-    """Host buffers for the inputs of RECOMPUTE blocks, one per block, reused across steps."""
+    """Host buffers for the inputs of RECOMPUTE blocks and the saved bytes of SWAP blocks, one per
+    block, allocated on the first step and reused while the batch shape stays the same."""
 
     def __init__(self, *, pin: bool) -> None:
         self.pin = pin
@@ -72,11 +74,31 @@ class HostActivations:
         self._shape: tuple[int, ...] | None = None
         self._count = 0
         self._region = None
+        self._swap: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def swap_buffer(self, unit: int, nbytes: int) -> torch.Tensor:
+        """The host bytes of SWAP block ``unit`` (reused while ``nbytes`` stays the same)."""
+        held = self._swap.get(unit)
+        if held is None or held[0].numel() != nbytes:
+            self._close_swap(unit)
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+            region = None
+            if self.pin and nbytes:
+                from horizon.store.pinning import PinnedRegion
+
+                region = PinnedRegion(flat)
+            self._swap[unit] = held = (flat, region)
+        return held[0]
+
+    def _close_swap(self, unit: int) -> None:
+        _, region = self._swap.pop(unit, (None, None))
+        if region is not None:
+            region.close()
 
     def buffers(self, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
         numel = int(torch.Size(shape).numel())
         if self._flat is None or self._shape != shape or self._count != count or self._flat.dtype != dtype:
-            self.close()
+            self._close_inputs()
             self._flat = torch.empty(count * numel, dtype=dtype)
             self._shape, self._count = shape, count
             if self.pin:
@@ -87,9 +109,15 @@ class HostActivations:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+        inputs = 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+        return inputs + sum(flat.numel() for flat, _ in self._swap.values())
 
     def close(self) -> None:
+        for unit in list(self._swap):
+            self._close_swap(unit)
+        self._close_inputs()
+
+    def _close_inputs(self) -> None:
         if self._region is not None:
             self._region.close()
             self._region = None

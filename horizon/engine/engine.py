@@ -28,6 +28,7 @@ from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.engine.slots import SlotPool, SlotUse, assign_slots
+from horizon.engine.swap import SwappedGraph
 from horizon.engine.transfer import DONE, Handle, Transfer
 from horizon.models.units import UnitKind, UnitSpec
 from horizon.store.host_store import HostStore
@@ -59,6 +60,7 @@ class _Sweep:
     ready: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)
     restored: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # device inputs, by unit
     kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
+    swapped: dict[int, SwappedGraph] = dataclasses.field(default_factory=dict)
     rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
     pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
     offloads: dict[int, Handle] = dataclasses.field(default_factory=dict)   # by unit, in issue order
@@ -150,9 +152,14 @@ class Engine:
             unit = sweep.order[sweep.next_restore]
             if unit >= position:  # the block's forward (at position == unit) has not run yet
                 return
+            if unit in sweep.offloads:
+                self._wait_offload(sweep, unit)
+            if self.policies[unit] is ActivationPolicy.SWAP:
+                graph = sweep.swapped[unit]
+                self.ledger.hold(("input", unit), graph.nbytes)
+                handle = graph.restore(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes))
+                sweep.ready.setdefault(sweep.next_restore, []).append(handle)
             if self.policies[unit] is ActivationPolicy.RECOMPUTE:
-                if unit in sweep.offloads:
-                    self._wait_offload(sweep, unit)
                 host = sweep.checkpoints[unit]
                 device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
                 self.ledger.hold(("input", unit), _nbytes(device_input))
@@ -181,12 +188,18 @@ class Engine:
             self._save_rng(sweep, unit)
             with torch.no_grad():
                 self._set_hidden(sweep, spec.call(template, sweep.input_ids))
-        elif spec.kind is UnitKind.HEAD:
+            return
+        if spec.kind is UnitKind.HEAD:
             self._loss_head(sweep, unit, slot)
         elif self.policies[unit] is ActivationPolicy.KEEP:
             self._forward_keep(sweep, unit, slot)
+        elif self.policies[unit] is ActivationPolicy.SWAP:
+            self._forward_swap(sweep, unit, slot)
         else:
             self._forward_recompute(sweep, unit, slot)
+        # The previous block's offload drains during this unit (two rotating buffers, as MEMO).
+        for earlier in [u for u in sweep.offloads if u < unit]:
+            self._wait_offload(sweep, earlier)
 
     def _set_hidden(self, sweep: _Sweep, hidden: torch.Tensor | None) -> None:
         if sweep.hidden is not None:
@@ -207,8 +220,16 @@ class Engine:
         # x outlives its role as the hidden state until its offload is done (its handle holds it).
         self.ledger.hold(("offloading", unit), _nbytes(x))
         self._set_hidden(sweep, y)
-        for earlier in list(sweep.offloads):
-            self._wait_offload(sweep, earlier)
+        sweep.offloads[unit] = handle
+
+    def _forward_swap(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        graph = SwappedGraph(self.pool.slots[slot])
+        y = graph.forward(lambda x: self.specs[unit].call(self.pool.template(slot, unit), x), sweep.hidden,
+                          self.pool.params(slot, unit))
+        handle = graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes))
+        sweep.swapped[unit] = graph
+        self.ledger.hold(("offloading", unit), graph.nbytes)
+        self._set_hidden(sweep, y)
         sweep.offloads[unit] = handle
 
     def _wait_offload(self, sweep: _Sweep, unit: int) -> None:
@@ -250,6 +271,9 @@ class Engine:
         if self.policies[unit] is ActivationPolicy.KEEP:
             grads = sweep.kept.pop(unit).backward(grad_y, self.pool.slots[slot])
             self.ledger.release(("kept", unit))
+        elif self.policies[unit] is ActivationPolicy.SWAP:
+            grads = sweep.swapped.pop(unit).backward(grad_y, self.pool.slots[slot])
+            self.ledger.release(("input", unit))
         else:
             grads = self._recompute_backward(sweep, unit, slot, grad_y)
         self._set_hidden(sweep, grads[0])
@@ -294,7 +318,7 @@ class Engine:
             self._wait_grad(sweep)
         for unit in list(sweep.offloads):
             self._wait_offload(sweep, unit)
-        assert not sweep.pending and not sweep.kept and not sweep.restored, "every unit's backward ran"
+        assert not (sweep.pending or sweep.kept or sweep.swapped or sweep.restored), "every unit's backward ran"
 
     # -- randomness for recomputed dropout -----------------------------------------------------
 

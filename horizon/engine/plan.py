@@ -17,6 +17,7 @@ __all__ = ["ActivationPolicy", "Plan"]
 class ActivationPolicy(enum.Enum):
     KEEP = "keep"            # keep the block's autograd activations on the device until its backward
     RECOMPUTE = "recompute"  # keep only the block input (offloaded to host), recompute in backward
+    SWAP = "swap"            # copy the block's saved activations to host after forward, back before backward
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,84 @@
+"""From a solution to what the engine executes: a ``horizon.Plan``, saved as JSON with its inputs.
+
+Why JSON with inputs: a plan is only as good as the costs it was chosen from. The file keeps
+the profile, the budget and the prediction beside the decision, so a plan can be read,
+reviewed, edited by hand and loaded back (``TrainConfig(plan="plan.json")``), and a stale one
+is recognisable. ``auto_plan`` is the whole path the trainer takes for ``plan="auto"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.transfer import Transfer
+from horizon.models.units import UnitSpec
+from horizon.planner.mip import Solution, solve_mip
+from horizon.planner.profile import Profile
+from horizon.planner.simulate import simulate
+from horizon.store.host_store import HostStore
+
+__all__ = ["to_plan", "save_plan", "load_plan", "auto_plan"]
+
+FORMAT = "horizon-plan/1"
+
+
+def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | None = None) -> Plan:
+    per_unit = {profile.units[u].name: p for u, p in solution.policies.items()}
+    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, num_slots=solution.num_slots,
+                loss_chunk_tokens=loss_chunk_tokens)
+
+
+def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
+              budget_bytes: int | None = None, solution: Solution | None = None) -> None:
+    record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
+              "loss_chunk_tokens": plan.loss_chunk_tokens,
+              "per_unit": {name: p.value for name, p in plan.per_unit.items()},
+              "inputs": {"device_memory_budget_bytes": budget_bytes,
+                         "profile": profile.to_dict() if profile is not None else None}}
+    if solution is not None and profile is not None:
+        sim = simulate(profile, solution.policies, solution.num_slots)
+        record["prediction"] = {"model_step_s": solution.step_s, "simulated_step_s": sim.step_s,
+                                "peak_bytes": solution.peak_bytes, "optimal": solution.optimal,
+                                "solve_s": solution.solve_s}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, num_slots)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read plan file {path}: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a horizon plan: expected a JSON object with \"format\": \"{FORMAT}\"")
+    words = {p.value for p in ActivationPolicy}
+    per_unit = record.get("per_unit", {})
+    bad = {k: v for k, v in per_unit.items() if v not in words}
+    if bad:
+        raise ValueError(f"{path}: per_unit policies must be one of {sorted(words)}, got {bad}")
+    return Plan(default=ActivationPolicy(record.get("default", "recompute")),
+                per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
+                num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
+
+
+def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
+              batch_size: int, seq_len: int, budget_bytes: int) -> tuple[Plan, Profile, Solution]:
+    """Measure, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute."""
+    from horizon.planner.measure import measure_profile
+
+    profile = measure_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
+                              seq_len=seq_len)
+    try:
+        import pulp  # noqa: F401
+        solve = solve_mip
+    except ImportError:
+        from horizon.planner.greedy import solve_greedy as solve
+    solution = solve(profile, budget_bytes)
+    return to_plan(profile, solution), profile, solution

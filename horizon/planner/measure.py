@@ -1,0 +1,138 @@
+"""Measure a ``Profile`` on the machine that will train: run each unit as the engine runs it.
+
+Why measured, not estimated: the plan trades compute against link time against device bytes,
+and all three depend on the machine, the dtype and the batch shape. Each distinct block
+structure is timed once (identical blocks share it): forward without autograd, forward with
+autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
+bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, and the link
+is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from horizon.engine.activations import KeptGraph
+from horizon.engine.loss import head_forward_backward
+from horizon.engine.slots import SlotPool
+from horizon.engine.swap import SwappedGraph
+from horizon.engine.transfer import Transfer
+from horizon.models.units import UnitKind, UnitSpec
+from horizon.planner.profile import Profile, UnitCost, UnitRole
+from horizon.store.host_store import HostStore
+
+__all__ = ["measure_profile"]
+
+_ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
+
+
+def _median_s(fn, *, device: torch.device, reps: int, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
+                    batch_size: int, seq_len: int, reps: int = 5) -> Profile:
+    """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations."""
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"measure_profile needs a positive batch shape, got {batch_size} × {seq_len}")
+    layouts = [u.layout for u in store.units]
+    itemsize = store.compute_dtype.itemsize
+    pool = SlotPool([s.module for s in specs], layouts, num_slots=1, device=device, dtype=store.compute_dtype)
+    slot = pool.slots[0]
+
+    def load(unit: int) -> None:
+        layout = layouts[unit]
+        slot[:layout.numel].copy_(store.units[unit].compute)
+        for b in layout.borrowed:
+            owner = store.units[b.owner].compute
+            slot[b.offset:b.offset + b.owner_slot.numel].copy_(owner[b.owner_slot.offset:][:b.owner_slot.numel])
+
+    vocab = specs[0].module.num_embeddings
+    ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    load(0)
+    with torch.no_grad():
+        hidden = specs[0].call(pool.template(0, 0), ids)
+    costs, timed = [], {}
+    for unit, spec in enumerate(specs):
+        load(unit)
+        template, params = pool.template(0, unit), pool.params(0, unit)
+        run = (lambda x, t=template, s=spec: s.call(t, x))
+        times = {}
+        if spec.kind is UnitKind.BLOCK:
+            key = (type(spec.module).__qualname__, layouts[unit].device_numel)
+            if key not in timed:
+                timed[key] = _time_block(run, hidden, params, slot, device, reps)
+            times = timed[key]
+        elif spec.kind is UnitKind.EMBEDDING:
+            times = _time_embedding(spec, template, params, ids, device, reps)
+        else:
+            labels = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+            times = {"fwd_s": _median_s(lambda: head_forward_backward(
+                run, params, hidden, labels, loss_divisor=labels.numel(),
+                chunk_tokens=max(1, (256 * 2**20) // (4 * spec.module.head.out_features))), device=device, reps=reps)}
+        layout = layouts[unit]
+        costs.append(UnitCost(name=spec.name, role=_ROLE[spec.kind], weight_bytes=layout.device_numel * itemsize,
+                              grad_bytes=layout.numel * itemsize,
+                              borrowed_grad_bytes=tuple((b.owner, b.owner_slot.numel * itemsize)
+                                                        for b in layout.borrowed), **times))
+    return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
+                   slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
+                   duplex=device.type == "cuda", tokens=batch_size * seq_len)
+
+
+def _time_block(run, hidden, params, slot, device, reps) -> dict:
+    with torch.no_grad():
+        fwd_s = _median_s(lambda: run(hidden), device=device, reps=reps)
+    graphs: list[KeptGraph] = []
+
+    def forward_keep() -> None:
+        kept = KeptGraph(slot)
+        kept.params, kept.x = params, hidden.detach().requires_grad_()
+        with torch.enable_grad(), kept.hooks():
+            kept.y = run(kept.x)
+        graphs.append(kept)
+
+    fwd_grad_s = _median_s(forward_keep, device=device, reps=reps)
+    keep_bytes = graphs[-1].saved_bytes
+    grad_y = torch.ones_like(hidden)
+    bwd_s = _median_s(lambda: graphs.pop().backward(grad_y, slot), device=device, reps=min(reps, len(graphs) - 1))
+    swapped = SwappedGraph(slot)
+    swapped.forward(run, hidden, params)
+    return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes,
+            "swap_bytes": swapped.nbytes}
+
+
+def _time_embedding(spec: UnitSpec, template, params, ids, device, reps) -> dict:
+    with torch.no_grad():
+        fwd_s = _median_s(lambda: spec.call(template, ids), device=device, reps=reps)
+
+    def backward() -> None:
+        with torch.enable_grad():
+            y = spec.call(template, ids)
+            torch.autograd.grad(y, params, torch.ones_like(y))
+
+    return {"fwd_s": fwd_s, "bwd_s": _median_s(backward, device=device, reps=reps)}
+
+
+def _link_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, device: torch.device) -> float:
+    """Bandwidth of one host-to-device copy of the largest unit, through the engine's transfer."""
+    src = max((u.compute for u in store.units), key=lambda t: t.numel())
+    dst = slot[:src.numel()]
+
+    def copy() -> None:
+        transfer.h2d([dst], [src]).wait_host()
+
+    return src.numel() * src.element_size() / _median_s(copy, device=device, reps=3)

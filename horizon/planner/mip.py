@@ -1,0 +1,170 @@
+"""The activation plan as a mixed-integer program, solved with PuLP (CBC bundled; HiGHS when present).
+
+Why a MIP: per block, KEEP costs device bytes until backward, SWAP costs link time (and the
+bytes in flight), RECOMPUTE costs a second forward; the link is shared with the weights and
+gradients, so one block's choice changes what the others can hide. Variables: x[u, p] ∈ {0, 1},
+one policy per block; τ_t ≥ 0, the length of position t of the step. Constraints:
+
+- [Constraint] one policy per block: Σ_p x[u, p] = 1;
+- [Constraint] τ_t ≥ compute of position t (forward, recompute, backward, by policy);
+- [Constraint] τ_t ≥ link time of the copies issued at t (weights ahead, restores, offloads, gradients);
+  one row for the shared queue on CPU, one per direction on CUDA;
+- [Constraint] every ledger row (the device bytes held after each hold, ``memory_rows``) ≤ budget;
+- [Constraint] optional: host bytes of swapped activations and offloaded inputs ≤ the host budget.
+
+Objective: min Σ_t τ_t (seconds, as ``model_step_s``). Bytes are in MiB and times in ms inside
+the solver, so coefficients stay in a range CBC and HiGHS solve without tolerance trouble. The
+slot count is enumerated outside the MIP (its index sets depend on it); the best is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+from horizon.engine.plan import ActivationPolicy as P
+from horizon.planner.profile import Profile
+from horizon.planner.schedule import value
+from horizon.planner.simulate import intervals, memory_rows, model_step_s, peak_bytes
+
+__all__ = ["Solution", "PlanInfeasible", "solve_mip", "host_bytes", "POLICIES"]
+
+POLICIES = (P.KEEP, P.SWAP, P.RECOMPUTE)
+_MIB, _MS = 2.0 ** 20, 1e-3
+
+
+class PlanInfeasible(ValueError):
+    """No plan fits the budget; ``smallest_budget_bytes`` is the least device budget that would."""
+
+    def __init__(self, budget_bytes: int, smallest_budget_bytes: int) -> None:
+        self.budget_bytes, self.smallest_budget_bytes = budget_bytes, smallest_budget_bytes
+        super().__init__(f"no activation plan fits device_memory_budget_bytes={budget_bytes:,}: the smallest "
+                         f"budget that works for this model and batch is {smallest_budget_bytes:,} bytes "
+                         f"({smallest_budget_bytes / 2**20:.1f} MiB); raise the budget or shrink the batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    policies: dict[int, P]
+    """The policy of each block, by unit index."""
+    num_slots: int
+    step_s: float
+    """The model's step time (``model_step_s``) for this plan."""
+    peak_bytes: int
+    """The predicted device ledger peak."""
+    optimal: bool
+    """False when a time limit stopped the solver with a feasible plan."""
+    solve_s: float
+
+
+def host_bytes(profile: Profile, policies: dict[int, P]) -> int:
+    """Host staging the plan needs for activations (SWAP bytes and RECOMPUTE inputs)."""
+    return sum(profile.units[u].swap_bytes if p is P.SWAP else profile.hidden_bytes if p is P.RECOMPUTE else 0
+               for u, p in policies.items())
+
+
+def _check_budget(budget_bytes: int, host_budget_bytes: int | None) -> None:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ValueError(f"device memory budget must be a positive int of bytes, got {budget_bytes!r}")
+    if host_budget_bytes is not None and (not isinstance(host_budget_bytes, int) or host_budget_bytes < 0):
+        raise ValueError(f"host_budget_bytes must be a non-negative int of bytes or None, got {host_budget_bytes!r}")
+
+
+def _solver(time_limit_s: float, gap: float):
+    import pulp
+
+    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+
+
+def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
+    """The model for one slot count; ``budget_bytes=None`` builds the min-peak variant instead."""
+    with warnings.catch_warnings():  # PuLP 3.3 announces its 4.0 API on every variable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _build_model(profile, num_slots, budget_bytes, host_budget_bytes)
+
+
+def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
+    import pulp
+
+    m = pulp.LpProblem(f"plan_S{num_slots}", pulp.LpMinimize)
+    x = {(u, p): pulp.LpVariable(f"x_{u}_{p.value}", cat=pulp.LpBinary) for u in profile.blocks for p in POLICIES}
+    choose = lambda u, p: x[(u, p)]  # noqa: E731
+    for u in profile.blocks:
+        m += pulp.lpSum(x[(u, p)] for p in POLICIES) == 1
+    rows = [value(row, choose) / _MIB for row in memory_rows(profile, num_slots)]
+    if budget_bytes is None:
+        peak = pulp.LpVariable("peak_mib", 0)
+        for row in rows:
+            m += peak >= row
+        m += peak
+        return m, x
+    for row in rows:
+        if isinstance(row, (int, float)):  # a row no policy changes (slots, gradients)
+            if row > budget_bytes / _MIB:
+                return None, x
+            continue
+        m += row <= budget_bytes / _MIB
+    if host_budget_bytes is not None:
+        m += pulp.lpSum(x[(u, P.SWAP)] * profile.units[u].swap_bytes / _MIB
+                        + x[(u, P.RECOMPUTE)] * profile.hidden_bytes / _MIB for u in profile.blocks) \
+            <= host_budget_bytes / _MIB
+    bw_ms = profile.link_bytes_per_s * _MS
+    taus = []
+    for t, iv in enumerate(intervals(profile, num_slots)):
+        tau = pulp.LpVariable(f"tau_{t}", 0)
+        taus.append(tau)
+        m += tau >= value(iv.compute, choose) / _MS
+        h2d, d2h = value(iv.h2d, choose) / bw_ms, value(iv.d2h, choose) / bw_ms
+        if profile.duplex:
+            m += tau >= h2d
+            m += tau >= d2h
+        else:
+            m += tau >= h2d + d2h
+    m += pulp.lpSum(taus)
+    return m, x
+
+
+def _policies(x, profile: Profile) -> dict[int, P]:
+    return {u: max(POLICIES, key=lambda p: x[(u, p)].value() or 0.0) for u in profile.blocks}
+
+
+def smallest_budget_bytes(profile: Profile, num_slots: int, *, time_limit_s: float = 30.0) -> int:
+    """The least device peak any plan reaches at this slot count (a MIP on the ledger rows alone)."""
+    m, x = _build(profile, num_slots, None, None)
+    m.solve(_solver(time_limit_s, 0.0))
+    return peak_bytes(profile, _policies(x, profile), num_slots)
+
+
+def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...] = (2, 3),
+              host_budget_bytes: int | None = None, time_limit_s: float = 30.0, gap: float = 1e-4) -> Solution:
+    """The plan with the least model step time whose device peak fits ``budget_bytes``."""
+    import pulp
+
+    _check_budget(budget_bytes, host_budget_bytes)
+    if not num_slots or any(s < 2 for s in num_slots):
+        raise ValueError(f"num_slots options must be integers >= 2, got {num_slots!r}")
+    start, best = time.perf_counter(), None
+    for slots in num_slots:
+        m, x = _build(profile, slots, budget_bytes, host_budget_bytes)
+        if m is None:
+            continue
+        m.solve(_solver(time_limit_s, gap))
+        if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            continue
+        policies = _policies(x, profile)
+        candidate = Solution(policies, slots, model_step_s(profile, policies, slots),
+                             peak_bytes(profile, policies, slots), m.sol_status == pulp.LpSolutionOptimal, 0.0)
+        if best is None or candidate.step_s < best.step_s:
+            best = candidate
+    if best is None:
+        smallest = min(smallest_budget_bytes(profile, s) for s in num_slots)
+        if smallest <= budget_bytes:
+            raise ValueError(f"host_budget_bytes={host_budget_bytes:,} cannot hold the activations any plan "
+                             f"within the device budget must move to the host; raise it")
+        raise PlanInfeasible(budget_bytes, smallest)
+    return dataclasses.replace(best, solve_s=time.perf_counter() - start)

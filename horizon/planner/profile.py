@@ -1,0 +1,96 @@
+"""The measured costs the planner decides from: per unit, per policy, and the link.
+
+Why a plain record: the solver, the greedy fallback and the simulator read only this, so they
+are pure functions that tests feed synthetic profiles (hundreds of random ones) and the
+trainer feeds a measured one (``measure.py``). Seconds and bytes throughout; the MIP rescales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+__all__ = ["UnitRole", "UnitCost", "Profile"]
+
+
+class UnitRole(enum.Enum):
+    EMBEDDING = "embedding"
+    BLOCK = "block"
+    HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnitCost:
+    name: str
+    """The unit's name (``layers.3``); plans name blocks by it."""
+    role: UnitRole
+    weight_bytes: int
+    """Bytes copied into a slot to run the unit (own and borrowed parameters, compute dtype)."""
+    grad_bytes: int
+    """Bytes of the unit's own parameter gradients sent to the host after its backward."""
+    borrowed_grad_bytes: tuple[tuple[int, int], ...] = ()
+    """(owner unit, bytes) of gradients for tied parameters, held until the owner's backward."""
+    fwd_s: float
+    """Forward without autograd (embedding, RECOMPUTE blocks); the head: forward and backward of the loss."""
+    fwd_grad_s: float = 0.0
+    """Forward with autograd (KEEP and SWAP blocks, the recompute inside a RECOMPUTE backward)."""
+    bwd_s: float = 0.0
+    """Backward from a kept graph (the embedding: its forward with autograd and backward)."""
+    keep_bytes: int = 0
+    """Device bytes a KEEP block's saved activations hold until its backward."""
+    swap_bytes: int = 0
+    """Bytes a SWAP block copies to the host and back (its saved storages, aligned)."""
+
+    def __post_init__(self) -> None:
+        for field in ("weight_bytes", "grad_bytes", "keep_bytes", "swap_bytes"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"UnitCost.{field} must be >= 0, got {getattr(self, field)}")
+        for field in ("fwd_s", "fwd_grad_s", "bwd_s"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"UnitCost.{field} must be >= 0 seconds, got {getattr(self, field)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Profile:
+    units: tuple[UnitCost, ...]
+    """embedding, blocks in order, head."""
+    hidden_bytes: int
+    """One hidden state (and one hidden gradient): batch × tokens × dim × element size."""
+    slot_bytes: int
+    """One device slot: the largest unit's weights."""
+    link_bytes_per_s: float
+    """Host↔device bandwidth of the copy engine."""
+    duplex: bool = False
+    """True: host-to-device and device-to-host copies run at once (two CUDA copy engines);
+    False: one queue for both (the CPU transfer thread)."""
+    tokens: int = 0
+    """Tokens per step the profile was measured at (batch × sequence)."""
+
+    def __post_init__(self) -> None:
+        roles = [u.role for u in self.units]
+        if len(roles) < 3 or roles[0] is not UnitRole.EMBEDDING or roles[-1] is not UnitRole.HEAD \
+                or any(r is not UnitRole.BLOCK for r in roles[1:-1]):
+            raise ValueError("Profile.units must be: one embedding, at least one block, one head, in that order")
+        if not self.link_bytes_per_s > 0:
+            raise ValueError(f"Profile.link_bytes_per_s must be positive, got {self.link_bytes_per_s}")
+        if self.hidden_bytes <= 0 or self.slot_bytes <= 0:
+            raise ValueError("Profile.hidden_bytes and slot_bytes must be positive")
+
+    @property
+    def blocks(self) -> range:
+        """Unit indices of the blocks."""
+        return range(1, len(self.units) - 1)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for u in d["units"]:
+            u["role"] = u["role"].value
+            u["borrowed_grad_bytes"] = [list(x) for x in u["borrowed_grad_bytes"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        units = tuple(UnitCost(**{**u, "role": UnitRole(u["role"]),
+                                  "borrowed_grad_bytes": tuple(tuple(x) for x in u["borrowed_grad_bytes"])})
+                      for u in d["units"])
+        return cls(**{**d, "units": units})

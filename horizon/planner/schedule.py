@@ -1,0 +1,171 @@
+"""The engine's step as a list of events, in the engine's own program order, for any plan at once.
+
+Why: the simulator (which replays one plan) and the MIP (which chooses among all of them) must
+agree with the engine, and with each other, about what is copied, computed, held and let go,
+and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
+positions ahead, restores as far ahead, each block's offload drained during the next unit,
+at most two units of gradients in flight. Every amount is a ``Term``: a sum of coefficients,
+each counted always (unit None) or only when the named block has the named policy. Evaluated
+for one plan a term is a number; over the MIP's 0/1 variables it is a linear expression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from horizon.engine.plan import ActivationPolicy as P
+from horizon.engine.slots import assign_slots
+from horizon.planner.profile import Profile
+
+__all__ = ["Term", "Event", "events", "value"]
+
+Term = tuple[tuple[float, int | None, P | None], ...]
+"""((coefficient, unit, policy), ...): coefficients count when ``unit`` is None or has ``policy``."""
+
+_GRADS_IN_FLIGHT = 2  # as the engine's
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    kind: str            # "hold" | "release" | "copy" | "wait" | "compute" | "interval"
+    key: object = None   # ledger key (hold/release) or copy id (copy/wait)
+    amount: Term = ()    # bytes (hold/copy) or seconds (compute)
+    direction: str = ""  # copies: "h2d" or "d2h"
+
+
+def value(term: Term, choose: Callable[[int, P], object]) -> object:
+    """``term`` for one plan (``choose`` returns 0/1) or as an expression (``choose`` returns variables)."""
+    return sum((c if unit is None else c * choose(unit, policy) for c, unit, policy in term), 0)
+
+
+def _const(x: float) -> Term:
+    return ((x, None, None),)
+
+
+def events(profile: Profile, num_slots: int) -> list[Event]:
+    """The program-order events of one step; each position starts with an "interval" event."""
+    return _Walk(profile, num_slots).run()
+
+
+class _Walk:
+    def __init__(self, profile: Profile, num_slots: int) -> None:
+        self.p, self.depth = profile, num_slots - 1
+        n = len(profile.units)
+        self.order = list(range(n)) + list(range(n - 2, -1, -1))
+        self.uses = assign_slots(self.order, num_slots)
+        self.out: list[Event] = []
+        self.copies = 0
+        self.ready: dict[int, list[int]] = {}
+        self.offloads: list[int] = []
+        self.grads: list[int] = []   # units with gradients in flight, oldest first
+        self.grad_copy: dict[int, int] = {}
+        self.offload_copy: dict[int, tuple[int, int]] = {}
+        self.next_restore = n
+        self.num_slots = num_slots
+
+    def emit(self, kind: str, key=None, amount: Term = (), direction: str = "") -> None:
+        self.out.append(Event(kind, key, amount, direction))
+
+    def copy(self, direction: str, amount: Term) -> int:
+        self.copies += 1
+        self.emit("copy", self.copies, amount, direction)
+        return self.copies
+
+    def moved(self, unit: int) -> Term:
+        """What a block keeps off the device: its input (RECOMPUTE) or its saved bytes (SWAP)."""
+        return ((self.p.hidden_bytes, unit, P.RECOMPUTE), (self.p.units[unit].swap_bytes, unit, P.SWAP))
+
+    def run(self) -> list[Event]:
+        for slot in range(self.num_slots):
+            self.emit("hold", ("slot", slot), _const(self.p.slot_bytes))
+        for position in range(min(self.depth, len(self.order))):
+            self.issue_weights(position)
+        for position, unit in enumerate(self.order):
+            self.emit("interval", position)
+            if position + self.depth < len(self.order):
+                self.issue_weights(position + self.depth)
+            self.issue_restores(position)
+            for copy_id in self.ready.pop(position, []):
+                self.emit("wait", copy_id)
+            if position < len(self.p.units):
+                self.forward(unit)
+            else:
+                self.backward(unit)
+        for unit in list(self.grads):
+            self.wait_grad()
+        return self.out
+
+    def issue_weights(self, position: int) -> None:
+        if self.uses[position].load:
+            unit = self.order[position]
+            self.ready.setdefault(position, []).append(self.copy("h2d", _const(self.p.units[unit].weight_bytes)))
+
+    def wait_offload(self, unit: int) -> None:
+        self.offloads.remove(unit)
+        for copy_id in self.offload_copy.pop(unit):
+            self.emit("wait", copy_id)
+        self.emit("release", ("offloading", unit))
+
+    def issue_restores(self, position: int) -> None:
+        while self.next_restore <= min(position + self.depth, len(self.order) - 1):
+            unit = self.order[self.next_restore]
+            if unit >= position:
+                return
+            if unit in self.offloads:
+                self.wait_offload(unit)
+            if unit in self.p.blocks:
+                self.emit("hold", ("input", unit), self.moved(unit))
+                self.ready.setdefault(self.next_restore, []).append(self.copy("h2d", self.moved(unit)))
+            self.next_restore += 1
+
+    def forward(self, unit: int) -> None:
+        cost, last = self.p.units[unit], len(self.p.units) - 1
+        if unit == 0:
+            self.emit("compute", amount=_const(cost.fwd_s))
+            self.emit("hold", ("hidden",), _const(self.p.hidden_bytes))
+            return
+        if unit == last:
+            self.emit("compute", amount=_const(cost.fwd_s))
+            self.land_grads(unit)
+        else:
+            before = self.copy("d2h", ((self.p.hidden_bytes, unit, P.RECOMPUTE),))
+            self.emit("compute", amount=((cost.fwd_grad_s, unit, P.KEEP), (cost.fwd_grad_s, unit, P.SWAP),
+                                         (cost.fwd_s, unit, P.RECOMPUTE)))
+            after = self.copy("d2h", ((cost.swap_bytes, unit, P.SWAP),))
+            self.emit("hold", ("kept", unit), ((cost.keep_bytes, unit, P.KEEP),))
+            self.emit("hold", ("offloading", unit), self.moved(unit))
+            self.offload_copy[unit] = (before, after)
+            self.offloads.append(unit)
+        for earlier in [u for u in self.offloads if u < unit]:
+            self.wait_offload(earlier)
+
+    def backward(self, unit: int) -> None:
+        cost = self.p.units[unit]
+        if unit == 0:
+            self.emit("compute", amount=_const(cost.bwd_s))
+            self.emit("release", ("hidden",))
+        else:
+            self.emit("compute", amount=((cost.bwd_s, unit, P.KEEP), (cost.bwd_s, unit, P.SWAP),
+                                         (cost.fwd_grad_s + cost.bwd_s, unit, P.RECOMPUTE)))
+            self.emit("release", ("kept", unit))
+            self.emit("release", ("input", unit))
+        self.land_grads(unit)
+
+    def land_grads(self, unit: int) -> None:
+        cost = self.p.units[unit]
+        for owner, nbytes in cost.borrowed_grad_bytes:
+            self.emit("hold", ("pending", owner, unit), _const(nbytes))
+        for other in range(len(self.p.units)):
+            if any(owner == unit for owner, _ in self.p.units[other].borrowed_grad_bytes):
+                self.emit("release", ("pending", unit, other))
+        while len(self.grads) >= _GRADS_IN_FLIGHT:
+            self.wait_grad()
+        self.grad_copy[unit] = self.copy("d2h", _const(cost.grad_bytes))
+        self.grads.append(unit)
+        self.emit("hold", ("grad", unit), _const(cost.grad_bytes))
+
+    def wait_grad(self) -> None:
+        unit = self.grads.pop(0)
+        self.emit("wait", self.grad_copy.pop(unit))
+        self.emit("release", ("grad", unit))

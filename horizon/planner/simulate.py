@@ -1,0 +1,136 @@
+"""Predict a plan's step time and device peak: a discrete-event replay, and the MIP's interval model.
+
+Why both: ``simulate`` replays the engine's events for one plan, with a FIFO copy queue per
+direction (one shared queue on the CPU transfer thread) and the compute thread waiting where
+the engine waits; its ledger is the engine's ledger, byte for byte. The MIP cannot branch on
+queue states, so it uses ``model_step_s``: per position of the step, the longer of its compute
+and the link time of the copies issued there (the epigraph form of Checkmate/MEMO-style
+planners). Brute force checks the MIP against ``model_step_s``; the simulator checks both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from horizon.engine.plan import ActivationPolicy as P
+from horizon.planner.profile import Profile
+from horizon.planner.schedule import Term, events, value
+
+__all__ = ["Prediction", "simulate", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval"]
+
+Policies = Mapping[int, P]
+"""A plan as the planner sees it: the policy of every block, by unit index."""
+
+
+def _chooser(policies: Policies):
+    return lambda unit, policy: 1 if policies[unit] is policy else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    step_s: float
+    """Time from the first weight copy to the last gradient on the host."""
+    peak_bytes: int
+    """The engine ledger's peak (slots, hidden states, kept/restored activations, gradients in flight)."""
+    compute_s: float
+    """Time the compute thread was busy."""
+    link_busy_s: float
+    """Time the copy queues were busy (summed over queues)."""
+
+
+def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction:
+    choose = _chooser(policies)
+    now = compute = busy = 0.0
+    free = {"h2d": 0.0, "d2h": 0.0}
+    ends: dict[int, float] = {}
+    held: dict[object, float] = {}
+    current = peak = 0.0
+    for e in events(profile, num_slots):
+        if e.kind == "compute":
+            dt = value(e.amount, choose)
+            now += dt
+            compute += dt
+        elif e.kind == "copy":
+            nbytes = value(e.amount, choose)
+            if nbytes == 0:
+                ends[e.key] = now  # the engine issues no copy (or a DONE handle)
+                continue
+            queue = e.direction if profile.duplex else "h2d"
+            start = max(now, free[queue])
+            free[queue] = ends[e.key] = start + nbytes / profile.link_bytes_per_s
+            busy += nbytes / profile.link_bytes_per_s
+        elif e.kind == "wait":
+            now = max(now, ends[e.key])
+        elif e.kind == "hold":
+            held[e.key] = value(e.amount, choose)
+            current += held[e.key]
+            peak = max(peak, current)
+        elif e.kind == "release":
+            current -= held.pop(e.key)
+    return Prediction(step_s=now, peak_bytes=int(round(peak)), compute_s=compute, link_busy_s=busy)
+
+
+def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
+    """The ledger right after each hold, as terms: a plan's peak is the largest row's value."""
+    held: dict[object, Term] = {}
+    rows: list[Term] = []
+    for e in events(profile, num_slots):
+        if e.kind == "hold":
+            held[e.key] = e.amount
+            rows.append(tuple(t for term in held.values() for t in term))
+        elif e.kind == "release":
+            held.pop(e.key)
+    return _dedupe(rows)
+
+
+def _dedupe(rows: list[Term]) -> list[Term]:
+    out, seen = [], set()
+    for row in rows:
+        merged: dict[tuple, float] = {}
+        for c, unit, policy in row:
+            merged[(unit, policy)] = merged.get((unit, policy), 0.0) + c
+        key = tuple(sorted(((u if u is not None else -1, p.value if p else ""), c)
+                           for (u, p), c in merged.items() if c))
+        if key not in seen:
+            seen.add(key)
+            out.append(tuple((c, u, p) for (u, p), c in merged.items() if c))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """One position of the step: its compute and the bytes of the copies issued during it."""
+
+    compute: Term
+    h2d: Term
+    d2h: Term
+
+
+def intervals(profile: Profile, num_slots: int) -> list[Interval]:
+    """Position by position (a prologue first: the weights issued before the first unit)."""
+    out: list[dict[str, list]] = [{"compute": [], "h2d": [], "d2h": []}]
+    for e in events(profile, num_slots):
+        if e.kind == "interval":
+            out.append({"compute": [], "h2d": [], "d2h": []})
+        elif e.kind == "compute":
+            out[-1]["compute"].extend(e.amount)
+        elif e.kind == "copy":
+            out[-1][e.direction].extend(e.amount)
+    return [Interval(tuple(d["compute"]), tuple(d["h2d"]), tuple(d["d2h"])) for d in out]
+
+
+def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
+    """The MIP's objective for one plan: Σ over positions of max(compute, link time)."""
+    choose, bw = _chooser(policies), profile.link_bytes_per_s
+    total = 0.0
+    for iv in intervals(profile, num_slots):
+        h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
+        link = max(h2d, d2h) if profile.duplex else h2d + d2h
+        total += max(value(iv.compute, choose), link)
+    return total
+
+
+def peak_bytes(profile: Profile, policies: Policies, num_slots: int) -> int:
+    choose = _chooser(policies)
+    return int(round(max(value(row, choose) for row in memory_rows(profile, num_slots))))

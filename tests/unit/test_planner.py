@@ -1,0 +1,123 @@
+"""The planner's pieces against brute force, formulas and the engine's own ledger."""
+
+import itertools
+import random
+
+import pytest
+
+import horizon
+from horizon.planner import (PlanInfeasible, Profile, UnitCost, UnitRole, model_step_s, peak_bytes, simulate,
+                             solve_greedy, solve_mip)
+from horizon.planner.mip import POLICIES
+
+P = horizon.ActivationPolicy
+
+
+def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, compute=True) -> Profile:
+    hidden = rng.randint(1, 8) * 4096
+    t = (lambda lo, hi: rng.uniform(lo, hi)) if compute else (lambda lo, hi: 0.0)
+
+    def block(i):
+        fwd = t(1e-3, 5e-3)
+        keep = hidden * rng.randint(2, 12)
+        return UnitCost(name=f"layers.{i}", role=UnitRole.BLOCK, weight_bytes=rng.randint(1, 8) * 65536,
+                        grad_bytes=rng.randint(1, 8) * 65536, fwd_s=fwd, fwd_grad_s=fwd * rng.uniform(1.0, 1.3),
+                        bwd_s=fwd * rng.uniform(1.5, 2.5), keep_bytes=keep, swap_bytes=keep + 64 * rng.randint(0, 4))
+
+    units = [UnitCost(name="embed", role=UnitRole.EMBEDDING, weight_bytes=65536, grad_bytes=65536,
+                      fwd_s=t(1e-4, 1e-3), bwd_s=t(1e-4, 1e-3))]
+    units += [block(i) for i in range(num_blocks)]
+    units.append(UnitCost(name="head", role=UnitRole.HEAD, weight_bytes=131072, grad_bytes=65536,
+                          borrowed_grad_bytes=((0, 65536),), fwd_s=t(1e-3, 4e-3)))
+    return Profile(units=tuple(units), hidden_bytes=hidden, slot_bytes=8 * 65536 + 131072,
+                   link_bytes_per_s=link or rng.uniform(0.2e9, 2e9), duplex=duplex)
+
+
+def brute_force(profile, budget, slot_options=(2, 3)):
+    """(least model step time, least peak) over every plan and slot count."""
+    best, least_peak = None, None
+    for slots in slot_options:
+        for combo in itertools.product(POLICIES, repeat=len(profile.blocks)):
+            policies = dict(zip(profile.blocks, combo))
+            peak = peak_bytes(profile, policies, slots)
+            least_peak = peak if least_peak is None else min(least_peak, peak)
+            if peak <= budget:
+                step = model_step_s(profile, policies, slots)
+                best = step if best is None else min(best, step)
+    return best, least_peak
+
+
+def _budget_between(rng, profile):
+    low = peak_bytes(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2)
+    high = peak_bytes(profile, {u: P.KEEP for u in profile.blocks}, 3)
+    return int(low + rng.random() * (high - low))
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_mip_equals_brute_force_and_greedy_is_never_better(seed):
+    rng = random.Random(seed)
+    profile = synthetic(rng, rng.randint(2, 4), duplex=seed % 3 == 0)
+    budget = _budget_between(rng, profile)
+    want, _ = brute_force(profile, budget)
+    mip = solve_mip(profile, budget, gap=0.0)
+    assert mip.optimal and mip.step_s == pytest.approx(want, rel=1e-6)
+    assert mip.peak_bytes <= budget
+    assert simulate(profile, mip.policies, mip.num_slots).peak_bytes == mip.peak_bytes
+    greedy = solve_greedy(profile, budget)
+    assert greedy.peak_bytes <= budget and greedy.step_s >= mip.step_s * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_more_memory_never_makes_the_optimum_worse(seed):
+    rng = random.Random(100 + seed)
+    profile = synthetic(rng, 4)
+    low = peak_bytes(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2)
+    high = peak_bytes(profile, {u: P.KEEP for u in profile.blocks}, 3)
+    steps = [solve_mip(profile, int(low + f * (high - low)), gap=0.0).step_s for f in (0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a >= b * (1 - 1e-9) for a, b in zip(steps, steps[1:]))
+    assert steps[-1] == pytest.approx(min(model_step_s(profile, {u: P.KEEP for u in profile.blocks}, s)
+                                          for s in (2, 3)), rel=1e-6)
+
+
+def test_infeasible_budget_names_the_smallest_budget_that_works():
+    profile = synthetic(random.Random(7), 3)
+    _, least = brute_force(profile, float("inf"))
+    with pytest.raises(PlanInfeasible) as info:
+        solve_mip(profile, least - 1)
+    assert info.value.smallest_budget_bytes == least
+    assert f"{least:,}" in str(info.value)
+    assert solve_mip(profile, least).peak_bytes == least
+
+
+@pytest.mark.parametrize("budget", [0, -5, 1.5e6, True, "1GB"])
+@pytest.mark.parametrize("solve", [solve_mip, solve_greedy])
+def test_bad_budgets_are_value_errors(budget, solve):
+    with pytest.raises(ValueError, match="budget"):
+        solve(synthetic(random.Random(0), 2), budget)
+
+
+def test_simulator_matches_formulas_at_the_extremes():
+    rng = random.Random(3)
+    fast_link = synthetic(rng, 5, link=1e18)
+    for combo in [(P.KEEP,) * 5, (P.RECOMPUTE,) * 5, (P.SWAP, P.KEEP, P.RECOMPUTE, P.SWAP, P.KEEP)]:
+        policies = dict(zip(fast_link.blocks, combo))
+        compute = sum(u.fwd_s + u.bwd_s for u in (fast_link.units[0], fast_link.units[-1]))
+        for u, p in policies.items():
+            c = fast_link.units[u]
+            compute += {P.KEEP: c.fwd_grad_s + c.bwd_s, P.SWAP: c.fwd_grad_s + c.bwd_s,
+                        P.RECOMPUTE: c.fwd_s + c.fwd_grad_s + c.bwd_s}[p]
+        assert simulate(fast_link, policies, 2).step_s == pytest.approx(compute, rel=1e-9)
+    no_compute = synthetic(rng, 4, compute=False, link=1e9)
+    policies = dict(zip(no_compute.blocks, (P.SWAP, P.RECOMPUTE, P.KEEP, P.SWAP)))
+    sim = simulate(no_compute, policies, 2)
+    assert sim.step_s == pytest.approx(sim.link_busy_s, rel=1e-9)  # a link-bound step: the queue never idles
+    moved = 2 * sum(no_compute.units[u].swap_bytes for u in (1, 4)) + 2 * no_compute.hidden_bytes
+    weights = sum(u.weight_bytes for u in no_compute.units) * 2 - no_compute.units[-1].weight_bytes \
+        - no_compute.units[-2].weight_bytes  # the last block stays in its slot across the head
+    grads = sum(u.grad_bytes for u in no_compute.units)
+    assert sim.link_busy_s == pytest.approx((moved + weights + grads) / 1e9, rel=1e-9)
+
+
+def test_profile_round_trips_through_a_dict():
+    profile = synthetic(random.Random(1), 3)
+    assert Profile.from_dict(profile.to_dict()) == profile

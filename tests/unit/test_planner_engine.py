@@ -1,0 +1,88 @@
+"""The planner against the engine: measured profile, exact ledger prediction, plan="auto", plan files."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+import horizon
+from helpers import batches, horizon_run, tiny_decoder
+from horizon.planner import simulate
+from horizon.planner.apply import load_plan, save_plan
+from horizon.planner.measure import measure_profile
+
+P = horizon.ActivationPolicy
+BATCH, SEQ = 2, 16
+
+
+@pytest.fixture(scope="module")
+def model_and_profile():
+    model = tiny_decoder(num_layers=4, tie_embeddings=True)
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig()) as t:
+        profile = measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
+                                  batch_size=BATCH, seq_len=SEQ)
+    return model, profile
+
+
+def test_measured_bytes_are_exact(model_and_profile):
+    model, profile = model_and_profile
+    assert profile.hidden_bytes == BATCH * SEQ * model.config.dim * 4
+    block = sum(p.numel() for p in model.layers[0].parameters()) * 4
+    assert all(profile.units[u].weight_bytes == profile.units[u].grad_bytes == block for u in profile.blocks)
+    assert all(profile.units[u].swap_bytes >= profile.units[u].keep_bytes > profile.hidden_bytes
+               for u in profile.blocks)
+    assert profile.units[-1].borrowed_grad_bytes == ((0, model.embed_tokens.weight.numel() * 4),)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_engine_ledger_peak_equals_the_prediction(model_and_profile, seed):
+    model, profile = model_and_profile
+    rng = random.Random(seed)
+    policies = {u: rng.choice(list(P)) for u in profile.blocks}
+    slots = rng.choice([2, 3])
+    plan = horizon.Plan(per_unit={profile.units[u].name: p for u, p in policies.items()}, num_slots=slots)
+    _, _, memory = horizon_run(model, batches(2, batch=BATCH, seq=SEQ), config=horizon.TrainConfig(plan=plan))
+    assert memory.device_peak_bytes == simulate(profile, policies, slots).peak_bytes
+
+
+def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile):
+    model, profile = model_and_profile
+    data = batches(3, batch=BATCH, seq=SEQ)
+    keep = horizon_run(model, data, config=horizon.TrainConfig(plan="keep"))
+    recompute = horizon_run(model, data, config=horizon.TrainConfig(plan="recompute"))
+    budget = (keep[2].device_peak_bytes + recompute[2].device_peak_bytes) // 2
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget)) as t:
+        losses = [t.step(b).loss for b in data]
+        state = {k: v.clone() for k, v in t.state_dict().items()}
+        solution, peak = t.plan_solution, t.memory().device_peak_bytes
+    assert peak == solution.peak_bytes <= budget
+    assert set(solution.policies.values()) - {P.RECOMPUTE}  # the budget leaves room to keep or swap some
+    assert losses == keep[0] and all(torch.equal(state[k], keep[1][k]) for k in state)
+
+
+def test_plan_file_round_trip_drives_the_trainer(tmp_path, model_and_profile):
+    model, profile = model_and_profile
+    plan = horizon.Plan(per_unit={"layers.0": P.SWAP, "layers.2": P.KEEP}, num_slots=3)
+    path = tmp_path / "plan.json"
+    save_plan(path, plan, profile=profile, budget_bytes=10**7)
+    assert load_plan(path) == plan
+    cfg = horizon.TrainConfig(plan=str(path))
+    assert cfg.resolved_plan == plan
+    run = horizon_run(model, batches(1, batch=BATCH, seq=SEQ), config=cfg)
+    assert run[2].num_slots == 3
+
+
+def test_bad_plan_configs_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="device_memory_budget_bytes"):
+        horizon.TrainConfig(plan="auto")
+    with pytest.raises(ValueError, match="positive int"):
+        horizon.TrainConfig(plan="auto", device_memory_budget_bytes=-1)
+    with pytest.raises(ValueError, match="no such plan file"):
+        horizon.TrainConfig(plan=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "horizon-plan/1", "per_unit": {"layers.0": "sometimes"}}')
+    with pytest.raises(ValueError, match="per_unit policies"):
+        load_plan(bad)
+    with pytest.raises(ValueError, match="two weight slots"):
+        horizon.Trainer(tiny_decoder(), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=1000))
