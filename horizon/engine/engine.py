@@ -127,7 +127,8 @@ class Engine:
                     handle.wait_device()
             slot = sweep.uses[position].slot
             forward = position < num_units
-            with torch.profiler.record_function(f"horizon.{'forward' if forward else 'backward'}.{self.specs[unit].name}"):
+            sweep_name = "forward" if forward else "backward"
+            with torch.profiler.record_function(f"horizon.{sweep_name}.{self.specs[unit].name}"):
                 if forward:
                     self._forward_unit(sweep, unit, slot)
                 else:
