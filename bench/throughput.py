@@ -16,6 +16,7 @@ attention (QK^T and AV, forward and backward, half the square). MFU = model FLOP
 device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s).
 
     python bench/throughput.py --models 1b,3b --seq 4096 --batch 4      # on a GPU machine
+    python bench/throughput.py --models 1b --family hf-llama            # the same shapes as a HF Llama
     python bench/throughput.py --smoke                                   # whole harness on CPU, tiny model
 Writes bench/results/throughput.json (see --out).
 """
@@ -52,6 +53,27 @@ def decoder_cfg(name: str):
     return DecoderConfig(**EXTRA_SHAPES[name]) if name in EXTRA_SHAPES else decoder_config(name)
 
 
+def build_model(cfg, family: str):
+    """The model under test, on the current default device: the reference decoder, or Hugging Face's
+    LlamaForCausalLM with the same shapes (no biases, untied unless the preset ties)."""
+    if family == "decoder":
+        from horizon.models import Decoder
+
+        return Decoder(cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
+                     num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+                     intermediate_size=cfg.hidden_ffn_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    return LlamaForCausalLM(hf)
+
+
+def _logits(model, input_ids):
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
 def flops_per_token(cfg, seq: int) -> float:
     from horizon.models import Decoder
 
@@ -83,16 +105,14 @@ def _batches(cfg, args, device):
 def _run_plain(cfg, args, device):
     import torch.nn.functional as F
 
-    from horizon.models import Decoder
-
     torch.manual_seed(0)
-    model = Decoder(cfg).to(device)
+    model = build_model(cfg, args.family).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD,
                             fused=device.type == "cuda")
 
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch["input_ids"])
+            logits = _logits(model, batch["input_ids"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -108,8 +128,6 @@ def _run_deepspeed(cfg, args, device):
         raise RuntimeError("skipped: DeepSpeed ZeRO-3 offload needs a CUDA device")
     import deepspeed
     import torch.nn.functional as F
-
-    from horizon.models import Decoder
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -135,11 +153,11 @@ def _run_deepspeed(cfg, args, device):
     deepspeed.init_distributed(dist_backend="nccl")
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = Decoder(cfg)
+        model = build_model(cfg, args.family)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def step(batch):
-        logits = engine(batch["input_ids"])
+        logits = _logits(engine, batch["input_ids"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
         engine.backward(loss)
         engine.step()
@@ -161,11 +179,12 @@ def horizon_plan(spec: str, num_layers: int):
 
 def _run_horizon(cfg, args, device):
     import horizon
-    from horizon.models import Decoder
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Decoder(cfg)
+    # The reference decoder is built on the meta device and initialised in the store; HF models carry
+    # non-parameter buffers (rotary frequencies) that must be real, so they are built on the CPU.
+    with torch.device("meta" if args.family == "decoder" else "cpu"):
+        model = build_model(cfg, args.family)
     config = horizon.TrainConfig(device=str(device), plan=horizon_plan(args.plan, cfg.num_layers), grad_clip_norm=CLIP,
                                  optimizer=horizon.AdamW(lr=LR, betas=BETAS, weight_decay=WD))
     trainer = horizon.Trainer(model, config)
@@ -218,7 +237,8 @@ def child(args) -> dict:
 
 def run_child(args, model: str, system: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--model", model, "--seq", str(args.seq),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--plan", args.plan]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--plan", args.plan,
+           "--family", args.family]
     if args.smoke:
         cmd.append("--smoke")
     start = time.perf_counter()
@@ -282,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--family", choices=("decoder", "hf-llama"), default="decoder",
+                   help="horizon's reference decoder, or transformers' LlamaForCausalLM of the same shapes")
     p.add_argument("--plan", default="recompute",
                    help="horizon's plan: recompute, keep, or keep:K (the first K blocks keep, the rest recompute)")
     p.add_argument("--timeout-s", type=int, default=1800)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -22,10 +23,11 @@ def test_flops_per_token_counts_every_matmul_and_causal_attention():
     assert throughput.flops_per_token(cfg, seq) == 6 * matmul + 6 * cfg.num_layers * seq * cfg.dim
 
 
-def test_smoke_runs_every_system_and_reports_ratios(tmp_path):
+@pytest.mark.parametrize("family", ["decoder", "hf-llama"])
+def test_smoke_runs_every_system_and_reports_ratios(tmp_path, family):
     out = tmp_path / "throughput.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--smoke", "--family", family,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(out.read_text())
     runs = record["results"]["tiny"]
