@@ -25,6 +25,7 @@ from horizon.config import TrainConfig
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
+from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
@@ -116,6 +117,7 @@ class Trainer:
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
+        weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
             staging_plan(config.checkpoint, layouts)  # a budget too small for one unit fails before allocating
             existing = committed_steps(str(config.checkpoint.dir))
@@ -125,7 +127,11 @@ class Trainer:
         self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
                                pin=device.type == "cuda" and config.pin_memory,
                                accumulate=config.grad_accum_steps > 1)
-        self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model))
+        if weights is not None:
+            weights.load()
+            for unit in self.store.units:
+                unit.refresh_compute()
         self.vocab_size = specs[0].module.num_embeddings
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
@@ -330,6 +336,12 @@ class Trainer:
         """
         self.updater.wait_all()
         return self.model.state_dict()
+
+    def export_hf(self, out: str, **kwargs) -> list[str]:
+        """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""
+        from horizon.checkpoint.export import export_hf
+
+        return export_hf(self, out, **kwargs)
 
     def optimizer_state_dict(self) -> dict:
         """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
