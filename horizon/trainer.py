@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from horizon.batch import check_batch
+from horizon.batch import check_batch, check_extras
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
@@ -25,6 +25,7 @@ from horizon.config import TrainConfig
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
+from horizon.models.hf import is_hf_model
 from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.updater import Updater
@@ -133,6 +134,7 @@ class Trainer:
             for unit in self.store.units:
                 unit.refresh_compute()
         self.vocab_size = specs[0].module.num_embeddings
+        self._takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
@@ -185,6 +187,7 @@ class Trainer:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
         ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
+        extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
         if self.config.plan == "auto" and self.plan_solution is None:
             self._plan_auto(*input_ids.shape)
         start_s = time.perf_counter()
@@ -205,7 +208,8 @@ class Trainer:
         divisor = num_valid if cfg.grad_accum_steps == 1 else 1
         loss_sum, norm = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
                                                       load_after=self.updater.pending, grads_landed=landed,
-                                                      grad_norm=norm_on_device)
+                                                      grad_norm=norm_on_device,
+                                                      extras={k: v.to(self.device) for k, v in extras.items()})
         # One device-to-host sync per step, for both scalars.
         scalars = torch.stack([loss_sum, norm]) if norm is not None else loss_sum[None]
         scalars = scalars.cpu()
