@@ -10,14 +10,16 @@ clipping and AdamW on the host buffers.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from horizon.batch import check_batch, check_extras
-from horizon.checkpoint.commit import committed_steps
+from horizon.callbacks import JsonlMetrics
+from horizon.checkpoint.commit import committed_steps, step_dir_name
 from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
@@ -45,6 +47,14 @@ class _MicroBatches:
         self.count += 1
         self.loss_sum += loss_sum
         self.tokens += tokens
+
+
+def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
+    hooks = ("on_step_end", "on_checkpoint")
+    for callback in callbacks:
+        if not any(callable(getattr(callback, hook, None)) for hook in hooks):
+            raise ValueError(f"callback {callback!r} has none of {hooks}; subclass horizon.Callback")
+    return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
 
 
 def _check_model(model: nn.Module) -> None:
@@ -101,17 +111,22 @@ def _init_fn(model: nn.Module):
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
+    ``callbacks``: objects with ``on_step_end(trainer, metrics)`` and/or ``on_checkpoint(trainer,
+    step, path)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)`` adds a horizon.JsonlMetrics.
+
     ``transfer`` replaces the copy engine, ``optimizer_delay_s`` (a callable returning seconds)
     delays every optimizer task and ``checkpoint_disk`` replaces the checkpoint writer's file
     system calls: tests inject races and faults through them; leave them None.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 transfer: Transfer | None = None, optimizer_delay_s=None, checkpoint_disk=None) -> None:
+                 callbacks: Sequence = (), transfer: Transfer | None = None, optimizer_delay_s=None,
+                 checkpoint_disk=None) -> None:
         config = config if config is not None else TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
+        self.callbacks = _callbacks(callbacks, config)
         device = config.torch_device
         specs = find_units(model, config.units)
         _check_model(model)
@@ -158,6 +173,7 @@ class Trainer:
         self._micro = _MicroBatches()
         self._data = None
         self._resumed_data_state = None
+        self._announced_step = None
         self._device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -226,7 +242,22 @@ class Trainer:
                               updated=last and not skipped, checkpoint_errors=errors)
         if last:
             self._micro = _MicroBatches()
+            for callback in self.callbacks:
+                if hasattr(callback, "on_step_end"):
+                    callback.on_step_end(self, metrics)
+        self._announce_checkpoint()
         return metrics
+
+    def _announce_checkpoint(self) -> None:
+        """Run the on_checkpoint callbacks once for a newly committed checkpoint."""
+        step = self.checkpointer.last_committed_step if self.checkpointer else None
+        if step is None or step == self._announced_step:
+            return
+        self._announced_step = step
+        path = os.path.join(self.checkpointer.root, step_dir_name(step))
+        for callback in self.callbacks:
+            if hasattr(callback, "on_checkpoint"):
+                callback.on_checkpoint(self, step, path)
 
     def _plan_auto(self, batch_size: int, seq_len: int) -> None:
         """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
@@ -383,6 +414,7 @@ class Trainer:
                     self._request_checkpoint()
                     flight = self.checkpointer.wait()
                     error = flight.error
+                self._announce_checkpoint()
         finally:
             self.updater.close()
             self.transfer.close()
