@@ -93,7 +93,8 @@ def main() -> None:
         for way in WAYS:
             _run(path, way)  # warm-up: the page cache holds the files for every measured run
             runs[way] = [_run(path, way) for _ in range(args.repeats)]
-    med = {way: {key: statistics.median(r[key] for r in rs) for key in ("seconds", "peak_anon_growth_bytes", "peak_file_growth_bytes")}
+    keys = ("seconds", "peak_anon_growth_bytes", "peak_file_growth_bytes")
+    med = {way: {key: statistics.median(r[key] for r in rs) for key in keys}
            for way, rs in runs.items()}
     store_bytes = runs["horizon"][0]["store_bytes"]
     for way, m in med.items():

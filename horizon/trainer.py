@@ -10,6 +10,7 @@ clipping and AdamW on the host buffers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,9 @@ def _check_model(model: nn.Module) -> None:
 def _model_config(model: nn.Module) -> dict | None:
     """The model's config as JSON (HF ``to_dict()`` or a dataclass), for export; None if it has none."""
     config = getattr(model, "config", None)
-    if callable(getattr(config, "to_dict", None)):
+    if callable(getattr(config, "to_json_string", None)):  # HF: exactly the config.json from_pretrained reads
+        value = json.loads(config.to_json_string(use_diff=False))
+    elif callable(getattr(config, "to_dict", None)):
         value = config.to_dict()
     elif dataclasses.is_dataclass(config):
         value = dataclasses.asdict(config)
