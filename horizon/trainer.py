@@ -354,6 +354,7 @@ class Trainer:
             self._data.load_state_dict(state["data"])
         if self.checkpointer is not None:
             self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = self.global_step
+        self._announced_step = self.global_step  # on_checkpoint is for checkpoints this run commits
         return self.global_step
 
     def register_data(self, loader) -> None:

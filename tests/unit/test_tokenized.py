@@ -106,12 +106,23 @@ def test_checkpoint_resume_sees_the_same_batches_and_losses(corpus, tmp_path):
         data = make()
         trainer.register_data(data)
         first = [trainer.step(next(data)).loss for _ in range(4)]  # the 4th step is lost in the "crash"
-    with horizon.Trainer(tiny_decoder(seed=99), horizon.TrainConfig(checkpoint=ckpt, resume=True, **config)) as trainer:
+    announced = []
+    with horizon.Trainer(tiny_decoder(seed=99), horizon.TrainConfig(checkpoint=ckpt, resume=True, **config),
+                         callbacks=[Announced(announced)]) as trainer:
         data = make()
         trainer.register_data(data)
         assert trainer.global_step == 3 and data.state_dict()["batch"] == 3
         rest = [trainer.step(next(data)).loss for _ in range(3)]
     assert first[:3] + rest == straight
+    assert announced == [6]  # the checkpoint it resumed from is not announced again
+
+
+class Announced(horizon.Callback):
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_checkpoint(self, trainer, step, path):
+        self.steps.append(step)
 
 
 def test_bad_input(corpus, tmp_path):
