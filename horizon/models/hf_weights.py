@@ -105,6 +105,9 @@ class HFWeights:
             if key not in files:
                 problems.append(f"{name} is missing")
                 continue
+            if key not in shapes:
+                problems.append(f"{key} is listed in {INDEX_FILE} but not in {files[key].name}")
+                continue
             shape, dtype = shapes[key]
             if shape != tuple(p.shape) or dtype not in _DTYPES:
                 problems.append(f"{key} is {dtype}{list(shape)}, the model wants a float {list(p.shape)}")

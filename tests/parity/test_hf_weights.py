@@ -102,3 +102,16 @@ def test_checkpoint_export_loads_with_from_pretrained(tmp_path):
     assert "config.json" in export(resolve(str(tmp_path / "ckpt")), str(tmp_path / "out"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(loaded(ids()).logits, want)
+
+
+def test_gpt2_keys_without_the_transformer_prefix(tmp_path):
+    """The original GPT-2 checkpoints name ``h.0.attn...``, not ``transformer.h.0.attn...``."""
+    from safetensors.torch import save_file
+
+    model = tiny_hf("gpt2", tie=True)
+    model.config.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with horizon.Trainer(empty_hf_model(tmp_path), horizon.TrainConfig(hf_weights=str(tmp_path))) as trainer:
+        got = trainer.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
