@@ -5,7 +5,9 @@ The public surface: ``Trainer`` and its ``TrainConfig``, the optimizer ``AdamW``
 the reference decoder in ``horizon.models``.
 """
 
+from horizon.callbacks import Callback, JsonlMetrics
 from horizon.checkpoint import CheckpointConfig
+from horizon.checkpoint.export import export_hf
 from horizon.config import TrainConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.metrics import MemoryReport, StepMetrics
@@ -16,4 +18,5 @@ from horizon.optim.updater import NonFiniteGradientError
 from horizon.trainer import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
-           "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError"]
+           "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError", "export_hf",
+           "Callback", "JsonlMetrics"]

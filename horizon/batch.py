@@ -8,7 +8,10 @@ import torch
 
 from horizon.engine.loss import IGNORE_INDEX
 
-__all__ = ["check_batch"]
+__all__ = ["check_batch", "check_extras", "EXTRA_KEYS"]
+
+EXTRA_KEYS = ("attention_mask", "position_ids")
+"""Optional batch entries, [B, T] like input_ids, passed to Hugging Face models' embeddings and blocks."""
 
 
 def _tensor(batch: Mapping, key: str) -> torch.Tensor:
@@ -45,3 +48,27 @@ def check_batch(batch: Mapping, *, vocab_size: int, num_classes: int) -> tuple[t
         raise ValueError(f"labels hold classes in [{int(counted.min())}, {int(counted.max())}] but the head has "
                          f"{num_classes} outputs (use {IGNORE_INDEX} to ignore a position)")
     return input_ids, labels, num_valid
+
+
+def check_extras(batch: Mapping, shape: torch.Size, *, accepted: bool) -> dict[str, torch.Tensor]:
+    """The batch's attention_mask (1 = token, 0 = padding) and position_ids, checked; {} when it has neither."""
+    extras = {}
+    for key in EXTRA_KEYS:
+        if batch.get(key) is None:
+            continue
+        value = batch[key]
+        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32, torch.bool):
+            raise ValueError(f"batch[{key!r}] must be an integer (or bool) torch.Tensor [batch, tokens]")
+        if value.shape != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)} but input_ids {tuple(shape)}")
+        extras[key] = value.long()
+    if extras and not accepted:
+        raise ValueError(f"the batch has {sorted(extras)}, which only Hugging Face models take (their blocks build "
+                         "the padding mask and positions); drop them, or pad on the right with labels -100")
+    mask = extras.get("attention_mask")
+    if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("batch['attention_mask'] must hold 1 (token) and 0 (padding) only")
+    if "position_ids" in extras and int(extras["position_ids"].min()) < 0:
+        raise ValueError("batch['position_ids'] must be >= 0 (for left padding: (attention_mask.cumsum(-1) - 1)"
+                         ".clamp(min=0))")
+    return extras

@@ -52,6 +52,12 @@ class TrainConfig:
     """Asynchronous checkpoints (horizon.CheckpointConfig); None = none."""
     resume: bool = False
     """Start from the newest checkpoint in checkpoint.dir that validates, if there is one."""
+    hf_weights: str | None = None
+    """A directory of Hugging Face safetensors (model.safetensors, or shards and their index) to load
+    every parameter from instead of initialising; build the model with
+    horizon.models.hf_weights.empty_hf_model(dir) so that it never exists outside the host store."""
+    metrics_jsonl: str | None = None
+    """Append one JSON line of StepMetrics per update to this file (path); None = off."""
 
     def __post_init__(self) -> None:
         try:
@@ -92,6 +98,11 @@ class TrainConfig:
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")
+        if self.hf_weights is not None and not os.path.isdir(self.hf_weights):
+            raise ValueError(f"TrainConfig.hf_weights={self.hf_weights!r} is not a directory: pass the folder "
+                             "save_pretrained or horizon.export_hf wrote")
+        if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
+            raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
 
     def _check_plan(self) -> None:
         budget = self.device_memory_budget_bytes

@@ -10,14 +10,17 @@ clipping and AdamW on the host buffers.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from horizon.batch import check_batch
-from horizon.checkpoint.commit import committed_steps
+from horizon.batch import check_batch, check_extras
+from horizon.callbacks import JsonlMetrics
+from horizon.checkpoint.commit import committed_steps, step_dir_name
 from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
@@ -25,6 +28,8 @@ from horizon.config import TrainConfig
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
+from horizon.models.hf import is_hf_model
+from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
@@ -43,6 +48,14 @@ class _MicroBatches:
         self.count += 1
         self.loss_sum += loss_sum
         self.tokens += tokens
+
+
+def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
+    hooks = ("on_step_end", "on_checkpoint")
+    for callback in callbacks:
+        if not any(callable(getattr(callback, hook, None)) for hook in hooks):
+            raise ValueError(f"callback {callback!r} has none of {hooks}; subclass horizon.Callback")
+    return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
 
 
 def _check_model(model: nn.Module) -> None:
@@ -64,7 +77,9 @@ def _check_model(model: nn.Module) -> None:
 def _model_config(model: nn.Module) -> dict | None:
     """The model's config as JSON (HF ``to_dict()`` or a dataclass), for export; None if it has none."""
     config = getattr(model, "config", None)
-    if callable(getattr(config, "to_dict", None)):
+    if callable(getattr(config, "to_json_string", None)):  # HF: exactly the config.json from_pretrained reads
+        value = json.loads(config.to_json_string(use_diff=False))
+    elif callable(getattr(config, "to_dict", None)):
         value = config.to_dict()
     elif dataclasses.is_dataclass(config):
         value = dataclasses.asdict(config)
@@ -99,23 +114,29 @@ def _init_fn(model: nn.Module):
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
+    ``callbacks``: objects with ``on_step_end(trainer, metrics)`` and/or ``on_checkpoint(trainer,
+    step, path)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)`` adds a horizon.JsonlMetrics.
+
     ``transfer`` replaces the copy engine, ``optimizer_delay_s`` (a callable returning seconds)
     delays every optimizer task and ``checkpoint_disk`` replaces the checkpoint writer's file
     system calls: tests inject races and faults through them; leave them None.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, *,
-                 transfer: Transfer | None = None, optimizer_delay_s=None, checkpoint_disk=None) -> None:
+                 callbacks: Sequence = (), transfer: Transfer | None = None, optimizer_delay_s=None,
+                 checkpoint_disk=None) -> None:
         config = config if config is not None else TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
+        self.callbacks = _callbacks(callbacks, config)
         device = config.torch_device
         specs = find_units(model, config.units)
         _check_model(model)
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
+        weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
             staging_plan(config.checkpoint, layouts)  # a budget too small for one unit fails before allocating
             existing = committed_steps(str(config.checkpoint.dir))
@@ -125,8 +146,13 @@ class Trainer:
         self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
                                pin=device.type == "cuda" and config.pin_memory,
                                accumulate=config.grad_accum_steps > 1)
-        self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model))
+        if weights is not None:
+            weights.load()
+            for unit in self.store.units:
+                unit.refresh_compute()
         self.vocab_size = specs[0].module.num_embeddings
+        self._takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
@@ -150,6 +176,7 @@ class Trainer:
         self._micro = _MicroBatches()
         self._data = None
         self._resumed_data_state = None
+        self._announced_step = None
         self._device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -179,6 +206,7 @@ class Trainer:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
         ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
+        extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
         if self.config.plan == "auto" and self.plan_solution is None:
             self._plan_auto(*input_ids.shape)
         start_s = time.perf_counter()
@@ -199,7 +227,8 @@ class Trainer:
         divisor = num_valid if cfg.grad_accum_steps == 1 else 1
         loss_sum, norm = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
                                                       load_after=self.updater.pending, grads_landed=landed,
-                                                      grad_norm=norm_on_device)
+                                                      grad_norm=norm_on_device,
+                                                      extras={k: v.to(self.device) for k, v in extras.items()})
         # One device-to-host sync per step, for both scalars.
         scalars = torch.stack([loss_sum, norm]) if norm is not None else loss_sum[None]
         scalars = scalars.cpu()
@@ -216,7 +245,22 @@ class Trainer:
                               updated=last and not skipped, checkpoint_errors=errors)
         if last:
             self._micro = _MicroBatches()
+            for callback in self.callbacks:
+                if hasattr(callback, "on_step_end"):
+                    callback.on_step_end(self, metrics)
+        self._announce_checkpoint()
         return metrics
+
+    def _announce_checkpoint(self) -> None:
+        """Run the on_checkpoint callbacks once for a newly committed checkpoint."""
+        step = self.checkpointer.last_committed_step if self.checkpointer else None
+        if step is None or step == self._announced_step:
+            return
+        self._announced_step = step
+        path = os.path.join(self.checkpointer.root, step_dir_name(step))
+        for callback in self.callbacks:
+            if hasattr(callback, "on_checkpoint"):
+                callback.on_checkpoint(self, step, path)
 
     def _plan_auto(self, batch_size: int, seq_len: int) -> None:
         """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
@@ -310,6 +354,7 @@ class Trainer:
             self._data.load_state_dict(state["data"])
         if self.checkpointer is not None:
             self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = self.global_step
+        self._announced_step = self.global_step  # on_checkpoint is for checkpoints this run commits
         return self.global_step
 
     def register_data(self, loader) -> None:
@@ -330,6 +375,12 @@ class Trainer:
         """
         self.updater.wait_all()
         return self.model.state_dict()
+
+    def export_hf(self, out: str, **kwargs) -> list[str]:
+        """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""
+        from horizon.checkpoint.export import export_hf
+
+        return export_hf(self, out, **kwargs)
 
     def optimizer_state_dict(self) -> dict:
         """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
@@ -367,6 +418,7 @@ class Trainer:
                     self._request_checkpoint()
                     flight = self.checkpointer.wait()
                     error = flight.error
+                self._announce_checkpoint()
         finally:
             self.updater.close()
             self.transfer.close()

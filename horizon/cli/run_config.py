@@ -73,6 +73,8 @@ class TrainingSection:
     """Global gradient-norm clipping; 0 = off."""
     grad_accum_steps: int = 1
     """Micro-batches per update (count)."""
+    metrics_jsonl: str = ""
+    """Append one JSON line of metrics per update to this file (path); "" = off."""
 
     def __post_init__(self) -> None:
         _positive("training", self, ("steps", "eval_batches", "grad_accum_steps"))
@@ -117,7 +119,8 @@ class RunConfig:
     def train_config(self) -> horizon.TrainConfig:
         t = self.training
         return horizon.TrainConfig(device=t.device, plan=t.plan, grad_clip_norm=t.grad_clip_norm or None,
-                                   grad_accum_steps=t.grad_accum_steps, optimizer=self.optimizer.adamw())
+                                   grad_accum_steps=t.grad_accum_steps, optimizer=self.optimizer.adamw(),
+                                   metrics_jsonl=t.metrics_jsonl or None)
 
 
 def _convert(key: str, value, annotation):

@@ -37,7 +37,8 @@ MIN_IMPROVEMENT = 0.01
 _FLAGS = {"text": "data.text", "steps": "training.steps", "batch_size": "data.batch_size",
           "seq_len": "data.seq_len", "preset": "model.preset", "lr": "optimizer.lr", "plan": "training.plan",
           "device": "training.device", "seed": "training.seed", "eval_every": "training.eval_every",
-          "eval_batches": "training.eval_batches", "max_bytes": "data.max_bytes"}
+          "eval_batches": "training.eval_batches", "max_bytes": "data.max_bytes",
+          "metrics_jsonl": "training.metrics_jsonl"}
 """Each flag is a shorthand for one key of the run file; a flag given overrides the file."""
 
 
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation batches of batch size x seq-len tokens per evaluation "
                              "(count; training.eval_batches, default 4)")
     parser.add_argument("--max-bytes", type=int, help="cap on the text read (bytes; data.max_bytes, default 4 MiB)")
+    parser.add_argument("--metrics-jsonl", metavar="PATH",
+                        help="append one JSON line per update (step, loss, tokens, seconds, tokens_per_s, grad_norm, "
+                             "lr) to this file (path; training.metrics_jsonl, default off)")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -69,6 +69,7 @@ class _Sweep:
     hidden: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     norm_sq: torch.Tensor | None = None    # running sum of squared gradient norms (fp32, on the device)
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, position_ids
     load_after: Callable[[int], Future | None] = lambda unit: None
     grads_landed: Callable[[int], None] = lambda unit: None
 
@@ -98,7 +99,8 @@ class Engine:
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_divisor: int, *,
                          load_after: Callable[[int], Future | None] = lambda unit: None,
                          grads_landed: Callable[[int], None] = lambda unit: None,
-                         grad_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         grad_norm: bool = False, extras: dict[str, torch.Tensor] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward and backward of ``sum of token losses / loss_divisor``; gradients are in the
         store's GRAD buffers when it returns.
 
@@ -106,13 +108,14 @@ class Engine:
         pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
         complete in the store. Returns the sum of token losses and, with ``grad_norm``, the
         global 2-norm of the gradient taken on the device as each unit's gradient is final, the
-        way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device).
+        way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device). ``extras`` (device
+        tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
         """
         num_units = len(self.specs)
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed)
+                       load_after=load_after, grads_landed=grads_landed, extras=extras or {})
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         depth = self.pool.num_slots - 1
@@ -188,7 +191,7 @@ class Engine:
         if spec.kind is UnitKind.EMBEDDING:
             self._save_rng(sweep, unit)
             with torch.no_grad():
-                self._set_hidden(sweep, spec.call(template, sweep.input_ids))
+                self._set_hidden(sweep, self._call(sweep, unit, template, sweep.input_ids))
             return
         if spec.kind is UnitKind.HEAD:
             self._loss_head(sweep, unit, slot)
@@ -217,7 +220,7 @@ class Engine:
         handle = self.transfer.d2h([sweep.checkpoints[unit]], [x])
         self._save_rng(sweep, unit)
         with torch.no_grad():
-            y = self.specs[unit].call(self.pool.template(slot, unit), x)
+            y = self._call(sweep, unit, self.pool.template(slot, unit), x)
         # x outlives its role as the hidden state until its offload is done (its handle holds it).
         self.ledger.hold(("offloading", unit), _nbytes(x))
         self._set_hidden(sweep, y)
@@ -225,7 +228,7 @@ class Engine:
 
     def _forward_swap(self, sweep: _Sweep, unit: int, slot: int) -> None:
         graph = SwappedGraph(self.pool.slots[slot])
-        y = graph.forward(lambda x: self.specs[unit].call(self.pool.template(slot, unit), x), sweep.hidden,
+        y = graph.forward(lambda x: self._call(sweep, unit, self.pool.template(slot, unit), x), sweep.hidden,
                           self.pool.params(slot, unit))
         handle = graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes))
         sweep.swapped[unit] = graph
@@ -242,7 +245,7 @@ class Engine:
         kept.params = self.pool.params(slot, unit)
         kept.x = sweep.hidden.detach().requires_grad_()
         with torch.enable_grad(), kept.hooks():
-            kept.y = self.specs[unit].call(self.pool.template(slot, unit), kept.x)
+            kept.y = self._call(sweep, unit, self.pool.template(slot, unit), kept.x)
         sweep.kept[unit] = kept
         self.ledger.hold(("kept", unit), kept.saved_bytes)
         self._set_hidden(sweep, kept.y.detach())
@@ -264,7 +267,7 @@ class Engine:
         if spec.kind is UnitKind.EMBEDDING:
             params = self.pool.params(slot, unit)
             with self._replayed_rng(sweep, unit), torch.enable_grad():
-                y = spec.call(template, sweep.input_ids)
+                y = self._call(sweep, unit, template, sweep.input_ids)
                 grads = torch.autograd.grad(y, params, grad_y)
             self._set_hidden(sweep, None)
             self._land_grads(sweep, unit, list(grads))
@@ -284,10 +287,17 @@ class Engine:
         x = sweep.restored.pop(unit).requires_grad_()
         params = self.pool.params(slot, unit)
         with self._replayed_rng(sweep, unit), torch.enable_grad():
-            y = self.specs[unit].call(self.pool.template(slot, unit), x)
+            y = self._call(sweep, unit, self.pool.template(slot, unit), x)
             grads = torch.autograd.grad(y, [x, *params], grad_y)
         self.ledger.release(("input", unit))
         return grads
+
+    def _call(self, sweep: _Sweep, unit: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A unit's call; embeddings and blocks also get the batch's extras (the head never needs them)."""
+        spec = self.specs[unit]
+        if sweep.extras and spec.kind is not UnitKind.HEAD:
+            return spec.call(module, x, **sweep.extras)
+        return spec.call(module, x)
 
     def _land_grads(self, sweep: _Sweep, unit: int, grads: list[torch.Tensor]) -> None:
         """Route a unit's parameter gradients: own ones to its host GRAD buffer, borrowed ones to their owner."""

@@ -7,7 +7,9 @@ loop (None under SDPA without padding, where attention is ``is_causal``; an expl
 under eager attention, which is not causal without one; a sliding-window mask where the window is
 shorter than the sequence). ``hf_units`` wraps each layer with the (shared, parameter-free) rotary
 module and builds the mask as the model does, so that a block unit is again ``hidden -> hidden``
-and the chain gives exactly the logits of ``model(input_ids)`` (no padding mask, no KV cache).
+and the chain gives exactly the logits of ``model(input_ids)`` (no KV cache). A batch's
+``attention_mask`` (padding) and ``position_ids`` reach every embedding and block call, which
+build the mask and positions from them as ``model(input_ids, attention_mask=..., position_ids=...)`` does.
 GPT-2 adds its learned position embedding ``wpe`` in the embedding unit.
 
 ``transformers`` is imported lazily: ``import horizon`` works without it.
@@ -44,16 +46,17 @@ def _parameters(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
-def _build_mask(config, hidden: torch.Tensor, position_ids: torch.Tensor, sliding: bool):
-    """The mask ``model.forward`` builds for ``attention_mask=None`` and no cache."""
+def _build_mask(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                sliding: bool):
+    """The mask ``model.forward`` builds for this ``attention_mask`` (2-D, 1 = token, 0 = padding) and no cache."""
     from transformers import masking_utils  # transformers >= 4.53 (pyproject's hf extra)
 
     fn = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
     params = _parameters(fn)
-    kwargs = {"config": config, "attention_mask": None, "past_key_values": None, "position_ids": position_ids,
+    kwargs = {"config": config, "attention_mask": attention_mask, "past_key_values": None, "position_ids": position_ids,
               "inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
     if "cache_position" in params:  # transformers 4.53 – 4.x
-        kwargs["cache_position"] = position_ids[0]
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
     return fn(**kwargs)
 
 
@@ -73,13 +76,15 @@ class HFDecoderBlock(nn.Module):
         self.rotary_emb = rotary_emb
         self.config = config
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         kwargs = {}
         if self.rotary_emb is not None:
             kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
-        out = self.layer(hidden, attention_mask=_build_mask(self.config, hidden, position_ids, self.sliding),
-                         position_ids=position_ids, use_cache=False, **kwargs)
+        mask = _build_mask(self.config, hidden, attention_mask, position_ids, self.sliding)
+        out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -110,9 +115,10 @@ class GPT2Embedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.wte.embedding_dim
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return self.drop(self.wte(input_ids) + self.wpe(positions))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))
 
 
 def _layer_sliding(config, model_type: str, index: int) -> bool:
@@ -150,6 +156,16 @@ def _gpt2_parts(model: nn.Module):
         parts["ln_f"], None
 
 
+def _call_embedding(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids to hidden states; GPT-2 adds its learned position embedding at ``position_ids``."""
+    return module(input_ids, position_ids) if isinstance(module, GPT2Embedding) else module(input_ids)
+
+
+def _call_block(module: nn.Module, hidden: torch.Tensor, **extras) -> torch.Tensor:
+    return module(hidden, **extras)
+
+
 def hf_units(model: nn.Module) -> list[UnitSpec] | None:
     """The unit chain of a supported HF causal LM (embedding, every layer, final norm + lm_head), else None."""
     config = getattr(model, "config", None)
@@ -164,10 +180,10 @@ def hf_units(model: nn.Module) -> list[UnitSpec] | None:
     if len(layers) != config.num_hidden_layers:
         raise ValueError(f"{type(model).__name__} has {len(layers)} layers but its config says "
                          f"{config.num_hidden_layers}; horizon trains the chain the model's forward runs")
-    specs = [UnitSpec(name=embed_name, kind=UnitKind.EMBEDDING, module=embedding, call=_call_module)]
+    specs = [UnitSpec(name=embed_name, kind=UnitKind.EMBEDDING, module=embedding, call=_call_embedding)]
     for i, layer in enumerate(layers):
         block_cls = HFSlidingDecoderBlock if _layer_sliding(config, model_type, i) else HFDecoderBlock
         specs.append(UnitSpec(name=f"{blocks_name}.{i}", kind=UnitKind.BLOCK,
-                              module=block_cls(layer, rotary_emb, config), call=_call_module))
+                              module=block_cls(layer, rotary_emb, config), call=_call_block))
     specs.append(UnitSpec(name="lm_head", kind=UnitKind.HEAD, module=HeadUnit(norm, head), call=_call_module))
     return specs

@@ -1,5 +1,7 @@
 """The `horizon` command and its byte-level data."""
 
+import json
+
 import pytest
 import torch
 
@@ -32,13 +34,17 @@ def test_train_runs_end_to_end_and_the_loss_goes_down(tmp_path, capsys):
     path = tmp_path / "text.txt"
     path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
     rc = main(["train", "--text", str(path), "--preset", "tiny", "--steps", "30", "--batch-size", "8",
-               "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "1"])
+               "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "1",
+               "--metrics-jsonl", str(tmp_path / "metrics.jsonl")])
     out = capsys.readouterr().out
     assert rc == 0, out
     line = out.strip().splitlines()[-1]
     assert line.startswith("loss went down:")
     first, last = (float(v) for v in line.split(":")[1].split("(")[0].split("->"))
     assert last < first - 0.5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31)) and all(r["tokens"] == 8 * 32 for r in records)
+    assert f"{records[0]['loss']:.2f}" == f"{first:.2f}"
 
 
 @pytest.mark.parametrize("argv,code", [

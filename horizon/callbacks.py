@@ -1,0 +1,59 @@
+"""Callbacks: user code the trainer runs after each update and each committed checkpoint.
+
+Why: a loop around ``Trainer.step`` can log whatever it likes, but a few things only the trainer
+knows when they happen (a checkpoint becomes durable on a background thread), and the usual
+sinks (a JSONL file, a progress bar) should not be rewritten by every user. A callback is any
+object with some of ``on_step_end(trainer, metrics)`` and ``on_checkpoint(trainer, step, path)``;
+``Callback`` is an empty base to subclass. Both run on the training thread, inside ``step`` (or
+``close``, for the final checkpoint), so they see the trainer between two updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from horizon.metrics import StepMetrics
+
+__all__ = ["Callback", "JsonlMetrics", "metrics_record"]
+
+
+class Callback:
+    """The hooks, each a no-op; override those you need."""
+
+    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
+        """After every call of ``step`` that ended an update (applied, or skipped for a non-finite gradient)."""
+
+    def on_checkpoint(self, trainer, step: int, path: str) -> None:
+        """Once the checkpoint of ``step`` is committed (durable) in directory ``path``."""
+
+
+def metrics_record(metrics: StepMetrics) -> dict:
+    """One update's metrics as a JSON object: every StepMetrics field, tokens_per_s and the wall-clock time."""
+    record = dataclasses.asdict(metrics)
+    record["checkpoint_errors"] = list(metrics.checkpoint_errors)
+    record["tokens_per_s"] = metrics.tokens / metrics.seconds if metrics.seconds > 0 else None
+    record["time_unix_s"] = time.time()
+    return record
+
+
+class JsonlMetrics(Callback):
+    """Appends one JSON line per update to ``path`` (flushed at once, so a crash loses at most one line)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"metrics file {os.fspath(path)!r}: its folder {parent} does not exist; create it first")
+        if os.path.isdir(path):
+            raise ValueError(f"metrics file {os.fspath(path)!r} is a directory: name a file")
+        self.path = os.fspath(path)
+
+    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics_record(metrics)) + "\n")
+
+    def on_checkpoint(self, trainer, step: int, path: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": "checkpoint", "step": step, "path": path, "time_unix_s": time.time()}) + "\n")
