@@ -9,6 +9,7 @@ import os
 import torch
 
 from horizon.checkpoint.config import CheckpointConfig
+from horizon.distributed.config import DistributedConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
@@ -52,6 +53,8 @@ class TrainConfig:
     """Asynchronous checkpoints (horizon.CheckpointConfig); None = none."""
     resume: bool = False
     """Start from the newest checkpoint in checkpoint.dir that validates, if there is one."""
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    """Under torchrun: how long a collective waits for a peer (horizon.distributed.DistributedConfig)."""
 
     def __post_init__(self) -> None:
         try:
@@ -89,6 +92,9 @@ class TrainConfig:
         if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
             raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
                              f"got {type(self.checkpoint).__name__}")
+        if not isinstance(self.distributed, DistributedConfig):
+            raise ValueError(f"TrainConfig.distributed must be a horizon.distributed.DistributedConfig, "
+                             f"got {type(self.distributed).__name__}")
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")

@@ -22,6 +22,8 @@ from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
 from horizon.config import TrainConfig
+from horizon.distributed.data_parallel import DataParallel
+from horizon.distributed.world import init_world, launch_from_env
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
@@ -110,9 +112,15 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
-        device = config.torch_device
         specs = find_units(model, config.units)
         _check_model(model)
+        if config.checkpoint is not None and launch_from_env() is not None:
+            raise ValueError("checkpoints under torchrun are not supported yet: run data-parallel with "
+                             "TrainConfig(checkpoint=None), or train as one process")
+        self.world = init_world(config.distributed, torch.device(config.device))
+        """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
+        self.data_parallel = DataParallel(self.world) if self.world is not None else None
+        device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
@@ -126,6 +134,8 @@ class Trainer:
                                pin=device.type == "cuda" and config.pin_memory,
                                accumulate=config.grad_accum_steps > 1)
         self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
+        if self.data_parallel is not None:
+            self.data_parallel.broadcast_store(self.store)
         self.vocab_size = specs[0].module.num_embeddings
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
@@ -134,7 +144,8 @@ class Trainer:
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
             disk=checkpoint_disk)
         self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
-                               before_update=self.checkpointer.before_update if self.checkpointer else None)
+                               before_update=self.checkpointer.before_update if self.checkpointer else None,
+                               reduce_grad=self.data_parallel.sum_gradient if self.data_parallel else None)
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
@@ -177,8 +188,13 @@ class Trainer:
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepMetrics:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
-        ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
+        ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far.
+        Under torchrun ``batch`` is this rank's share of the global batch, and the loss, tokens and
+        update are those of the global batch (docs/distributed.md)."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
+        dp = self.data_parallel
+        if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
+            num_valid = dp.global_count(num_valid)
         if self.config.plan == "auto" and self.plan_solution is None:
             self._plan_auto(*input_ids.shape)
         start_s = time.perf_counter()
@@ -188,7 +204,7 @@ class Trainer:
         eager_lr = lr if cfg.eager_updates else None
 
         # One micro-batch: the engine takes the gradient norm on the device as gradients are made.
-        norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1
+        norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1 and dp is None
 
         def landed(unit: int) -> None:
             self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr,
@@ -203,7 +219,7 @@ class Trainer:
         # One device-to-host sync per step, for both scalars.
         scalars = torch.stack([loss_sum, norm]) if norm is not None else loss_sum[None]
         scalars = scalars.cpu()
-        micro.add(float(scalars[0]), num_valid)
+        micro.add(float(scalars[0]) if dp is None else dp.global_sum(float(scalars[0])), num_valid)
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
@@ -372,6 +388,8 @@ class Trainer:
             self.transfer.close()
             self.engine.close()
             self.store.close()
+            if self.world is not None:
+                self.world.close()
         if error is not None:
             raise CheckpointError(f"the final checkpoint failed: {error}")
 

@@ -47,10 +47,13 @@ class Outcome:
 class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
                  delay_s: Callable[[], float] | None = None,
-                 before_update: Callable[[int], None] | None = None) -> None:
+                 before_update: Callable[[int], None] | None = None,
+                 reduce_grad: Callable[[torch.Tensor], None] | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
+        self.reduce_grad = reduce_grad
+        """Sums a unit's complete gradient over data-parallel ranks in place, before its norm or update."""
         self.decay_runs = decay_runs
         self.num_threads = optimizer_threads()
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
@@ -68,8 +71,10 @@ class Updater:
         buffers = self.store.units[unit]
         return buffers.grad_accum if buffers.grad_accum is not None else buffers.grad
 
-    def _update(self, unit: int, lr: float, grad_scale: float | None) -> None:
+    def _update(self, unit: int, lr: float, grad_scale: float | None, reduce: bool = False) -> None:
         self._maybe_delay()
+        if reduce and self.reduce_grad is not None:
+            self.reduce_grad(self._source(unit))
         if self.before_update is not None:
             self.before_update(unit)
         self.steps[unit] += 1
@@ -77,7 +82,7 @@ class Updater:
             adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
                             grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
 
-    def _fold(self, unit: int, first: bool, norm: bool) -> torch.Tensor | None:
+    def _fold(self, unit: int, first: bool, last: bool) -> torch.Tensor | None:
         self._maybe_delay()
         buffers = self.store.units[unit]
         if buffers.grad_accum is not None:
@@ -85,8 +90,10 @@ class Updater:
                 buffers.grad_accum.copy_(buffers.grad)
             else:
                 buffers.grad_accum.add_(buffers.grad)
-        if not norm:
+        if not last:
             return None
+        if self.reduce_grad is not None:
+            self.reduce_grad(self._source(unit))
         with torch.profiler.record_function(f"horizon.grad_norm.{unit}"):
             return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
 
@@ -98,7 +105,7 @@ class Updater:
 
         ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
         if eager_lr is not None:
-            self._submit_update(unit, eager_lr, None)
+            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True)
             return
         if norm_on_device and self.store.units[unit].grad_accum is None:
             return
