@@ -40,7 +40,7 @@ def fail(rank: int, world_size: int, mode: str, timeout_s: float) -> None:
 
     def delay_s() -> float:
         calls[0] += 1
-        if rank == 1 and calls[0] == 20:  # a few units into the third step (7 units, one task each)
+        if rank == 1 and calls[0] == 20:  # the last update of step 2 (5 units: a fold and an update each)
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             return 3600.0
