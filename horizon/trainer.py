@@ -22,7 +22,7 @@ from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
 from horizon.config import TrainConfig
-from horizon.distributed.data_parallel import DataParallel
+from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, launch_from_env
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
@@ -119,7 +119,8 @@ class Trainer:
                              "TrainConfig(checkpoint=None), or train as one process")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
-        self.data_parallel = DataParallel(self.world) if self.world is not None else None
+        self.data_parallel = None if self.world is None else (
+            ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
         device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
@@ -130,9 +131,10 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
-        self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
-                               pin=device.type == "cuda" and config.pin_memory,
-                               accumulate=config.grad_accum_steps > 1)
+        make_store = self.data_parallel.make_store if self.data_parallel is not None else HostStore
+        self.store = make_store(layouts, compute_dtype=config.resolved_compute_dtype,
+                                pin=device.type == "cuda" and config.pin_memory,
+                                accumulate=config.grad_accum_steps > 1)
         self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
         if self.data_parallel is not None:
             self.data_parallel.broadcast_store(self.store)
@@ -143,9 +145,12 @@ class Trainer:
         self.checkpointer = None if config.checkpoint is None else Checkpointer(
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
             disk=checkpoint_disk)
-        self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
+        decay_runs = self._decay_runs()
+        if self.data_parallel is not None:
+            decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
+        self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None,
-                               reduce_grad=self.data_parallel.sum_gradient if self.data_parallel else None)
+                               reducer=self.data_parallel)
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
@@ -177,7 +182,7 @@ class Trainer:
         for unit in self.store.units:
             unit_runs: list[tuple[int, int, float]] = []
             for slot in unit.layout.own:
-                name = name_of[unit.master[slot.offset:].data_ptr()]
+                name = name_of[unit.weights[slot.offset:].data_ptr()]
                 decay = opt.weight_decay if opt.decays(name) else 0.0
                 if unit_runs and unit_runs[-1][1] == slot.offset and unit_runs[-1][2] == decay:
                     unit_runs[-1] = (unit_runs[-1][0], slot.offset + slot.numel, decay)
@@ -265,7 +270,7 @@ class Trainer:
 
     def _param_names(self) -> list[list[str]]:
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
-        return [[name_of[unit.master[slot.offset:].data_ptr()] for slot in unit.layout.own]
+        return [[name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
                 for unit in self.store.units]
 
     def _request_checkpoint(self) -> bool:
@@ -349,6 +354,9 @@ class Trainer:
 
     def optimizer_state_dict(self) -> dict:
         """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
+        if isinstance(self.data_parallel, ShardedDataParallel):
+            raise ValueError("optimizer_state_dict() with DistributedConfig(shard_optimizer_state=True): each rank "
+                             "holds 1/W of m and v and gathering them is not built yet; read it unsharded")
         self.updater.wait_all()
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}

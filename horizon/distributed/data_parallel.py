@@ -1,4 +1,4 @@
-"""Data parallelism over the host store: every rank holds the whole store, gradients are summed.
+"""Data parallelism over the host store: gradients summed across ranks, replicas kept identical.
 
 Why this shape: each rank runs the engine on its own micro-batch exactly as a single process
 would, except that the loss is divided by the *global* count of labels that are not ignored
@@ -8,6 +8,11 @@ the host store, run on the optimizer thread as soon as the unit's gradient lands
 norm or update, so it overlaps the backward of the units below. Every rank then holds the same
 gradient, takes the same global norm, makes the same clip and skip decisions and applies the same
 AdamW update: the replicas never drift apart. Bytes moved per step: see docs/distributed.md.
+
+``ShardedDataParallel`` is the same contract with the optimizer state split across ranks
+(``ShardedHostStore``): the sum is a reduce-scatter that leaves each rank its shard of the summed
+gradient, the norm is the square root of the all-reduced sum of the shards' squared norms, and
+after each rank updated its shard an all-gather rebuilds the whole compute copy on every rank.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from horizon.distributed.sharded_store import ShardedHostStore, ShardedUnitBuffers
 from horizon.distributed.world import World
-from horizon.store.host_store import HostStore
+from horizon.store.host_store import HostStore, UnitBuffers
+from horizon.store.layout import UnitLayout
 
-__all__ = ["DataParallel", "PeerFailure"]
+__all__ = ["DataParallel", "ShardedDataParallel", "PeerFailure"]
 
 
 class PeerFailure(RuntimeError):
@@ -35,7 +42,17 @@ class DataParallel:
         self.bytes_reduced = 0
         """Gradient bytes this rank handed to all-reduce (its payload; the wire carries 2(W-1)/W of it)."""
         self.bytes_broadcast = 0
-        """Master bytes broadcast from rank 0 when the trainer started."""
+        """Weight bytes broadcast from rank 0 when the trainer started."""
+        self.bytes_gathered = 0
+        """Compute-copy bytes all-gathered after updates (sharded only: each rank's output, its own piece included)."""
+
+    def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
+                   accumulate: bool) -> HostStore:
+        return HostStore(layouts, compute_dtype=compute_dtype, pin=pin, accumulate=accumulate)
+
+    def local_decay_runs(self, store: HostStore, runs: list[list[tuple[int, int, float]]]):
+        """Per unit, the ``(start, end, weight_decay)`` element ranges this rank updates."""
+        return runs
 
     def _run(self, what: str, collective: Callable[[], object]) -> None:
         try:
@@ -67,12 +84,59 @@ class DataParallel:
         self._run("loss all-reduce", lambda: dist.all_reduce(total, group=self.world.scalars))
         return float(total)
 
-    def sum_gradient(self, flat: torch.Tensor) -> None:
-        """Replace ``flat`` (a unit's host gradient) by its sum over ranks; on the optimizer thread.
-
-        A gradient kept in a 16-bit compute dtype is summed in fp32 and rounded once at the end."""
+    def reduce(self, unit: UnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """Replace ``flat`` (a unit's whole host gradient) by its sum over ranks and return it; on the
+        optimizer thread. A 16-bit gradient is summed in fp32 and rounded once at the end."""
         work = flat if flat.dtype == torch.float32 else flat.float()
         self._run("gradient all-reduce", lambda: dist.all_reduce(work, group=self.world.grads))
         if work is not flat:
             flat.copy_(work)
         self.bytes_reduced += work.numel() * work.element_size()
+        return flat
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The norm of the whole summed gradient: every rank holds all of it already."""
+        return local_norm
+
+
+class ShardedDataParallel(DataParallel):
+    """Data parallelism with master, m and v split across ranks (``ShardedHostStore``)."""
+
+    def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
+                   accumulate: bool) -> ShardedHostStore:
+        assert compute_dtype == torch.float32, "TrainConfig refuses sharding with a 16-bit compute dtype"
+        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size, pin=pin,
+                                accumulate=accumulate, gather=self.gather)
+
+    def local_decay_runs(self, store: ShardedHostStore, runs: list[list[tuple[int, int, float]]]):
+        out = []
+        for unit, unit_runs in zip(store.units, runs):
+            lo, hi = unit.shard_start, unit.shard_start + unit.valid_numel
+            out.append([(max(a, lo) - lo, min(b, hi) - lo, decay) for a, b, decay in unit_runs if a < hi and b > lo])
+        return out
+
+    def broadcast_store(self, store: ShardedHostStore) -> None:
+        for unit in store.units:
+            self._run("initial weight broadcast", lambda: dist.broadcast(unit.compute, src=0, group=self.world.scalars))
+            unit.load_shard()
+            self.bytes_broadcast += unit.compute.numel() * unit.compute.element_size()
+
+    def reduce(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``)."""
+        padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
+        self._run("gradient reduce-scatter",
+                  lambda: dist.reduce_scatter_tensor(unit.grad_shard, padded, group=self.world.grads))
+        self.bytes_reduced += padded.numel() * padded.element_size()
+        return unit.grad_shard
+
+    def gather(self, unit: ShardedUnitBuffers) -> None:
+        """Rebuild the whole compute copy from every rank's updated master shard; on the optimizer thread."""
+        self._run("weight all-gather",
+                  lambda: dist.all_gather_into_tensor(unit.padded_compute, unit.master, group=self.world.grads))
+        self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """sqrt of the sum over ranks of the squared norms of their gradient shards."""
+        squared = local_norm.double().square().reshape(1)
+        self._run("gradient norm all-reduce", lambda: dist.all_reduce(squared, group=self.world.scalars))
+        return squared.sqrt().reshape(()).to(local_norm.dtype)

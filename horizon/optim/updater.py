@@ -24,14 +24,25 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
 from horizon.optim.clip import clip_scale
-from horizon.store.host_store import HostStore
+from horizon.store.host_store import HostStore, UnitBuffers
 
 __all__ = ["Updater", "NonFiniteGradientError"]
+
+
+class GradientReducer(Protocol):
+    """Data parallelism's part in an update (horizon.distributed.DataParallel)."""
+
+    def reduce(self, unit: UnitBuffers, grad: torch.Tensor) -> torch.Tensor:
+        """On the worker: the sum over ranks of ``grad`` (``unit``'s whole gradient), or this rank's shard of it."""
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The norm of the whole summed gradient, from the norm of what ``reduce`` returned on this rank."""
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -48,12 +59,13 @@ class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
                  delay_s: Callable[[], float] | None = None,
                  before_update: Callable[[int], None] | None = None,
-                 reduce_grad: Callable[[torch.Tensor], None] | None = None) -> None:
+                 reducer: GradientReducer | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
-        self.reduce_grad = reduce_grad
-        """Sums a unit's complete gradient over data-parallel ranks in place, before its norm or update."""
+        self.reducer = reducer
+        """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
+        self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
         self.num_threads = optimizer_threads()
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
@@ -68,13 +80,20 @@ class Updater:
             time.sleep(self.delay_s())
 
     def _source(self, unit: int) -> torch.Tensor:
+        if unit in self._reduced:
+            return self._reduced[unit]
         buffers = self.store.units[unit]
         return buffers.grad_accum if buffers.grad_accum is not None else buffers.grad
 
+    def _reduce(self, unit: int) -> None:
+        if self.reducer is not None:
+            self._reduced.pop(unit, None)
+            self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
+
     def _update(self, unit: int, lr: float, grad_scale: float | None, reduce: bool = False) -> None:
         self._maybe_delay()
-        if reduce and self.reduce_grad is not None:
-            self.reduce_grad(self._source(unit))
+        if reduce:
+            self._reduce(unit)
         if self.before_update is not None:
             self.before_update(unit)
         self.steps[unit] += 1
@@ -92,8 +111,7 @@ class Updater:
                 buffers.grad_accum.add_(buffers.grad)
         if not last:
             return None
-        if self.reduce_grad is not None:
-            self.reduce_grad(self._source(unit))
+        self._reduce(unit)
         with torch.profiler.record_function(f"horizon.grad_norm.{unit}"):
             return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
 
@@ -122,6 +140,8 @@ class Updater:
         if grad_norm is None:
             norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
             grad_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+            if self.reducer is not None:
+                grad_norm = self.reducer.global_norm(grad_norm)
         total = grad_norm / divisor
         norm = float(total)
         if not math.isfinite(norm):

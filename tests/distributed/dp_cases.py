@@ -2,8 +2,11 @@
 
 import torch
 
+import dataclasses
+
 import horizon
 from helpers import batches
+from horizon.distributed import DistributedConfig
 
 OPT = horizon.AdamW(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 GLOBAL_BATCH = 4
@@ -16,6 +19,10 @@ CASES = {
     "accum_clip": horizon.TrainConfig(optimizer=OPT, grad_clip_norm=0.05, grad_accum_steps=2, plan="recompute"),
 }
 """Deferred without clipping, deferred with clipping that binds, eager updates, and accumulation."""
+
+SHARDED = DistributedConfig(shard_optimizer_state=True)
+CASES |= {f"sharded_{name}": dataclasses.replace(config, distributed=SHARDED) for name, config in list(CASES.items())}
+"""The same four with master, m and v split across the ranks."""
 
 
 def global_batches() -> list[dict[str, torch.Tensor]]:

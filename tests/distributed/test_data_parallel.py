@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import horizon
+
 from dp_cases import CASES, global_batches
 from helpers import horizon_run, rel_err, tiny_decoder
 from launch import start_ranks
@@ -44,11 +46,38 @@ def test_tokens_are_the_global_label_count(ranks_out):
     assert got == want
 
 
-def test_gradient_bytes_are_one_model_per_step(ranks_out):
-    """Each step all-reduces every unit's fp32 gradient once: 4 bytes per parameter per update."""
-    model = tiny_decoder(num_layers=3, tie_embeddings=True)
-    numel = sum(p.numel() for p in model.parameters())
-    for name, config in CASES.items():
-        updates = len(global_batches()) // config.grad_accum_steps
-        got = torch.load(ranks_out / f"{name}-rank0.pt")["bytes_reduced"]
-        assert got == 4 * numel * updates, name
+def _unit_numels(config) -> list[int]:
+    trainer = horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), config)
+    numels = [unit.layout.numel for unit in trainer.store.units]
+    by_role = dict(trainer.store.bytes_by_role)
+    trainer.close()
+    return numels, by_role
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_collective_bytes_per_update_match_the_formula(ranks_out, name):
+    """Replicated: every unit's fp32 gradient is all-reduced once per update (4 B/param). Sharded: it is
+    reduce-scattered and the weights all-gathered, each over the unit padded to W equal pieces."""
+    config = CASES[name]
+    numels, _ = _unit_numels(config)
+    updates = len(global_batches()) // config.grad_accum_steps
+    got = torch.load(ranks_out / f"{name}-rank0.pt")
+    if config.distributed.shard_optimizer_state:
+        padded = sum(-(-n // WORLD_SIZE) * WORLD_SIZE for n in numels)
+        assert got["bytes_reduced"] == got["bytes_gathered"] == 4 * padded * updates
+    else:
+        assert got["bytes_reduced"] == 4 * sum(numels) * updates and got["bytes_gathered"] == 0
+
+
+def test_each_rank_holds_its_share_of_the_optimizer_state(ranks_out):
+    """Exact bytes of master, m and v per rank: 1/W of one process's, plus at most one page per unit and role."""
+    numels, single = _unit_numels(CASES["no_clip"])
+    page = 4096
+    for rank in range(WORLD_SIZE):
+        by_role = torch.load(ranks_out / f"sharded_no_clip-rank{rank}.pt")["by_role"]
+        for role in ("master", "exp_avg", "exp_avg_sq"):
+            want = sum(-(-(4 * -(-n // WORLD_SIZE)) // page) * page for n in numels)
+            assert by_role[role] == want, role
+            assert abs(by_role[role] - single[role] / WORLD_SIZE) <= page * len(numels), role
+        replicated = torch.load(ranks_out / f"no_clip-rank{rank}.pt")["by_role"]
+        assert replicated["master"] == single["master"]
