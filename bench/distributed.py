@@ -3,14 +3,16 @@
 For W in --world-sizes, W ranks of this script are started with torchrun's environment. Each rank trains
 the "small" reference decoder (~4.5M parameters) on its own [--batch, --seq] micro-batch, twice in the same
 run: with Horizon (horizon.Trainer, gradients all-reduced in the host store on the optimizer thread) and with
-the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW. Warm-up steps are
-excluded; medians of the step time are reported, with global tokens/s and the ratio horizon/DDP.
+the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW; Horizon runs twice,
+replicated and with DistributedConfig(shard_optimizer_state=True). Warm-up steps are excluded; medians of the
+step time are reported, with global tokens/s and the ratio DDP time / Horizon time (> 1: Horizon faster).
 
 What is checked against a formula, in the same run:
   - gradient bytes all-reduced per update: measured (DataParallel.bytes_reduced) vs 4 B x parameters
     (fp32 gradient, once per update); a ring all-reduce puts 2(W-1)/W of that on each rank's link;
-  - host bytes per rank: the store's exact byte count vs the single-process total (replicated today: the
-    same; the ZeRO sharding of issue 9 would make it total/W for master, m and v).
+    sharded: reduce-scatter and all-gather of 4 B x parameters (each unit padded to W equal pieces);
+  - host bytes per rank: the store's exact byte count, and its optimizer state (master, m, v) against the
+    single-process figure / W.
 Scaling itself cannot be measured here: W ranks share 2 cores, so each rank gets 2/W threads.
 
 usage: python bench/distributed.py [--world-sizes 1 2] [--steps 8] [--warmup 3] [--batch 2] [--seq 128]
@@ -35,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from _common import RESULTS_DIR, median, result_record, write_json  # noqa: E402
 import horizon  # noqa: E402
+from horizon.distributed import DistributedConfig  # noqa: E402
 from horizon.models import Decoder, decoder_config  # noqa: E402
 
 OPT = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -48,10 +51,12 @@ def _batches(args, rank: int) -> list[dict[str, torch.Tensor]]:
             for _ in range(args.steps)]
 
 
-def _horizon_steps(args, rank: int) -> dict:
+def _horizon_steps(args, rank: int, shard: bool) -> dict:
     torch.manual_seed(0)
     model = Decoder(decoder_config("small"))
-    with horizon.Trainer(model, horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0)) as trainer:
+    config = horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0,
+                                 distributed=DistributedConfig(shard_optimizer_state=shard))
+    with horizon.Trainer(model, config) as trainer:
         times = []
         for b in _batches(args, rank):
             start = time.perf_counter()
@@ -60,6 +65,7 @@ def _horizon_steps(args, rank: int) -> dict:
             times.append(time.perf_counter() - start)
         dp = trainer.data_parallel
         return {"step_s": times, "bytes_reduced": dp.bytes_reduced if dp else 0, "updates": trainer.global_step,
+                "bytes_gathered": dp.bytes_gathered if dp else 0,
                 "host_bytes": trainer.store.total_bytes, "host_bytes_by_role": dict(trainer.store.bytes_by_role),
                 "params": sum(p.numel() for p in model.parameters())}
 
@@ -88,8 +94,8 @@ def worker(args) -> None:
     torch.set_num_threads(max(1, args.cores // world_size))
     if world_size > 1:
         dist.init_process_group("gloo")
-    out = _horizon_steps(args, rank)
-    out["ddp_step_s"] = _ddp_steps(args, rank, world_size)
+    out = {"replicated": _horizon_steps(args, rank, shard=False), "sharded": _horizon_steps(args, rank, shard=True),
+           "ddp_step_s": _ddp_steps(args, rank, world_size)}
     if world_size > 1:
         dist.destroy_process_group()
     if rank == 0:
@@ -115,16 +121,24 @@ def launch(args, world_size: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def summarise(args, world_size: int, raw: dict) -> dict:
+def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) -> list[dict]:
     tokens = world_size * args.batch * args.seq
-    horizon_s, ddp_s = median(raw["step_s"][args.warmup:]), median(raw["ddp_step_s"][args.warmup:])
-    per_update = raw["bytes_reduced"] / raw["updates"]
-    formula = GRAD_BYTES_PER_PARAM * raw["params"] if world_size > 1 else 0
-    return {"world_size": world_size, "horizon_step_s": horizon_s, "ddp_step_s": ddp_s,
-            "horizon_tokens_per_s": tokens / horizon_s, "ddp_tokens_per_s": tokens / ddp_s,
-            "vs_ddp": ddp_s / horizon_s, "grad_bytes_per_update": per_update, "grad_bytes_formula": formula,
-            "ring_wire_bytes_per_rank": per_update * 2 * (world_size - 1) / world_size,
-            "host_bytes_per_rank": raw["host_bytes"], "params": raw["params"]}
+    ddp_s = median(raw["ddp_step_s"][args.warmup:])
+    rows = []
+    for mode in ("replicated", "sharded"):
+        run = raw[mode]
+        step_s = median(run["step_s"][args.warmup:])
+        opt_bytes = sum(run["host_bytes_by_role"][r] for r in ("master", "exp_avg", "exp_avg_sq"))
+        rows.append({"world_size": world_size, "mode": mode, "horizon_step_s": step_s, "ddp_step_s": ddp_s,
+                     "horizon_tokens_per_s": tokens / step_s, "ddp_tokens_per_s": tokens / ddp_s,
+                     "vs_ddp": ddp_s / step_s, "params": run["params"],
+                     "reduced_bytes_per_update": run["bytes_reduced"] / run["updates"],
+                     "gathered_bytes_per_update": run["bytes_gathered"] / run["updates"],
+                     "formula_bytes_per_update": GRAD_BYTES_PER_PARAM * run["params"] if world_size > 1 else 0,
+                     "host_bytes_per_rank": run["host_bytes"], "optimizer_state_bytes_per_rank": opt_bytes,
+                     "optimizer_state_vs_total_over_w": None if single_opt_bytes is None
+                     else opt_bytes / (single_opt_bytes / world_size)})
+    return rows
 
 
 def main() -> None:
@@ -139,23 +153,30 @@ def main() -> None:
     args = p.parse_args()
     if args.worker_out:
         return worker(args)
-    rows = []
+    rows, single_opt_bytes = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        for w in args.world_sizes:
-            rows.append(summarise(args, w, launch(args, w, Path(tmp) / f"w{w}.json")))
-    total = rows[0]["host_bytes_per_rank"] if rows[0]["world_size"] == 1 else None
-    print(f"{'W':>2} {'horizon s/step':>14} {'DDP s/step':>11} {'horizon/DDP':>11} {'grad B/update':>14} "
-          f"{'formula 4N':>11} {'host B/rank':>12}")
+        for w in sorted(args.world_sizes):
+            raw = launch(args, w, Path(tmp) / f"w{w}.json")
+            if w == 1:
+                by_role = raw["replicated"]["host_bytes_by_role"]
+                single_opt_bytes = sum(by_role[r] for r in ("master", "exp_avg", "exp_avg_sq"))
+            rows += summarise(args, w, raw, single_opt_bytes)
+    print(f"{'W':>2} {'mode':>10} {'horizon s/step':>14} {'DDP s/step':>10} {'DDP/horizon':>11} {'reduced B/upd':>13} "
+          f"{'gathered B/upd':>14} {'4N':>11} {'host B/rank':>12} {'m+v+master B':>13} {'vs total/W':>10}")
     for r in rows:
-        print(f"{r['world_size']:>2} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>11.4f} {r['vs_ddp']:>11.3f} "
-              f"{r['grad_bytes_per_update']:>14,.0f} {r['grad_bytes_formula']:>11,} {r['host_bytes_per_rank']:>12,}")
-    results = {f"horizon_w{r['world_size']}": r["horizon_tokens_per_s"] for r in rows}
+        vs = r["optimizer_state_vs_total_over_w"]
+        print(f"{r['world_size']:>2} {r['mode']:>10} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>10.4f} "
+              f"{r['vs_ddp']:>11.3f} {r['reduced_bytes_per_update']:>13,.0f} {r['gathered_bytes_per_update']:>14,.0f} "
+              f"{r['formula_bytes_per_update']:>11,} {r['host_bytes_per_rank']:>12,} "
+              f"{r['optimizer_state_bytes_per_rank']:>13,} {'' if vs is None else f'{vs:.4f}':>10}")
+    key = "{mode}_w{world_size}".format
+    results = {f"horizon_{key(**r)}": r["horizon_tokens_per_s"] for r in rows}
     results.update({f"ddp_w{r['world_size']}": r["ddp_tokens_per_s"] for r in rows})
-    ratios = {f"vs_ddp_w{r['world_size']}": r["vs_ddp"] for r in rows}
-    ratios.update({f"grad_bytes_vs_formula_w{r['world_size']}": r["grad_bytes_per_update"] / r["grad_bytes_formula"]
-                   for r in rows if r["grad_bytes_formula"]})
-    if total:
-        ratios.update({f"host_bytes_vs_total_w{r['world_size']}": r["host_bytes_per_rank"] / total for r in rows})
+    ratios = {f"vs_ddp_{key(**r)}": r["vs_ddp"] for r in rows}
+    ratios.update({f"reduced_bytes_vs_formula_{key(**r)}": r["reduced_bytes_per_update"] / r["formula_bytes_per_update"]
+                   for r in rows if r["formula_bytes_per_update"]})
+    ratios.update({f"optimizer_state_vs_total_over_w_{key(**r)}": r["optimizer_state_vs_total_over_w"]
+                   for r in rows if r["optimizer_state_vs_total_over_w"] is not None})
     record = result_record("distributed", unit="tokens/s (global)", higher_is_better=True, results=results,
                            ratios=ratios, rows=rows,
                            config={k: v for k, v in vars(args).items() if k != "worker_out"} | {"model": "small"})

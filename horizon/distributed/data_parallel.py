@@ -29,6 +29,10 @@ from horizon.store.layout import UnitLayout
 
 __all__ = ["DataParallel", "ShardedDataParallel", "PeerFailure"]
 
+# torch 2.13 renamed the tensor forms (the old names warn); torch 2.11 has only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class PeerFailure(RuntimeError):
     """A collective failed: another rank died, or stopped answering for longer than the timeout."""
@@ -125,14 +129,14 @@ class ShardedDataParallel(DataParallel):
         """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``)."""
         padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
         self._run("gradient reduce-scatter",
-                  lambda: dist.reduce_scatter_tensor(unit.grad_shard, padded, group=self.world.grads))
+                  lambda: _reduce_scatter(unit.grad_shard, padded, group=self.world.grads))
         self.bytes_reduced += padded.numel() * padded.element_size()
         return unit.grad_shard
 
     def gather(self, unit: ShardedUnitBuffers) -> None:
         """Rebuild the whole compute copy from every rank's updated master shard; on the optimizer thread."""
         self._run("weight all-gather",
-                  lambda: dist.all_gather_into_tensor(unit.padded_compute, unit.master, group=self.world.grads))
+                  lambda: _all_gather(unit.padded_compute, unit.master, group=self.world.grads))
         self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
