@@ -7,6 +7,7 @@ the reference decoder in ``horizon.models``.
 
 from horizon.checkpoint import CheckpointConfig
 from horizon.config import TrainConfig
+from horizon.distributed import DistributedConfig, PeerFailure
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import Units
@@ -15,5 +16,5 @@ from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
 from horizon.optim.updater import NonFiniteGradientError
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
+__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
            "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError"]

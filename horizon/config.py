@@ -54,7 +54,7 @@ class TrainConfig:
     resume: bool = False
     """Start from the newest checkpoint in checkpoint.dir that validates, if there is one."""
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    """Under torchrun: how long a collective waits for a peer (horizon.distributed.DistributedConfig)."""
+    """Under torchrun: the collective timeout and optimizer-state sharding (horizon.DistributedConfig)."""
 
     def __post_init__(self) -> None:
         try:
@@ -93,7 +93,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
                              f"got {type(self.checkpoint).__name__}")
         if not isinstance(self.distributed, DistributedConfig):
-            raise ValueError(f"TrainConfig.distributed must be a horizon.distributed.DistributedConfig, "
+            raise ValueError(f"TrainConfig.distributed must be a horizon.DistributedConfig, "
                              f"got {type(self.distributed).__name__}")
         if self.distributed.shard_optimizer_state and self.resolved_compute_dtype != torch.float32:
             raise ValueError("DistributedConfig(shard_optimizer_state=True) needs TrainConfig(compute_dtype="

@@ -49,7 +49,7 @@ def test_timeout_must_be_positive_seconds(timeout_s):
 
 
 def test_train_config_checks_its_distributed_field():
-    with pytest.raises(ValueError, match="must be a horizon.distributed.DistributedConfig"):
+    with pytest.raises(ValueError, match="must be a horizon.DistributedConfig"):
         horizon.TrainConfig(distributed=60)
 
 
