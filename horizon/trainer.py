@@ -23,7 +23,7 @@ from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_pl
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
 from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
-from horizon.distributed.world import init_world, launch_from_env
+from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
@@ -114,7 +114,7 @@ class Trainer:
         self.config, self.model = config, model
         specs = find_units(model, config.units)
         _check_model(model)
-        if config.checkpoint is not None and launch_from_env() is not None:
+        if config.checkpoint is not None and is_multi_rank():
             raise ValueError("checkpoints under torchrun are not supported yet: run data-parallel with "
                              "TrainConfig(checkpoint=None), or train as one process")
         self.world = init_world(config.distributed, torch.device(config.device))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from horizon.distributed.config import DistributedConfig
 
-__all__ = ["Launch", "World", "launch_from_env", "init_world"]
+__all__ = ["Launch", "World", "launch_from_env", "init_world", "is_multi_rank"]
 
 _REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -57,6 +57,13 @@ def launch_from_env(environ: Mapping[str, str] = os.environ) -> Launch | None:
         raise ValueError(f"RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} do not describe a "
                          "launch: need WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
     return None if world_size == 1 else Launch(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def is_multi_rank() -> bool:
+    """Whether this process is one of several: a torchrun launch, or a group the caller already made."""
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    return launch_from_env() is not None
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -15,6 +15,9 @@ Two exact schedules (``StepPlan.eager`` picks):
   the device as gradients are made (``finish(grad_norm=...)``) and the worker has nothing to do
   until then; with accumulation, the worker folds each landed gradient into the fp32 accumulator
   and takes the norm of the sum after the last micro-batch.
+Under data parallelism (``reducer``, horizon.distributed), the worker sums each unit's complete
+gradient over the ranks before its norm (deferred) or its update (eager), and ``finish`` turns
+the local norm into the global one.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ class Updater:
 
     def _reduce(self, unit: int) -> None:
         if self.reducer is not None:
-            self._reduced.pop(unit, None)
+            self._reduced.pop(unit, None)  # the last step's sum is not this step's gradient
             self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
 
     def _update(self, unit: int, lr: float, grad_scale: float | None, reduce: bool = False) -> None:
