@@ -9,6 +9,7 @@ clipping and AdamW on the host buffers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -114,9 +115,9 @@ class Trainer:
         self.config, self.model = config, model
         specs = find_units(model, config.units)
         _check_model(model)
-        if config.checkpoint is not None and is_multi_rank():
-            raise ValueError("checkpoints under torchrun are not supported yet: run data-parallel with "
-                             "TrainConfig(checkpoint=None), or train as one process")
+        if config.checkpoint is not None and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("checkpoints of a run with shard_optimizer_state=True are not supported yet: "
+                             "use DistributedConfig(shard_optimizer_state=False) (rank 0 writes the whole state)")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         self.data_parallel = None if self.world is None else (
@@ -142,7 +143,9 @@ class Trainer:
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        self.checkpointer = None if config.checkpoint is None else Checkpointer(
+        # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
+        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
+        self.checkpointer = None if not writes else Checkpointer(
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
             disk=checkpoint_disk)
         decay_runs = self._decay_runs()
@@ -228,7 +231,7 @@ class Trainer:
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
-        every = cfg.checkpoint.every_steps if cfg.checkpoint else None
+        every = cfg.checkpoint.every_steps if self.checkpointer else None
         if last and not skipped and every and self.global_step % every == 0:
             self._request_checkpoint()
         errors = tuple(self.checkpointer.take_errors()) if self.checkpointer else ()
@@ -289,8 +292,10 @@ class Trainer:
     def save(self, *, wait: bool = False) -> str | None:
         """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
         and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
-        if self.checkpointer is None:
+        if self.config.checkpoint is None:
             raise ValueError("Trainer.save() needs TrainConfig(checkpoint=horizon.CheckpointConfig(dir=...))")
+        if self.checkpointer is None:
+            return None  # another rank (rank 0) writes
         if self._micro.count:
             raise ValueError("Trainer.save() in the middle of gradient accumulation: call it after the "
                              f"{self.config.grad_accum_steps}-th micro-batch of an update")
@@ -314,8 +319,10 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
         layout_hash = self.checkpointer.layout_hash if self.checkpointer else _layout_hash(self)
-        found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
-                           allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
+        # Data parallel: rank 0 validates (and quarantines) first, then the others read what it kept.
+        with self.data_parallel.rank_zero_first() if self.data_parallel else contextlib.nullcontext():
+            found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
+                               allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
         if found is None:
             return None
         directory, manifest = found

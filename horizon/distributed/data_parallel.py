@@ -17,6 +17,7 @@ after each rank updated its shard an all-gather rebuilds the whole compute copy 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -75,6 +76,16 @@ class DataParallel:
             self._run("initial weight broadcast", lambda: dist.broadcast(unit.master, src=0, group=self.world.scalars))
             unit.refresh_compute()
             self.bytes_broadcast += unit.master.numel() * unit.master.element_size()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the body first (say, validating checkpoints); the other ranks once it is done."""
+        barrier = lambda: dist.barrier(group=self.world.scalars)  # noqa: E731
+        if self.world.rank != 0:
+            self._run("barrier", barrier)
+        yield
+        if self.world.rank == 0:
+            self._run("barrier", barrier)
 
     def global_count(self, count: int) -> int:
         """The sum over ranks of ``count`` (the labels each rank's micro-batch lets count)."""

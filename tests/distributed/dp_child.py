@@ -5,6 +5,7 @@ Usage: dp_child.py OUT_DIR parity          every configuration of test_data_para
                                                  third step's optimizer task; rank 0 must fail.
 """
 
+import dataclasses
 import os
 import signal
 import sys
@@ -34,7 +35,23 @@ def parity(out: Path, rank: int, world_size: int) -> None:
             by_role = dict(trainer.store.bytes_by_role)
         torch.save({"losses": [m.loss for m in metrics], "tokens": [m.tokens for m in metrics], "state": state,
                     "by_role": by_role, **sent}, out / f"{name}-rank{rank}.pt")
+    resume_in_halves(out, rank, world_size)
     dist.destroy_process_group()
+
+
+def resume_in_halves(out: Path, rank: int, world_size: int) -> None:
+    """The "clip" case again: 5 steps with a checkpoint at step 5, then new trainers resume and do 5 more."""
+    config = dataclasses.replace(CASES["clip"], checkpoint=horizon.CheckpointConfig(dir=str(out / "ckpt"),
+                                                                                    every_steps=5))
+    data = [rank_batch(b, rank, world_size) for b in global_batches()]
+    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), config) as trainer:
+        first = [trainer.step(b).loss for b in data[:5]]
+    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True, seed=9),
+                         dataclasses.replace(config, resume=True)) as trainer:
+        resumed_at = trainer.global_step
+        second = [trainer.step(b).loss for b in data[resumed_at:]]
+        state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+    torch.save({"losses": first + second, "resumed_at": resumed_at, "state": state}, out / f"resumed-rank{rank}.pt")
 
 
 def fail(rank: int, world_size: int, mode: str, timeout_s: float) -> None:

@@ -1,5 +1,7 @@
 """Two gloo ranks equal one process on the concatenated batch (issue 9), over 10 steps."""
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import horizon
 
 from dp_cases import CASES, global_batches
+from horizon.checkpoint.commit import step_dir_name
 from helpers import horizon_run, rel_err, tiny_decoder
 from launch import start_ranks
 
@@ -81,3 +84,27 @@ def test_each_rank_holds_its_share_of_the_optimizer_state(ranks_out):
             assert abs(by_role[role] - single[role] / WORLD_SIZE) <= page * len(numels), role
         replicated = torch.load(ranks_out / f"no_clip-rank{rank}.pt")["by_role"]
         assert replicated["master"] == single["master"]
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_ranks_and_on_one(ranks_out, tmp_path):
+    """Rank 0 writes the (replicated) state at step 5. Two new ranks resuming from it give the losses and
+    weights of the uninterrupted two-rank run bit for bit; one process resuming on the global batches
+    gives those of one process within 1e-6."""
+    straight = torch.load(ranks_out / "clip-rank0.pt")
+    for rank in range(WORLD_SIZE):
+        resumed = torch.load(ranks_out / f"resumed-rank{rank}.pt")
+        assert resumed["resumed_at"] == 5
+        assert resumed["losses"] == straight["losses"]
+        assert all(torch.equal(resumed["state"][k], straight["state"][k]) for k in straight["state"])
+    shutil.copytree(ranks_out / "ckpt" / step_dir_name(5), tmp_path / step_dir_name(5))
+    config = dataclasses.replace(CASES["clip"], checkpoint=horizon.CheckpointConfig(dir=str(tmp_path)), resume=True)
+    ref_losses, ref_state, _ = horizon_run(tiny_decoder(num_layers=3, tie_embeddings=True), global_batches(),
+                                           config=CASES["clip"])
+    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True, seed=9), config) as trainer:
+        assert trainer.global_step == 5
+        losses = [trainer.step(b).loss for b in global_batches()[5:]]
+        state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+    for got, want in zip(losses, ref_losses[5:]):
+        assert abs(got - want) <= 1e-6 * abs(want)
+    for key, want in ref_state.items():
+        assert rel_err(state[key], want) <= 1e-6, key

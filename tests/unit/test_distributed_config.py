@@ -53,12 +53,13 @@ def test_train_config_checks_its_distributed_field():
         horizon.TrainConfig(distributed=60)
 
 
-def test_checkpoints_under_torchrun_are_refused_before_joining(monkeypatch, tmp_path):
+def test_sharded_checkpoints_are_refused_before_joining(monkeypatch, tmp_path):
     for key, value in FULL.items():
         monkeypatch.setenv(key, value)
-    config = horizon.TrainConfig(checkpoint=horizon.CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=1))
+    config = horizon.TrainConfig(checkpoint=horizon.CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=1),
+                                 distributed=DistributedConfig(shard_optimizer_state=True))
     # No rank 0 listens on MASTER_PORT: had it tried to join, this would hang rather than raise.
-    with pytest.raises(ValueError, match="checkpoints under torchrun are not supported yet"):
+    with pytest.raises(ValueError, match="checkpoints of a run with shard_optimizer_state=True are not supported"):
         horizon.Trainer(tiny_decoder(), config)
     assert not (tmp_path / "ckpt").exists()
 
