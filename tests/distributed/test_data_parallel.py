@@ -20,7 +20,7 @@ WORLD_SIZE = 2
 @pytest.fixture(scope="module")
 def ranks_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dp")
-    procs = start_ranks(Path(__file__).parent / "dp_child.py", [str(out), "parity"], WORLD_SIZE)
+    procs = start_ranks([Path(__file__).parent / "dp_child.py", out, "parity"], WORLD_SIZE)
     for rank, proc in enumerate(procs):
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, f"rank {rank} failed:\n{stdout}\n{stderr}"

@@ -13,7 +13,7 @@ TIMEOUT_S = 4.0
 
 @pytest.mark.parametrize("mode", ["kill", "hang"])
 def test_the_surviving_rank_exits_nonzero_with_a_clear_message(tmp_path, mode):
-    rank0, rank1 = start_ranks(Path(__file__).parent / "dp_child.py", [str(tmp_path), "fail", mode, str(TIMEOUT_S)])
+    rank0, rank1 = start_ranks([Path(__file__).parent / "dp_child.py", tmp_path, "fail", mode, TIMEOUT_S])
     try:
         # Rank 0 blocks in the third step's gradient all-reduce from the moment rank 1 stops.
         for line in rank0.stdout:
