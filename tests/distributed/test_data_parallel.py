@@ -45,7 +45,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ranks_out, name):
 def test_tokens_are_the_global_label_count(ranks_out):
     batches = global_batches()
     want = [int((b["labels"] != -100).sum()) for b in batches]
-    got = torch.load(ranks_out / f"no_clip-rank0.pt")["tokens"]
+    got = torch.load(ranks_out / "no_clip-rank0.pt")["tokens"]
     assert got == want
 
 
