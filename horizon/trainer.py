@@ -360,16 +360,15 @@ class Trainer:
         return self.model.state_dict()
 
     def optimizer_state_dict(self) -> dict:
-        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
-        if isinstance(self.data_parallel, ShardedDataParallel):
-            raise ValueError("optimizer_state_dict() with DistributedConfig(shard_optimizer_state=True): each rank "
-                             "holds 1/W of m and v and gathering them is not built yet; read it unsharded")
+        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; with
+        DistributedConfig(shard_optimizer_state=True), gathered copies: a collective, call it on every rank)."""
         self.updater.wait_all()
+        whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
         for unit, step in zip(self.store.units, self.updater.steps):
-            m, v = unit.views(unit.exp_avg), unit.views(unit.exp_avg_sq)
-            for local_name, master in unit.views(unit.master).items():
+            m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
+            for local_name, master in unit.views(unit.weights).items():
                 state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
                                                      "exp_avg_sq": v[local_name]}
         opt = self.config.optimizer

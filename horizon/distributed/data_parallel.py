@@ -113,6 +113,10 @@ class DataParallel:
         """The norm of the whole summed gradient: every rank holds all of it already."""
         return local_norm
 
+    def whole(self, unit: UnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """``unit``'s optimizer-state buffer ``flat`` as the whole unit: here every rank holds it all."""
+        return flat
+
 
 class ShardedDataParallel(DataParallel):
     """Data parallelism with master, m and v split across ranks (``ShardedHostStore``)."""
@@ -149,6 +153,12 @@ class ShardedDataParallel(DataParallel):
         self._run("weight all-gather",
                   lambda: _all_gather(unit.padded_compute, unit.master, group=self.world.grads))
         self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
+
+    def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """A new tensor of ``unit``'s whole optimizer-state buffer, gathered from every rank's shard ``flat``."""
+        out = flat.new_empty(unit.shard_numel * self.world.world_size)
+        self._run("optimizer state all-gather", lambda: _all_gather(out, flat, group=self.world.scalars))
+        return out[:unit.layout.numel]
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """sqrt of the sum over ranks of the squared norms of their gradient shards."""

@@ -30,11 +30,13 @@ def parity(out: Path, rank: int, world_size: int) -> None:
         with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), config) as trainer:
             metrics = [trainer.step(b) for b in data]
             state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+            moments = {k: (s["exp_avg"].clone(), s["exp_avg_sq"].clone())
+                       for k, s in trainer.optimizer_state_dict()["state"].items()}
             dp = trainer.data_parallel
             sent = {"bytes_reduced": dp.bytes_reduced, "bytes_gathered": dp.bytes_gathered}
             by_role = dict(trainer.store.bytes_by_role)
         torch.save({"losses": [m.loss for m in metrics], "tokens": [m.tokens for m in metrics], "state": state,
-                    "by_role": by_role, **sent}, out / f"{name}-rank{rank}.pt")
+                    "moments": moments, "by_role": by_role, **sent}, out / f"{name}-rank{rank}.pt")
     resume_in_halves(out, rank, world_size)
     dist.destroy_process_group()
 
