@@ -9,6 +9,7 @@ from horizon.callbacks import Callback, JsonlMetrics
 from horizon.checkpoint import CheckpointConfig
 from horizon.checkpoint.export import export_hf
 from horizon.config import TrainConfig
+from horizon.distributed import DistributedConfig, PeerFailure
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import Units
@@ -17,6 +18,6 @@ from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
 from horizon.optim.updater import NonFiniteGradientError
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
-           "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError", "export_hf",
-           "Callback", "JsonlMetrics"]
+__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "AdamW", "ConstantLR",
+           "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics", "MemoryReport",
+           "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]

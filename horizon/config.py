@@ -9,6 +9,7 @@ import os
 import torch
 
 from horizon.checkpoint.config import CheckpointConfig
+from horizon.distributed.config import DistributedConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
@@ -58,6 +59,8 @@ class TrainConfig:
     horizon.models.hf_weights.empty_hf_model(dir) so that it never exists outside the host store."""
     metrics_jsonl: str | None = None
     """Append one JSON line of StepMetrics per update to this file (path); None = off."""
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    """Under torchrun: the collective timeout and optimizer-state sharding (horizon.DistributedConfig)."""
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +98,12 @@ class TrainConfig:
         if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
             raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
                              f"got {type(self.checkpoint).__name__}")
+        if not isinstance(self.distributed, DistributedConfig):
+            raise ValueError(f"TrainConfig.distributed must be a horizon.DistributedConfig, "
+                             f"got {type(self.distributed).__name__}")
+        if self.distributed.shard_optimizer_state and self.resolved_compute_dtype != torch.float32:
+            raise ValueError("DistributedConfig(shard_optimizer_state=True) needs TrainConfig(compute_dtype="
+                             "torch.float32) for now (a bf16 compute copy cannot hold the fp32 weights readers see)")
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")

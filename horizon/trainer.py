@@ -9,6 +9,7 @@ clipping and AdamW on the host buffers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,8 @@ from horizon.checkpoint.load import find_valid, load_into
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
 from horizon.config import TrainConfig
+from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
+from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
@@ -130,9 +133,19 @@ class Trainer:
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
         self.callbacks = _callbacks(callbacks, config)
-        device = config.torch_device
         specs = find_units(model, config.units)
         _check_model(model)
+        if config.hf_weights and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("hf_weights with shard_optimizer_state=True is not supported yet: load with "
+                             "DistributedConfig(shard_optimizer_state=False)")
+        if config.checkpoint is not None and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("checkpoints of a run with shard_optimizer_state=True are not supported yet: "
+                             "use DistributedConfig(shard_optimizer_state=False) (rank 0 writes the whole state)")
+        self.world = init_world(config.distributed, torch.device(config.device))
+        """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
+        self.data_parallel = None if self.world is None else (
+            ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
+        device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
@@ -143,24 +156,33 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
-        self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
-                               pin=device.type == "cuda" and config.pin_memory,
-                               accumulate=config.grad_accum_steps > 1)
+        make_store = self.data_parallel.make_store if self.data_parallel is not None else HostStore
+        self.store = make_store(layouts, compute_dtype=config.resolved_compute_dtype,
+                                pin=device.type == "cuda" and config.pin_memory,
+                                accumulate=config.grad_accum_steps > 1)
         self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model))
         if weights is not None:
             weights.load()
             for unit in self.store.units:
                 unit.refresh_compute()
+        if self.data_parallel is not None:
+            self.data_parallel.broadcast_store(self.store)
         self.vocab_size = specs[0].module.num_embeddings
         self._takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        self.checkpointer = None if config.checkpoint is None else Checkpointer(
+        # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
+        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
+        self.checkpointer = None if not writes else Checkpointer(
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
             disk=checkpoint_disk)
-        self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
-                               before_update=self.checkpointer.before_update if self.checkpointer else None)
+        decay_runs = self._decay_runs()
+        if self.data_parallel is not None:
+            decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
+        self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
+                               before_update=self.checkpointer.before_update if self.checkpointer else None,
+                               reducer=self.data_parallel)
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
@@ -193,7 +215,7 @@ class Trainer:
         for unit in self.store.units:
             unit_runs: list[tuple[int, int, float]] = []
             for slot in unit.layout.own:
-                name = name_of[unit.master[slot.offset:].data_ptr()]
+                name = name_of[unit.weights[slot.offset:].data_ptr()]
                 decay = opt.weight_decay if opt.decays(name) else 0.0
                 if unit_runs and unit_runs[-1][1] == slot.offset and unit_runs[-1][2] == decay:
                     unit_runs[-1] = (unit_runs[-1][0], slot.offset + slot.numel, decay)
@@ -204,9 +226,14 @@ class Trainer:
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepMetrics:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
-        ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far."""
+        ``grad_accum_steps=k`` every k-th call also updates. Returns the metrics of the update so far.
+        Under torchrun ``batch`` is this rank's share of the global batch, and the loss, tokens and
+        update are those of the global batch (docs/distributed.md)."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
         extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
+        dp = self.data_parallel
+        if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
+            num_valid = dp.global_count(num_valid)
         if self.config.plan == "auto" and self.plan_solution is None:
             self._plan_auto(*input_ids.shape)
         start_s = time.perf_counter()
@@ -216,7 +243,7 @@ class Trainer:
         eager_lr = lr if cfg.eager_updates else None
 
         # One micro-batch: the engine takes the gradient norm on the device as gradients are made.
-        norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1
+        norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1 and dp is None
 
         def landed(unit: int) -> None:
             self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr,
@@ -232,11 +259,11 @@ class Trainer:
         # One device-to-host sync per step, for both scalars.
         scalars = torch.stack([loss_sum, norm]) if norm is not None else loss_sum[None]
         scalars = scalars.cpu()
-        micro.add(float(scalars[0]), num_valid)
+        micro.add(float(scalars[0]) if dp is None else dp.global_sum(float(scalars[0])), num_valid)
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
-        every = cfg.checkpoint.every_steps if cfg.checkpoint else None
+        every = cfg.checkpoint.every_steps if self.checkpointer else None
         if last and not skipped and every and self.global_step % every == 0:
             self._request_checkpoint()
         errors = tuple(self.checkpointer.take_errors()) if self.checkpointer else ()
@@ -293,7 +320,7 @@ class Trainer:
 
     def _param_names(self) -> list[list[str]]:
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
-        return [[name_of[unit.master[slot.offset:].data_ptr()] for slot in unit.layout.own]
+        return [[name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
                 for unit in self.store.units]
 
     def _request_checkpoint(self) -> bool:
@@ -312,8 +339,10 @@ class Trainer:
     def save(self, *, wait: bool = False) -> str | None:
         """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
         and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
-        if self.checkpointer is None:
+        if self.config.checkpoint is None:
             raise ValueError("Trainer.save() needs TrainConfig(checkpoint=horizon.CheckpointConfig(dir=...))")
+        if self.checkpointer is None:
+            return None  # another rank (rank 0) writes
         if self._micro.count:
             raise ValueError("Trainer.save() in the middle of gradient accumulation: call it after the "
                              f"{self.config.grad_accum_steps}-th micro-batch of an update")
@@ -337,8 +366,10 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait()
         layout_hash = self.checkpointer.layout_hash if self.checkpointer else _layout_hash(self)
-        found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
-                           allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
+        # Data parallel: rank 0 validates (and quarantines) first, then the others read what it kept.
+        with self.data_parallel.rank_zero_first() if self.data_parallel else contextlib.nullcontext():
+            found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
+                               allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
         if found is None:
             return None
         directory, manifest = found
@@ -383,13 +414,15 @@ class Trainer:
         return export_hf(self, out, **kwargs)
 
     def optimizer_state_dict(self) -> dict:
-        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
+        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; with
+        DistributedConfig(shard_optimizer_state=True), gathered copies: a collective, call it on every rank)."""
         self.updater.wait_all()
+        whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
         for unit, step in zip(self.store.units, self.updater.steps):
-            m, v = unit.views(unit.exp_avg), unit.views(unit.exp_avg_sq)
-            for local_name, master in unit.views(unit.master).items():
+            m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
+            for local_name, master in unit.views(unit.weights).items():
                 state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
                                                      "exp_avg_sq": v[local_name]}
         opt = self.config.optimizer
@@ -424,6 +457,8 @@ class Trainer:
             self.transfer.close()
             self.engine.close()
             self.store.close()
+            if self.world is not None:
+                self.world.close()
         if error is not None:
             raise CheckpointError(f"the final checkpoint failed: {error}")
 

@@ -13,6 +13,7 @@ exits non-zero if the validation loss did not go down.
 from __future__ import annotations
 
 import argparse
+import builtins
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 import horizon
 from horizon.cli.run_config import RunConfig, load_run_config, to_toml
+from horizon.distributed.world import launch_from_env
 from horizon.data.text import VOCAB_SIZE, load_corpus, sample_batch, split, validation_batches
 from horizon.models import PRESETS, Decoder, decoder_config
 from horizon.store import format_bytes
@@ -100,8 +102,18 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
         model.train(was_training)
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone): ranks draw their own batches, rank 0 alone prints."""
+    launch = launch_from_env()
+    return launch.rank if launch else 0
+
+
 def train_batches(data: torch.Tensor, cfg: RunConfig) -> Iterator[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(cfg.training.seed)
+    generator = torch.Generator().manual_seed(cfg.training.seed + _rank())
     for _ in range(cfg.training.steps):
         yield sample_batch(data, cfg.data.batch_size, cfg.data.seq_len, generator)
 
@@ -119,7 +131,7 @@ def train(trainer: horizon.Trainer, model: torch.nn.Module, train_data: torch.Te
     first_loss = smoothed = math.nan
     tokens, seconds = 0, 0.0
     steps, eval_every = cfg.training.steps, cfg.training.eval_every
-    bar = tqdm(train_batches(train_data, cfg), total=steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(train_batches(train_data, cfg), total=steps, unit="step", dynamic_ncols=True, disable=_rank() != 0)
     for batch in bar:
         m = trainer.step(batch)
         if m.step == 1:
@@ -127,7 +139,7 @@ def train(trainer: horizon.Trainer, model: torch.nn.Module, train_data: torch.Te
         smoothed = 0.9 * smoothed + 0.1 * m.loss
         tokens, seconds = tokens + m.tokens, seconds + m.seconds
         bar.set_postfix_str(postfix(smoothed, tokens, seconds, trainer.memory()), refresh=False)
-        if eval_every and m.step % eval_every == 0 and m.step < steps:
+        if eval_every and m.step % eval_every == 0 and m.step < steps and _rank() == 0:
             bar.write(f"step {m.step}: validation loss {evaluate(model, val_batches):.3f}")
     bar.close()
     return first_loss, smoothed
@@ -136,6 +148,7 @@ def train(trainer: horizon.Trainer, model: torch.nn.Module, train_data: torch.Te
 def run(args: argparse.Namespace) -> int:
     """Train as the resolved run file says; 0 when the validation loss went down, 1 otherwise."""
     cfg: RunConfig = args.run_config
+    print = builtins.print if _rank() == 0 else _silent  # noqa: A001: under torchrun, rank 0 speaks for all
     if args.dump_config:
         print(to_toml(cfg), end="")
         return 0

@@ -15,6 +15,9 @@ Two exact schedules (``StepPlan.eager`` picks):
   the device as gradients are made (``finish(grad_norm=...)``) and the worker has nothing to do
   until then; with accumulation, the worker folds each landed gradient into the fp32 accumulator
   and takes the norm of the sum after the last micro-batch.
+Under data parallelism (``reducer``, horizon.distributed), the worker sums each unit's complete
+gradient over the ranks before its norm (deferred) or its update (eager), and ``finish`` turns
+the local norm into the global one.
 """
 
 from __future__ import annotations
@@ -24,14 +27,25 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
 from horizon.optim.clip import clip_scale
-from horizon.store.host_store import HostStore
+from horizon.store.host_store import HostStore, UnitBuffers
 
 __all__ = ["Updater", "NonFiniteGradientError"]
+
+
+class GradientReducer(Protocol):
+    """Data parallelism's part in an update (horizon.distributed.DataParallel)."""
+
+    def reduce(self, unit: UnitBuffers, grad: torch.Tensor) -> torch.Tensor:
+        """On the worker: the sum over ranks of ``grad`` (``unit``'s whole gradient), or this rank's shard of it."""
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The norm of the whole summed gradient, from the norm of what ``reduce`` returned on this rank."""
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -47,10 +61,14 @@ class Outcome:
 class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
                  delay_s: Callable[[], float] | None = None,
-                 before_update: Callable[[int], None] | None = None) -> None:
+                 before_update: Callable[[int], None] | None = None,
+                 reducer: GradientReducer | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
+        self.reducer = reducer
+        """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
+        self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
         self.num_threads = optimizer_threads()
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
@@ -65,11 +83,20 @@ class Updater:
             time.sleep(self.delay_s())
 
     def _source(self, unit: int) -> torch.Tensor:
+        if unit in self._reduced:
+            return self._reduced[unit]
         buffers = self.store.units[unit]
         return buffers.grad_accum if buffers.grad_accum is not None else buffers.grad
 
-    def _update(self, unit: int, lr: float, grad_scale: float | None) -> None:
+    def _reduce(self, unit: int) -> None:
+        if self.reducer is not None:
+            self._reduced.pop(unit, None)  # the last step's sum is not this step's gradient
+            self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
+
+    def _update(self, unit: int, lr: float, grad_scale: float | None, reduce: bool = False) -> None:
         self._maybe_delay()
+        if reduce:
+            self._reduce(unit)
         if self.before_update is not None:
             self.before_update(unit)
         self.steps[unit] += 1
@@ -77,7 +104,7 @@ class Updater:
             adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
                             grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
 
-    def _fold(self, unit: int, first: bool, norm: bool) -> torch.Tensor | None:
+    def _fold(self, unit: int, first: bool, last: bool) -> torch.Tensor | None:
         self._maybe_delay()
         buffers = self.store.units[unit]
         if buffers.grad_accum is not None:
@@ -85,8 +112,9 @@ class Updater:
                 buffers.grad_accum.copy_(buffers.grad)
             else:
                 buffers.grad_accum.add_(buffers.grad)
-        if not norm:
+        if not last:
             return None
+        self._reduce(unit)
         with torch.profiler.record_function(f"horizon.grad_norm.{unit}"):
             return torch.linalg.vector_norm(self._source(unit), 2.0, dtype=torch.float32)
 
@@ -98,7 +126,7 @@ class Updater:
 
         ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
         if eager_lr is not None:
-            self._submit_update(unit, eager_lr, None)
+            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True)
             return
         if norm_on_device and self.store.units[unit].grad_accum is None:
             return
@@ -115,6 +143,8 @@ class Updater:
         if grad_norm is None:
             norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
             grad_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+            if self.reducer is not None:
+                grad_norm = self.reducer.global_norm(grad_norm)
         total = grad_norm / divisor
         norm = float(total)
         if not math.isfinite(norm):

@@ -1,0 +1,187 @@
+"""Data parallel under torchrun on CPU (gloo): what a 2-core machine can measure of issue 9.
+
+For W in --world-sizes, W ranks of this script are started with torchrun's environment. Each rank trains
+the "small" reference decoder (~4.5M parameters) on its own [--batch, --seq] micro-batch, twice in the same
+run: with Horizon (horizon.Trainer, gradients all-reduced in the host store on the optimizer thread) and with
+the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW; Horizon runs twice,
+replicated and with DistributedConfig(shard_optimizer_state=True). Warm-up steps are excluded; medians of the
+step time are reported, with global tokens/s and the ratio DDP time / Horizon time (> 1: Horizon faster).
+
+What is checked against a formula, in the same run:
+  - gradient bytes all-reduced per update: measured (DataParallel.bytes_reduced) vs 4 B x parameters
+    (fp32 gradient, once per update); a ring all-reduce puts 2(W-1)/W of that on each rank's link;
+    sharded: reduce-scatter and all-gather of 4 B x parameters (each unit padded to W equal pieces);
+  - host bytes per rank: the store's exact byte count, and its optimizer state (master, m, v) against the
+    single-process figure / W.
+Scaling itself cannot be measured here: W ranks share 2 cores, so each rank gets 2/W threads.
+
+usage: python bench/distributed.py [--world-sizes 1 2] [--steps 8] [--warmup 3] [--batch 2] [--seq 128]
+Run it under ../shared/tools/quiet-run on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import RESULTS_DIR, median, result_record, write_json  # noqa: E402
+import horizon  # noqa: E402
+from horizon.distributed import DistributedConfig  # noqa: E402
+from horizon.models import Decoder, decoder_config  # noqa: E402
+
+OPT = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+GRAD_BYTES_PER_PARAM = 4  # fp32 gradients in the host store on CPU
+
+
+def _batches(args, rank: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + rank)
+    shape = (args.batch, args.seq)
+    return [{"input_ids": torch.randint(0, 256, shape, generator=g), "labels": torch.randint(0, 256, shape, generator=g)}
+            for _ in range(args.steps)]
+
+
+def _horizon_steps(args, rank: int, shard: bool) -> dict:
+    torch.manual_seed(0)
+    model = Decoder(decoder_config("small"))
+    config = horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0,
+                                 distributed=DistributedConfig(shard_optimizer_state=shard))
+    with horizon.Trainer(model, config) as trainer:
+        times = []
+        for b in _batches(args, rank):
+            start = time.perf_counter()
+            trainer.step(b)
+            trainer.updater.wait_all()  # the step's updates included, as DDP's optimizer.step() is
+            times.append(time.perf_counter() - start)
+        dp = trainer.data_parallel
+        return {"step_s": times, "bytes_reduced": dp.bytes_reduced if dp else 0, "updates": trainer.global_step,
+                "bytes_gathered": dp.bytes_gathered if dp else 0,
+                "host_bytes": trainer.store.total_bytes, "host_bytes_by_role": dict(trainer.store.bytes_by_role),
+                "params": sum(p.numel() for p in model.parameters())}
+
+
+def _ddp_steps(args, rank: int, world_size: int) -> list[float]:
+    torch.manual_seed(0)
+    model = Decoder(decoder_config("small"))
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), **OPT)
+    times = []
+    for b in _batches(args, rank):
+        start = time.perf_counter()
+        logits = model(b["input_ids"])
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), b["labels"].view(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(args) -> None:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(max(1, args.cores // world_size))
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    out = {"replicated": _horizon_steps(args, rank, shard=False), "sharded": _horizon_steps(args, rank, shard=True),
+           "ddp_step_s": _ddp_steps(args, rank, world_size)}
+    if world_size > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(out))
+
+
+def launch(args, world_size: int, out: Path) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, __file__, "--worker-out", str(out), "--steps", str(args.steps), "--batch",
+               str(args.batch), "--seq", str(args.seq), "--cores", str(args.cores)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"a rank of the W={world_size} run failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) -> list[dict]:
+    tokens = world_size * args.batch * args.seq
+    ddp_s = median(raw["ddp_step_s"][args.warmup:])
+    rows = []
+    for mode in ("replicated", "sharded"):
+        run = raw[mode]
+        step_s = median(run["step_s"][args.warmup:])
+        opt_bytes = sum(run["host_bytes_by_role"][r] for r in ("master", "exp_avg", "exp_avg_sq"))
+        rows.append({"world_size": world_size, "mode": mode, "horizon_step_s": step_s, "ddp_step_s": ddp_s,
+                     "horizon_tokens_per_s": tokens / step_s, "ddp_tokens_per_s": tokens / ddp_s,
+                     "vs_ddp": ddp_s / step_s, "params": run["params"],
+                     "reduced_bytes_per_update": run["bytes_reduced"] / run["updates"],
+                     "gathered_bytes_per_update": run["bytes_gathered"] / run["updates"],
+                     "formula_bytes_per_update": GRAD_BYTES_PER_PARAM * run["params"] if world_size > 1 else 0,
+                     "host_bytes_per_rank": run["host_bytes"], "optimizer_state_bytes_per_rank": opt_bytes,
+                     "optimizer_state_vs_total_over_w": None if single_opt_bytes is None
+                     else opt_bytes / (single_opt_bytes / world_size)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker_out:
+        return worker(args)
+    rows, single_opt_bytes = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in sorted(args.world_sizes):
+            raw = launch(args, w, Path(tmp) / f"w{w}.json")
+            if w == 1:
+                by_role = raw["replicated"]["host_bytes_by_role"]
+                single_opt_bytes = sum(by_role[r] for r in ("master", "exp_avg", "exp_avg_sq"))
+            rows += summarise(args, w, raw, single_opt_bytes)
+    print(f"{'W':>2} {'mode':>10} {'horizon s/step':>14} {'DDP s/step':>10} {'DDP/horizon':>11} {'reduced B/upd':>13} "
+          f"{'gathered B/upd':>14} {'4N':>11} {'host B/rank':>12} {'m+v+master B':>13} {'vs total/W':>10}")
+    for r in rows:
+        vs = r["optimizer_state_vs_total_over_w"]
+        print(f"{r['world_size']:>2} {r['mode']:>10} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>10.4f} "
+              f"{r['vs_ddp']:>11.3f} {r['reduced_bytes_per_update']:>13,.0f} {r['gathered_bytes_per_update']:>14,.0f} "
+              f"{r['formula_bytes_per_update']:>11,} {r['host_bytes_per_rank']:>12,} "
+              f"{r['optimizer_state_bytes_per_rank']:>13,} {'' if vs is None else f'{vs:.4f}':>10}")
+    key = "{mode}_w{world_size}".format
+    results = {f"horizon_{key(**r)}": r["horizon_tokens_per_s"] for r in rows}
+    results.update({f"ddp_w{r['world_size']}": r["ddp_tokens_per_s"] for r in rows})
+    ratios = {f"vs_ddp_{key(**r)}": r["vs_ddp"] for r in rows}
+    ratios.update({f"reduced_bytes_vs_formula_{key(**r)}": r["reduced_bytes_per_update"] / r["formula_bytes_per_update"]
+                   for r in rows if r["formula_bytes_per_update"]})
+    ratios.update({f"optimizer_state_vs_total_over_w_{key(**r)}": r["optimizer_state_vs_total_over_w"]
+                   for r in rows if r["optimizer_state_vs_total_over_w"] is not None})
+    record = result_record("distributed", unit="tokens/s (global)", higher_is_better=True, results=results,
+                           ratios=ratios, rows=rows,
+                           config={k: v for k, v in vars(args).items() if k != "worker_out"} | {"model": "small"})
+    print("wrote", write_json(RESULTS_DIR / "distributed.json", record))
+
+
+if __name__ == "__main__":
+    main()

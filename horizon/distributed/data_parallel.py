@@ -1,0 +1,167 @@
+"""Data parallelism over the host store: gradients summed across ranks, replicas kept identical.
+
+Why this shape: each rank runs the engine on its own micro-batch exactly as a single process
+would, except that the loss is divided by the *global* count of labels that are not ignored
+(all-reduced before the step), so the sum over ranks of the per-rank gradients is the gradient of
+one process on the concatenated batch. That sum is an all-reduce of each unit's flat gradient in
+the host store, run on the optimizer thread as soon as the unit's gradient lands and before its
+norm or update, so it overlaps the backward of the units below. Every rank then holds the same
+gradient, takes the same global norm, makes the same clip and skip decisions and applies the same
+AdamW update: the replicas never drift apart. Bytes moved per step: see docs/distributed.md.
+
+``ShardedDataParallel`` is the same contract with the optimizer state split across ranks
+(``ShardedHostStore``): the sum is a reduce-scatter that leaves each rank its shard of the summed
+gradient, the norm is the square root of the all-reduced sum of the shards' squared norms, and
+after each rank updated its shard an all-gather rebuilds the whole compute copy on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from horizon.distributed.sharded_store import ShardedHostStore, ShardedUnitBuffers
+from horizon.distributed.world import World
+from horizon.store.host_store import HostStore, UnitBuffers
+from horizon.store.layout import UnitLayout
+
+__all__ = ["DataParallel", "ShardedDataParallel", "PeerFailure"]
+
+# torch 2.13 renamed the tensor forms (the old names warn); torch 2.11 has only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: another rank died, or stopped answering for longer than the timeout."""
+
+
+class DataParallel:
+    """The collectives of one data-parallel trainer, with the payload bytes each kind moved."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.bytes_reduced = 0
+        """Gradient bytes this rank handed to all-reduce (its payload; the wire carries 2(W-1)/W of it)."""
+        self.bytes_broadcast = 0
+        """Weight bytes broadcast from rank 0 when the trainer started."""
+        self.bytes_gathered = 0
+        """Compute-copy bytes all-gathered after updates (sharded only: each rank's output, its own piece included)."""
+
+    def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
+                   accumulate: bool) -> HostStore:
+        return HostStore(layouts, compute_dtype=compute_dtype, pin=pin, accumulate=accumulate)
+
+    def local_decay_runs(self, store: HostStore, runs: list[list[tuple[int, int, float]]]):
+        """Per unit, the ``(start, end, weight_decay)`` element ranges this rank updates."""
+        return runs
+
+    def _run(self, what: str, collective: Callable[[], object]) -> None:
+        try:
+            collective()
+        except (RuntimeError, dist.DistBackendError) as e:
+            w = self.world
+            raise PeerFailure(
+                f"rank {w.rank} of {w.world_size}: the {what} collective failed ({type(e).__name__}: {e}). "
+                f"Another rank died or did not answer within DistributedConfig.timeout_s={w.timeout_s:g} s; read "
+                "the other ranks' logs, and raise timeout_s if a rank is only slow (a long CPU optimizer phase)"
+            ) from e
+
+    def broadcast_store(self, store: HostStore) -> None:
+        """Give every rank rank 0's initial weights (the compute copies follow from the masters)."""
+        for unit in store.units:
+            self._run("initial weight broadcast", lambda: dist.broadcast(unit.master, src=0, group=self.world.scalars))
+            unit.refresh_compute()
+            self.bytes_broadcast += unit.master.numel() * unit.master.element_size()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the body first (say, validating checkpoints); the other ranks once it is done."""
+        barrier = lambda: dist.barrier(group=self.world.scalars)  # noqa: E731
+        if self.world.rank != 0:
+            self._run("barrier", barrier)
+        yield
+        if self.world.rank == 0:
+            self._run("barrier", barrier)
+
+    def global_count(self, count: int) -> int:
+        """The sum over ranks of ``count`` (the labels each rank's micro-batch lets count)."""
+        total = torch.tensor([count], dtype=torch.int64)
+        self._run("label count all-reduce", lambda: dist.all_reduce(total, group=self.world.scalars))
+        return int(total)
+
+    def global_sum(self, value: float) -> float:
+        """The sum over ranks of ``value`` in float64 (the loss sums, for the reported loss)."""
+        total = torch.tensor([value], dtype=torch.float64)
+        self._run("loss all-reduce", lambda: dist.all_reduce(total, group=self.world.scalars))
+        return float(total)
+
+    def reduce(self, unit: UnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """Replace ``flat`` (a unit's whole host gradient) by its sum over ranks and return it; on the
+        optimizer thread. A 16-bit gradient is summed in fp32 and rounded once at the end."""
+        work = flat if flat.dtype == torch.float32 else flat.float()
+        self._run("gradient all-reduce", lambda: dist.all_reduce(work, group=self.world.grads))
+        if work is not flat:
+            flat.copy_(work)
+        self.bytes_reduced += work.numel() * work.element_size()
+        return flat
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The norm of the whole summed gradient: every rank holds all of it already."""
+        return local_norm
+
+    def whole(self, unit: UnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """``unit``'s optimizer-state buffer ``flat`` as the whole unit: here every rank holds it all."""
+        return flat
+
+
+class ShardedDataParallel(DataParallel):
+    """Data parallelism with master, m and v split across ranks (``ShardedHostStore``)."""
+
+    def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
+                   accumulate: bool) -> ShardedHostStore:
+        assert compute_dtype == torch.float32, "TrainConfig refuses sharding with a 16-bit compute dtype"
+        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size, pin=pin,
+                                accumulate=accumulate, gather=self.gather)
+
+    def local_decay_runs(self, store: ShardedHostStore, runs: list[list[tuple[int, int, float]]]):
+        out = []
+        for unit, unit_runs in zip(store.units, runs):
+            lo, hi = unit.shard_start, unit.shard_start + unit.valid_numel
+            out.append([(max(a, lo) - lo, min(b, hi) - lo, decay) for a, b, decay in unit_runs if a < hi and b > lo])
+        return out
+
+    def broadcast_store(self, store: ShardedHostStore) -> None:
+        for unit in store.units:
+            self._run("initial weight broadcast", lambda: dist.broadcast(unit.compute, src=0, group=self.world.scalars))
+            unit.load_shard()
+            self.bytes_broadcast += unit.compute.numel() * unit.compute.element_size()
+
+    def reduce(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``)."""
+        padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
+        self._run("gradient reduce-scatter",
+                  lambda: _reduce_scatter(unit.grad_shard, padded, group=self.world.grads))
+        self.bytes_reduced += padded.numel() * padded.element_size()
+        return unit.grad_shard
+
+    def gather(self, unit: ShardedUnitBuffers) -> None:
+        """Rebuild the whole compute copy from every rank's updated master shard; on the optimizer thread."""
+        self._run("weight all-gather",
+                  lambda: _all_gather(unit.padded_compute, unit.master, group=self.world.grads))
+        self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
+
+    def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
+        """A new tensor of ``unit``'s whole optimizer-state buffer, gathered from every rank's shard ``flat``."""
+        out = flat.new_empty(unit.shard_numel * self.world.world_size)
+        self._run("optimizer state all-gather", lambda: _all_gather(out, flat, group=self.world.scalars))
+        return out[:unit.layout.numel]
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """sqrt of the sum over ranks of the squared norms of their gradient shards."""
+        squared = local_norm.double().square().reshape(1)
+        self._run("gradient norm all-reduce", lambda: dist.all_reduce(squared, group=self.world.scalars))
+        return squared.sqrt().reshape(()).to(local_norm.dtype)

@@ -1,0 +1,35 @@
+"""The configurations and data the data-parallel tests run, shared by the parent and its ranks."""
+
+import torch
+
+import dataclasses
+
+import horizon
+from helpers import batches
+from horizon.distributed import DistributedConfig
+
+OPT = horizon.AdamW(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+GLOBAL_BATCH = 4
+STEPS = 10
+
+CASES = {
+    "no_clip": horizon.TrainConfig(optimizer=OPT, plan="recompute"),
+    "clip": horizon.TrainConfig(optimizer=OPT, grad_clip_norm=0.05, plan="keep"),
+    "eager": horizon.TrainConfig(optimizer=OPT, on_nonfinite="ignore", plan="recompute"),
+    "accum_clip": horizon.TrainConfig(optimizer=OPT, grad_clip_norm=0.05, grad_accum_steps=2, plan="recompute"),
+}
+"""Deferred without clipping, deferred with clipping that binds, eager updates, and accumulation."""
+
+SHARDED = DistributedConfig(shard_optimizer_state=True)
+CASES |= {f"sharded_{name}": dataclasses.replace(config, distributed=SHARDED) for name, config in list(CASES.items())}
+"""The same four with master, m and v split across the ranks."""
+
+
+def global_batches() -> list[dict[str, torch.Tensor]]:
+    """Ten global batches; about a third of the labels ignored, so the ranks' label counts differ."""
+    return batches(STEPS, batch=GLOBAL_BATCH, ignore_frac=0.35, seed=7)
+
+
+def rank_batch(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    rows = GLOBAL_BATCH // world_size
+    return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
