@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -25,7 +25,7 @@ from horizon.checkpoint.commit import abandon, clean_leftovers, commit, new_infl
 from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
-from horizon.checkpoint.shard import write_shard
+from horizon.checkpoint.shard import QUEUE_DEPTH, write_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
 from horizon.store.host_store import HostStore
@@ -80,6 +80,7 @@ class Checkpointer:
         self.model_config = model_config
         slot_bytes, num_slots = staging_plan(config, [u.layout for u in store.units])
         self.ring = StagingRing(slot_bytes=slot_bytes, num_slots=num_slots)
+        self._writers = ThreadPoolExecutor(QUEUE_DEPTH, thread_name_prefix="horizon-ckpt-io")
         self._flight: _Flight | None = None
         self._errors: list[str] = []
         self.last_requested_step: int | None = None
@@ -214,8 +215,10 @@ class Checkpointer:
                 named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
                 where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
-        nbytes, records = write_shard(path, named, metadata=metadata, disk=self.disk, deadline_s=deadline_s)
+        nbytes, records = write_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
+                                      disk=self.disk, writers=self._writers, deadline_s=deadline_s)
         return nbytes, {r.name: dict(r.to_json(), **where[r.name]) for r in records}
 
     def close(self) -> None:
         self.wait()
+        self._writers.shutdown()

@@ -56,11 +56,15 @@ class Snapshot:
         self.blocked_s = 0.0
         """Seconds the optimizer spent in ``before_update`` for this version (waits and its own copies)."""
 
+    def staged_slot(self, unit: int) -> torch.Tensor:
+        """The staging slot holding ``unit`` (master, m, v back to back), valid while the unit is STAGED."""
+        return self.ring.slot(self._slot[unit])
+
     def staged_view(self, unit: int, role: str) -> torch.Tensor:
         """The staged copy of ``unit``'s ``role`` (fp32, flat), valid while the unit is STAGED."""
         numel = self.store.units[unit].layout.numel
         k = ROLES.index(role)
-        return self.ring.slot(self._slot[unit])[k * numel * 4:(k + 1) * numel * 4].view(torch.float32)
+        return self.staged_slot(unit)[k * numel * 4:(k + 1) * numel * 4].view(torch.float32)
 
     # -- copying (copier thread, or the optimizer's copy-on-write) ------------------------------
 
