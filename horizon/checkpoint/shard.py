@@ -29,7 +29,7 @@ from horizon.store.layout import ALIGN_BYTES
 
 __all__ = ["TensorRecord", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES", "QUEUE_DEPTH"]
 
-WRITE_CHUNK_BYTES = 8 << 20
+WRITE_CHUNK_BYTES = 16 << 20
 """Bytes per write request: large enough for the device, small enough to spread over the queue."""
 QUEUE_DEPTH = 4
 """Writes in flight at once (threads in the writer's pool); a single synchronous stream leaves an SSD idle."""
