@@ -63,6 +63,7 @@ class _Flight:
     path: str | None = None                 # the committed directory
     error: str | None = None
     durable_s: float | None = None          # request to commit (time-to-durable)
+    write_s: float | None = None            # the writer's busy time: shards and commit, waits for copies excluded
     threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
 
@@ -168,11 +169,14 @@ class Checkpointer:
 
     def _write(self, flight: _Flight) -> None:
         snapshot, inflight = flight.snapshot, None
+        started, waited_s = time.perf_counter(), 0.0
         try:
             inflight = new_inflight_dir(self.root, snapshot.step)
             files, tensors = {}, {}
             for index, unit in enumerate(snapshot.order):
+                wait_start = time.perf_counter()
                 snapshot.wait_staged(unit, flight.deadline_s)
+                waited_s += time.perf_counter() - wait_start
                 file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
                 nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
                 snapshot.mark_written(unit)
@@ -189,6 +193,7 @@ class Checkpointer:
                                    f"{self.config.timeout_s} s")
             flight.path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
             flight.durable_s = time.time() - flight.requested_unix_s
+            flight.write_s = time.perf_counter() - started - waited_s
             self.last_committed_step = snapshot.step
             self.num_taken += 1
             retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
