@@ -2,7 +2,9 @@
 
 What it measures, in one run on one training loop (horizon.Trainer on a Decoder, CPU, clipping on):
   * none              no checkpoint: the baseline iteration time
-  * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread
+  * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread; the copier
+                      waits while an optimizer task runs
+  * horizon_no_yield  the same with the copier never waiting for the optimizer (the control for that rule)
   * torch_save        every N steps, torch.save of the same state (master weights + AdamW state), fsynced
   * dcp_async_save    every N steps, torch.distributed.checkpoint.async_save of that state (no process group);
                       the previous save is waited for before the next one
@@ -36,7 +38,7 @@ from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
 from checkpoint_write import disk_limit
 
 INTERVALS = (1, 2, 10)
-SYSTEMS = ("horizon", "torch_save", "dcp_async_save")
+SYSTEMS = ("horizon", "horizon_no_yield", "torch_save", "dcp_async_save")
 
 
 def steps_for(n: int) -> int:
@@ -70,8 +72,11 @@ def run(system: str, n: int, model, batches, args) -> dict:
     root = os.path.join(args.dir, f"{system}-{n}")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if system == "horizon" and n else None
+    ours = system.startswith("horizon")
+    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if ours and n else None
     trainer = horizon.Trainer(copy.deepcopy(model), train_config(ckpt))
+    if system == "horizon_no_yield":
+        trainer.checkpointer.optimizer_busy = None  # the copier runs even while the optimizer does
     blocking, durable, write_s, future, iters = [], [], [], None, []
     for b in batches[:args.warmup]:
         trainer.step(b)
@@ -80,7 +85,7 @@ def run(system: str, n: int, model, batches, args) -> dict:
     for i, b in enumerate(batches[args.warmup:], 1):
         t0 = time.perf_counter()
         trainer.step(b)
-        if n and system != "horizon" and i % n == 0:
+        if n and not ours and i % n == 0:
             c0 = time.perf_counter()
             if system == "torch_save":
                 path = os.path.join(root, f"step-{i}.pt")
@@ -107,10 +112,11 @@ def run(system: str, n: int, model, batches, args) -> dict:
         blocking = [cp.request_s / max(1, len(flights)) + f.snapshot.blocked_s for f in flights]
         durable = [f.durable_s for f in flights]
         write_s = [f.write_s for f in flights]
+        yielded_ms = 1e3 * median([f.snapshot.yielded_s for f in flights]) if flights else None
         bytes_per_ckpt = sum(os.path.getsize(os.path.join(flights[-1].path, x))
                              for x in os.listdir(flights[-1].path)) if flights else 0
     else:
-        bytes_per_ckpt = None
+        bytes_per_ckpt = yielded_ms = None
     trainer.updater.wait_all()
     total = time.perf_counter() - start
     drain = time.perf_counter() - drain0
@@ -120,7 +126,8 @@ def run(system: str, n: int, model, batches, args) -> dict:
             "drain_s": drain, "num_checkpoints": len(blocking),
             "blocking_ms_per_ckpt": 1e3 * sum(blocking) / len(blocking) if blocking else 0.0,
             "median_durable_s": median(durable) if durable else None,
-            "median_write_s": median(write_s) if write_s else None, "bytes_per_ckpt": bytes_per_ckpt}
+            "median_write_s": median(write_s) if write_s else None, "bytes_per_ckpt": bytes_per_ckpt,
+            "median_copier_yield_ms": yielded_ms}
 
 
 def main() -> None:
@@ -165,11 +172,14 @@ def main() -> None:
     record = result_record(
         "checkpoint", unit="ms blocking per checkpoint", higher_is_better=False,
         results={"horizon": {n: rows[f"horizon@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "horizon_no_yield": {n: rows[f"horizon_no_yield@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "torch_save": {n: rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "dcp_async_save": {n: rows[f"dcp_async_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool, **limit_details}},
         ratios={"blocking_fraction_of_step": worst_fraction, "vs_torch_save_blocking": vs_save,
-                "vs_limit": throughput / limit_bps, "request_to_durable_vs_limit": request_to_durable / limit_bps},
+                "vs_limit": throughput / limit_bps, "request_to_durable_vs_limit": request_to_durable / limit_bps,
+                "r_no_yield_over_r_yield": {n: rows[f"horizon_no_yield@{n}"]["r"] / rows[f"horizon@{n}"]["r"]
+                                            for n in INTERVALS}},
         rows=rows, cpu=meter.stop(),
         config={"params": params, "state_bytes": 12 * params, **vars(args), "intervals": INTERVALS})
     print("wrote", write_json(args.out, record))

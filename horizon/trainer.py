@@ -135,6 +135,8 @@ class Trainer:
             disk=checkpoint_disk)
         self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None)
+        if self.checkpointer is not None:
+            self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -95,6 +96,9 @@ class Checkpointer:
         """Every checkpoint finished so far (for reports and the benchmark)."""
         self.barrier_enabled = True
         """Tests only: False skips the per-unit barrier (the negative control, which must corrupt snapshots)."""
+        self.optimizer_busy: Callable[[], bool] | None = None
+        """Set by the trainer: True while an optimizer task runs; the copier waits for it to go idle
+        (None: the copier never waits; the benchmark's control)."""
 
     # -- the training thread ---------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class Checkpointer:
             self.request_wait_s += time.perf_counter() - start
         self._finish_previous()
         snapshot = Snapshot(step=step, store=self.store, ring=self.ring, order=order, after=after,
-                            adam_steps=adam_steps)
+                            adam_steps=adam_steps, optimizer_busy=self.optimizer_busy)
         snapshot.barrier_enabled = self.barrier_enabled
         flight = _Flight(snapshot=snapshot, train_state=train_state, requested_unix_s=time.time(),
                          deadline_s=time.monotonic() + self.config.timeout_s)
