@@ -370,6 +370,8 @@ class Trainer:
                     flight = self.checkpointer.wait()
                     error = flight.error
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.close()  # its writer threads
             self.updater.close()
             self.transfer.close()
             self.engine.close()

@@ -78,3 +78,20 @@ def test_a_failed_chunk_fails_the_shard_and_no_write_outlives_the_file(tmp_path,
         shard.write_shard(str(tmp_path / "s"), tensors, buffer=buffer, metadata={}, disk=FailingDisk(),
                           writers=writers, deadline_s=time.monotonic() + 60)
     assert len(calls) == 17  # the header and every chunk ran to completion before the file was closed
+
+
+def test_trainer_close_stops_the_writer_threads(tmp_path):
+    import threading
+
+    import horizon
+    from ckpt_helpers import config, data, model
+
+    def io_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("horizon-ckpt-io")]
+
+    before = len(io_threads())
+    with horizon.Trainer(model(), config(horizon.CheckpointConfig(dir=tmp_path))) as trainer:
+        trainer.step(data(1)[0])
+        trainer.save(wait=True)
+        assert len(io_threads()) > before  # the pool did the writing
+    assert len(io_threads()) == before
