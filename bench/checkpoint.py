@@ -2,7 +2,9 @@
 
 What it measures, in one run on one training loop (horizon.Trainer on a Decoder, CPU, clipping on):
   * none              no checkpoint: the baseline iteration time
-  * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread
+  * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread; the copier
+                      waits while an optimizer task runs
+  * horizon_no_yield  the same with the copier never waiting for the optimizer (the control for that rule)
   * torch_save        every N steps, torch.save of the same state (master weights + AdamW state), fsynced
   * dcp_async_save    every N steps, torch.distributed.checkpoint.async_save of that state (no process group);
                       the previous save is waited for before the next one
@@ -10,8 +12,9 @@ for N in 1, 2, 10. Per system and N: blocking ms per checkpoint (time the traini
 held: Horizon's request + barrier waits; torch.save's whole call; async_save's call + waiting for the
 previous one), r(N) = mean iteration time / mean iteration time without checkpoints (the final drain
 included), time-to-durable, and Horizon's write throughput against the disk's sequential write limit
-measured in the same run (fio when installed; otherwise dd oflag=direct at queue depth 1, which understates
-the device, and the JSON says so). Warm-up steps are excluded; medians are quoted where they exist.
+measured in the same run (``checkpoint_write.disk_limit``: fio when installed, else parallel dd's).
+Throughput (``vs_limit``) is bytes per checkpoint over the writer's busy time (shards, fsyncs, commit;
+its waits for the copier excluded); bytes over request-to-durable time is reported beside it. Warm-up steps are excluded; medians are quoted where they exist.
 
     python bench/checkpoint.py [--dim 384 --layers 4 --warmup 3 --dir /tmp/horizon-ckpt-bench]
 Writes bench/results/checkpoint.json.
@@ -22,9 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import shutil
-import subprocess
 import time
 
 import torch
@@ -34,9 +35,10 @@ import horizon
 from horizon.models import Decoder, decoder_config
 
 from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
+from checkpoint_write import disk_limit
 
 INTERVALS = (1, 2, 10)
-SYSTEMS = ("horizon", "torch_save", "dcp_async_save")
+SYSTEMS = ("horizon", "horizon_no_yield", "torch_save", "dcp_async_save")
 
 
 def steps_for(n: int) -> int:
@@ -70,9 +72,12 @@ def run(system: str, n: int, model, batches, args) -> dict:
     root = os.path.join(args.dir, f"{system}-{n}")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if system == "horizon" and n else None
+    ours = system.startswith("horizon")
+    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if ours and n else None
     trainer = horizon.Trainer(copy.deepcopy(model), train_config(ckpt))
-    blocking, durable, future, iters = [], [], None, []
+    if system == "horizon_no_yield":
+        trainer.checkpointer.optimizer_busy = None  # the copier runs even while the optimizer does
+    blocking, durable, write_s, future, iters = [], [], [], None, []
     for b in batches[:args.warmup]:
         trainer.step(b)
     trainer.updater.wait_all()
@@ -80,7 +85,7 @@ def run(system: str, n: int, model, batches, args) -> dict:
     for i, b in enumerate(batches[args.warmup:], 1):
         t0 = time.perf_counter()
         trainer.step(b)
-        if n and system != "horizon" and i % n == 0:
+        if n and not ours and i % n == 0:
             c0 = time.perf_counter()
             if system == "torch_save":
                 path = os.path.join(root, f"step-{i}.pt")
@@ -106,10 +111,12 @@ def run(system: str, n: int, model, batches, args) -> dict:
         flights = [f for f in cp.history if f.path is not None]
         blocking = [cp.request_s / max(1, len(flights)) + f.snapshot.blocked_s for f in flights]
         durable = [f.durable_s for f in flights]
+        write_s = [f.write_s for f in flights]
+        yielded_ms = 1e3 * median([f.snapshot.yielded_s for f in flights]) if flights else None
         bytes_per_ckpt = sum(os.path.getsize(os.path.join(flights[-1].path, x))
                              for x in os.listdir(flights[-1].path)) if flights else 0
     else:
-        bytes_per_ckpt = None
+        bytes_per_ckpt = yielded_ms = None
     trainer.updater.wait_all()
     total = time.perf_counter() - start
     drain = time.perf_counter() - drain0
@@ -118,25 +125,9 @@ def run(system: str, n: int, model, batches, args) -> dict:
     return {"mean_iter_s": total / len(iters), "median_iter_s": median(iters), "max_iter_s": max(iters),
             "drain_s": drain, "num_checkpoints": len(blocking),
             "blocking_ms_per_ckpt": 1e3 * sum(blocking) / len(blocking) if blocking else 0.0,
-            "median_durable_s": median(durable) if durable else None, "bytes_per_ckpt": bytes_per_ckpt}
-
-
-def disk_limit(directory: str, total_mb: int = 1024) -> tuple[float, str]:
-    """Sequential direct-I/O write bandwidth (bytes/s) of the disk under ``directory``, and the tool used."""
-    path = os.path.join(directory, "disk-limit.bin")
-    try:
-        if shutil.which("fio"):
-            out = subprocess.run(["fio", "--name=w", f"--filename={path}", "--rw=write", "--bs=8M", "--direct=1",
-                                  f"--size={total_mb}M", "--iodepth=16", "--ioengine=libaio", "--output-format=terse"],
-                                 capture_output=True, text=True, check=True).stdout
-            return float(out.split(";")[47]) * 1024, "fio direct=1 bs=8M iodepth=16"
-        out = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=8M", f"count={total_mb // 8}", "oflag=direct",
-                              "conv=fsync"], capture_output=True, text=True, check=True).stderr
-        nbytes, secs = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", out).groups()
-        return int(nbytes) / float(secs), "dd oflag=direct bs=8M (fio not installed: queue depth 1 understates the disk)"
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
+            "median_durable_s": median(durable) if durable else None,
+            "median_write_s": median(write_s) if write_s else None, "bytes_per_ckpt": bytes_per_ckpt,
+            "median_copier_yield_ms": yielded_ms}
 
 
 def main() -> None:
@@ -155,7 +146,7 @@ def main() -> None:
                                    num_heads=args.dim // 64, num_kv_heads=args.dim // 64, ffn_dim=4 * args.dim))
     params = sum(p.numel() for p in model.parameters())
     meter = CpuMeter().start()
-    limit_bps, limit_tool = disk_limit(args.dir)
+    limit_bps, limit_tool, limit_details = disk_limit(args.dir)
     rows = {}
     for n in INTERVALS:
         batches = make_batches(args.warmup + steps_for(n), batch=args.batch, seq=args.seq)
@@ -173,18 +164,22 @@ def main() -> None:
     vs_save = min(rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] / max(rows[f"horizon@{n}"]["blocking_ms_per_ckpt"],
                                                                          1e-3) for n in INTERVALS)
     h = [rows[f"horizon@{n}"] for n in INTERVALS if n >= 2]
-    throughput = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
-    print(f"disk limit {limit_bps / 1e9:.2f} GB/s ({limit_tool}); horizon durable {throughput / 1e9:.2f} GB/s "
-          f"= {throughput / limit_bps:.2f} of it; worst blocking fraction (N>=2) {worst_fraction:.4f}; "
-          f"torch.save blocks {vs_save:.1f}x longer")
+    throughput = median([r["bytes_per_ckpt"] / r["median_write_s"] for r in h])
+    request_to_durable = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
+    print(f"disk limit {limit_bps / 1e9:.2f} GB/s ({limit_tool}); horizon writer {throughput / 1e9:.2f} GB/s "
+          f"= {throughput / limit_bps:.2f} of it (request to durable: {request_to_durable / 1e9:.2f} GB/s); worst "
+          f"blocking fraction (N>=2) {worst_fraction:.4f}; torch.save blocks {vs_save:.1f}x longer")
     record = result_record(
         "checkpoint", unit="ms blocking per checkpoint", higher_is_better=False,
         results={"horizon": {n: rows[f"horizon@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "horizon_no_yield": {n: rows[f"horizon_no_yield@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "torch_save": {n: rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "dcp_async_save": {n: rows[f"dcp_async_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
-                 "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool}},
+                 "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool, **limit_details}},
         ratios={"blocking_fraction_of_step": worst_fraction, "vs_torch_save_blocking": vs_save,
-                "vs_limit": throughput / limit_bps},
+                "vs_limit": throughput / limit_bps, "request_to_durable_vs_limit": request_to_durable / limit_bps,
+                "r_no_yield_over_r_yield": {n: rows[f"horizon_no_yield@{n}"]["r"] / rows[f"horizon@{n}"]["r"]
+                                            for n in INTERVALS}},
         rows=rows, cpu=meter.stop(),
         config={"params": params, "state_bytes": 12 * params, **vars(args), "intervals": INTERVALS})
     print("wrote", write_json(args.out, record))

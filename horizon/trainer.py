@@ -183,6 +183,8 @@ class Trainer:
         self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None,
                                reducer=self.data_parallel)
+        if self.checkpointer is not None:
+            self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
@@ -453,6 +455,8 @@ class Trainer:
                     error = flight.error
                 self._announce_checkpoint()
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.close()  # its writer threads
             self.updater.close()
             self.transfer.close()
             self.engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -73,14 +74,16 @@ def checkpoint_state(directory: str) -> list[dict[str, torch.Tensor]]:
 
 
 class SlowDisk(Disk):
-    """Every write sleeps first: a disk slower than training."""
+    """A disk slower than training: it serves one write at a time, each taking ``delay_s`` longer."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
+        self._busy = threading.Lock()
 
-    def write(self, fd, data):
-        time.sleep(self.delay_s)
-        super().write(fd, data)
+    def write(self, fd, data, offset):
+        with self._busy:
+            time.sleep(self.delay_s)
+            super().write(fd, data, offset)
 
 
 class FullDisk(Disk):
@@ -89,10 +92,10 @@ class FullDisk(Disk):
     def __init__(self) -> None:
         self.full = False
 
-    def write(self, fd, data):
+    def write(self, fd, data, offset):
         if self.full:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        super().write(fd, data)
+        super().write(fd, data, offset)
 
 
 class KillingDisk(Disk):

@@ -44,7 +44,7 @@ def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> s
     """Write the manifest last, make everything durable, rename into place; the committed path."""
     fd = disk.open_new(os.path.join(inflight, MANIFEST))
     try:
-        disk.write(fd, memoryview(json.dumps(manifest, indent=1).encode()))
+        disk.write(fd, memoryview(json.dumps(manifest, indent=1).encode()), 0)
         disk.fsync(fd)
     finally:
         os.close(fd)

@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -25,7 +26,7 @@ from horizon.checkpoint.commit import abandon, clean_leftovers, commit, new_infl
 from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
-from horizon.checkpoint.shard import write_shard
+from horizon.checkpoint.shard import QUEUE_DEPTH, write_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
 from horizon.store.host_store import HostStore
@@ -63,6 +64,7 @@ class _Flight:
     path: str | None = None                 # the committed directory
     error: str | None = None
     durable_s: float | None = None          # request to commit (time-to-durable)
+    write_s: float | None = None            # the writer's busy time: shards and commit, waits for copies excluded
     threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
 
@@ -80,6 +82,7 @@ class Checkpointer:
         self.model_config = model_config
         slot_bytes, num_slots = staging_plan(config, [u.layout for u in store.units])
         self.ring = StagingRing(slot_bytes=slot_bytes, num_slots=num_slots)
+        self._writers = ThreadPoolExecutor(QUEUE_DEPTH, thread_name_prefix="horizon-ckpt-io")
         self._flight: _Flight | None = None
         self._errors: list[str] = []
         self.last_requested_step: int | None = None
@@ -93,6 +96,9 @@ class Checkpointer:
         """Every checkpoint finished so far (for reports and the benchmark)."""
         self.barrier_enabled = True
         """Tests only: False skips the per-unit barrier (the negative control, which must corrupt snapshots)."""
+        self.optimizer_busy: Callable[[], bool] | None = None
+        """Set by the trainer: True while an optimizer task runs; the copier waits for it to go idle
+        (None: the copier never waits; the benchmark's control)."""
 
     # -- the training thread ---------------------------------------------------------------------
 
@@ -118,7 +124,7 @@ class Checkpointer:
             self.request_wait_s += time.perf_counter() - start
         self._finish_previous()
         snapshot = Snapshot(step=step, store=self.store, ring=self.ring, order=order, after=after,
-                            adam_steps=adam_steps)
+                            adam_steps=adam_steps, optimizer_busy=self.optimizer_busy)
         snapshot.barrier_enabled = self.barrier_enabled
         flight = _Flight(snapshot=snapshot, train_state=train_state, requested_unix_s=time.time(),
                          deadline_s=time.monotonic() + self.config.timeout_s)
@@ -167,11 +173,14 @@ class Checkpointer:
 
     def _write(self, flight: _Flight) -> None:
         snapshot, inflight = flight.snapshot, None
+        started, waited_s = time.perf_counter(), 0.0
         try:
             inflight = new_inflight_dir(self.root, snapshot.step)
             files, tensors = {}, {}
             for index, unit in enumerate(snapshot.order):
+                wait_start = time.perf_counter()
                 snapshot.wait_staged(unit, flight.deadline_s)
+                waited_s += time.perf_counter() - wait_start
                 file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
                 nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
                 snapshot.mark_written(unit)
@@ -188,6 +197,7 @@ class Checkpointer:
                                    f"{self.config.timeout_s} s")
             flight.path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
             flight.durable_s = time.time() - flight.requested_unix_s
+            flight.write_s = time.perf_counter() - started - waited_s
             self.last_committed_step = snapshot.step
             self.num_taken += 1
             retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
@@ -214,8 +224,10 @@ class Checkpointer:
                 named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
                 where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
-        nbytes, records = write_shard(path, named, metadata=metadata, disk=self.disk, deadline_s=deadline_s)
+        nbytes, records = write_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
+                                      disk=self.disk, writers=self._writers, deadline_s=deadline_s)
         return nbytes, {r.name: dict(r.to_json(), **where[r.name]) for r in records}
 
     def close(self) -> None:
         self.wait()
+        self._writers.shutdown()

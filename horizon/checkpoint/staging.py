@@ -13,14 +13,23 @@ import threading
 
 import torch
 
-__all__ = ["StagingRing"]
+from horizon.store.layout import ALIGN_BYTES
+
+__all__ = ["StagingRing", "aligned_empty"]
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of ``nbytes`` starting on a page (what O_DIRECT needs)."""
+    raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN_BYTES
+    return raw[skip:skip + nbytes]
 
 
 class StagingRing:
     def __init__(self, *, slot_bytes: int, num_slots: int) -> None:
-        assert slot_bytes > 0 and num_slots >= 1
+        assert slot_bytes > 0 and slot_bytes % ALIGN_BYTES == 0 and num_slots >= 1
         self.slot_bytes, self.num_slots = slot_bytes, num_slots
-        self.buffer = torch.empty(slot_bytes * num_slots, dtype=torch.uint8)
+        self.buffer = aligned_empty(slot_bytes * num_slots)
         self._free = list(range(num_slots))
         self._waiting: set[int] = set()
         self._cond = threading.Condition()

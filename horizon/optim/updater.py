@@ -170,6 +170,10 @@ class Updater:
         future = self._pending.get(unit)
         return None if future is None or future.done() and future.exception() is None else future
 
+    def busy(self) -> bool:
+        """True while an optimizer task is queued or running (the checkpoint copier yields to it)."""
+        return any(not future.done() for future in list(self._pending.values()))
+
     def wait(self, unit: int) -> None:
         future = self._pending.pop(unit, None)
         if future is not None:

@@ -21,6 +21,7 @@ from horizon.checkpoint.commit import committed_steps
 from ckpt_helpers import config, data, model, reference_states, states_equal, unit_state
 
 STEPS = 5
+NUM_RANDOM_KILLS = 20  # the "20+ random instants"
 NUM_UNITS = 4  # embedding, 2 blocks, head: one shard each
 CHILD = Path(__file__).with_name("ckpt_child.py")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -69,7 +70,7 @@ def test_kill_at_a_protocol_point_then_resume(tmp_path, reference, point, nth):
 def test_kill_at_random_instants_then_resume(tmp_path, reference):
     rng = random.Random(1234)
     outcomes = []
-    for case in range(10):
+    for case in range(NUM_RANDOM_KILLS):
         root = tmp_path / f"case{case}"
         child = _child(root)
         started = child.stdout.readline()
@@ -80,4 +81,4 @@ def test_kill_at_random_instants_then_resume(tmp_path, reference):
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=60)
         outcomes.append(_resume_and_check(root, reference))
-    assert len(set(outcomes)) >= 2, f"the kills all landed at the same step ({outcomes}): widen the window"
+    assert len(set(outcomes)) >= 3, f"the kills landed at too few steps ({outcomes}): widen the window"

@@ -95,7 +95,7 @@ def test_snapshot_is_version_s_while_training_mutates_the_state(tmp_path, eager)
     slot = horizon.checkpoint.manager.staging_plan(horizon.CheckpointConfig(dir=tmp_path),
                                                    [u.layout for u in _store_of(eager)])[0]
     ckpt = horizon.CheckpointConfig(dir=tmp_path, staging_bytes=slot, final_save=False)
-    with horizon.Trainer(model(), config(ckpt, eager=eager), checkpoint_disk=SlowDisk(0.02)) as trainer:
+    with horizon.Trainer(model(), config(ckpt, eager=eager), checkpoint_disk=SlowDisk(0.1)) as trainer:
         batches = data(6)
         for b in batches[:2]:
             trainer.step(b)
@@ -118,7 +118,7 @@ def test_negative_control_without_the_barrier_the_snapshot_is_torn(tmp_path):
     slot = horizon.checkpoint.manager.staging_plan(horizon.CheckpointConfig(dir=tmp_path),
                                                    [u.layout for u in _store_of(False)])[0]
     ckpt = horizon.CheckpointConfig(dir=tmp_path, staging_bytes=slot, final_save=False)
-    with horizon.Trainer(model(), config(ckpt), checkpoint_disk=SlowDisk(0.02)) as trainer:
+    with horizon.Trainer(model(), config(ckpt), checkpoint_disk=SlowDisk(0.1)) as trainer:
         trainer.checkpointer.barrier_enabled = False
         batches = data(5)
         for b in batches[:2]:
