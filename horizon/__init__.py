@@ -13,7 +13,8 @@ from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
 from horizon.optim.updater import NonFiniteGradientError
+from horizon.store.ssd_config import SSDConfig
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
+__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "SSDConfig", "AdamW", "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan",
            "ActivationPolicy", "Units", "StepMetrics", "MemoryReport", "NonFiniteGradientError"]

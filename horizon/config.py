@@ -13,6 +13,7 @@ from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, Schedule, WarmupCosine, WarmupLinear
+from horizon.store.ssd_config import SSDConfig
 
 __all__ = ["TrainConfig"]
 
@@ -52,6 +53,10 @@ class TrainConfig:
     """Asynchronous checkpoints (horizon.CheckpointConfig); None = none."""
     resume: bool = False
     """Start from the newest checkpoint in checkpoint.dir that validates, if there is one."""
+    ssd: SSDConfig | None = None
+    """Keep some units' optimizer state (master, m, v) on SSD (horizon.SSDConfig); None = all in RAM."""
+    host_memory_budget_bytes: int | None = None
+    """Host RAM the store and the SSD tier's I/O pool may take; needed by SSDConfig(units="auto")."""
 
     def __post_init__(self) -> None:
         try:
@@ -92,6 +97,26 @@ class TrainConfig:
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")
+        self._check_ssd()
+
+    def _check_ssd(self) -> None:
+        budget = self.host_memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"TrainConfig.host_memory_budget_bytes must be a positive int of bytes, got {budget!r}")
+        if self.ssd is None:
+            return
+        if not isinstance(self.ssd, SSDConfig):
+            raise ValueError(f"TrainConfig.ssd must be a horizon.SSDConfig or None, got {type(self.ssd).__name__}")
+        if self.ssd.units == "auto" and budget is None:
+            raise ValueError('SSDConfig(units="auto") needs TrainConfig(host_memory_budget_bytes=...): the RAM '
+                             "the store may take decides how many units go to SSD")
+        if self.resolved_compute_dtype != torch.float32:
+            raise ValueError("TrainConfig.ssd needs compute_dtype=torch.float32 for now (the RAM-resident fp32 "
+                             "compute copy stands for the master); a bf16 compute copy with the master on SSD "
+                             "is not supported yet")
+        if self.checkpoint is not None:
+            raise ValueError("TrainConfig.ssd with checkpoint=... is not supported yet: checkpoints copy the "
+                             "optimizer state from RAM; use one or the other")
 
     def _check_plan(self) -> None:
         budget = self.device_memory_budget_bytes

@@ -29,6 +29,8 @@ from horizon.models.units import UnitKind, find_units
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
+from horizon.store.ssd import SSDTier
+from horizon.store.ssd_placement import choose_ssd_units
 
 __all__ = ["Trainer"]
 
@@ -83,6 +85,13 @@ def _layout_hash(trainer: "Trainer") -> str:
     return layout_hash(layout_of(trainer.store, trainer._param_names()))
 
 
+def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
+    if config.ssd is None:
+        return frozenset()
+    return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
+                            accumulate=config.grad_accum_steps > 1, host_budget_bytes=config.host_memory_budget_bytes)
+
+
 def _init_fn(model: nn.Module):
     init_weights = getattr(model, "init_weights", None)
     if callable(init_weights):
@@ -122,10 +131,15 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
+        ssd_units = _ssd_units(config, layouts)
         self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
                                pin=device.type == "cuda" and config.pin_memory,
-                               accumulate=config.grad_accum_steps > 1)
+                               accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
+        self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
+        """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
         self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
+        for unit in sorted(ssd_units):
+            self.ssd.initialize(unit, self.store.units[unit].master)
         self.vocab_size = specs[0].module.num_embeddings
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
@@ -134,7 +148,8 @@ class Trainer:
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
             disk=checkpoint_disk)
         self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
-                               before_update=self.checkpointer.before_update if self.checkpointer else None)
+                               before_update=self.checkpointer.before_update if self.checkpointer else None,
+                               ssd=self.ssd)
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
@@ -332,12 +347,15 @@ class Trainer:
         return self.model.state_dict()
 
     def optimizer_state_dict(self) -> dict:
-        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store)."""
+        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; copies read
+        from SSD for the units there)."""
         self.updater.wait_all()
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
-        for unit, step in zip(self.store.units, self.updater.steps):
-            m, v = unit.views(unit.exp_avg), unit.views(unit.exp_avg_sq)
+        for index, (unit, step) in enumerate(zip(self.store.units, self.updater.steps)):
+            on_ssd = index in self.store.ssd_units
+            state_of = self.ssd.read_state(index) if on_ssd else {"exp_avg": unit.exp_avg, "exp_avg_sq": unit.exp_avg_sq}
+            m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
             for local_name, master in unit.views(unit.master).items():
                 state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
                                                      "exp_avg_sq": v[local_name]}
@@ -352,8 +370,11 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) - self._device_base_bytes
         else:
             peak = self.engine.ledger.peak_bytes
+        if self.ssd is not None:
+            by_role["ssd_io_pool"] = self.ssd.pool_bytes
         return MemoryReport(device_peak_bytes=peak, host_bytes=sum(by_role.values()), host_bytes_by_role=by_role,
-                            slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots)
+                            slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots,
+                            ssd_bytes_by_role=self.ssd.bytes_by_role if self.ssd is not None else {})
 
     def close(self) -> None:
         """Wait for the updates and the checkpoint in flight, take the final checkpoint, free everything."""
@@ -369,6 +390,8 @@ class Trainer:
                     error = flight.error
         finally:
             self.updater.close()
+            if self.ssd is not None:
+                self.ssd.close()
             self.transfer.close()
             self.engine.close()
             self.store.close()

@@ -28,7 +28,7 @@ import torch
 
 from horizon.io.python_io import PythonEngine
 
-__all__ = ["ALIGN_BYTES", "DirectFile", "DirectIO", "IORequest", "aligned_empty", "native_io_available"]
+__all__ = ["ALIGN_BYTES", "DirectFile", "DirectIO", "IOFuture", "IORequest", "aligned_empty", "native_io_available"]
 
 log = logging.getLogger(__name__)
 
