@@ -1,0 +1,45 @@
+"""The SSD tier changes where the optimizer state lives, not the math: bitwise equal to RAM-resident training."""
+
+import copy
+
+import pytest
+import torch
+
+import horizon
+from helpers import batches, tiny_decoder
+
+OPT = horizon.AdamW(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, weight_decay_exclude=(r"norm",))
+
+
+def run(model, data, **config):
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(optimizer=OPT, **config)) as trainer:
+        losses = [trainer.step(b).loss for b in data]
+        state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+        optim = trainer.optimizer_state_dict()["state"]
+        ssd_units = sorted(trainer.store.ssd_units)
+    return losses, state, optim, ssd_units
+
+
+SCHEDULES = {
+    "deferred+clip": dict(grad_clip_norm=1.0),
+    "eager": dict(grad_clip_norm=None, on_nonfinite="ignore"),
+    "accumulate": dict(grad_clip_norm=1.0, grad_accum_steps=2),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("units,io_buffers,backend", [("all", 2, "auto"), ((1, 3), 3, "python"), ("all", 2, "python")])
+def test_ssd_resident_state_trains_bitwise_like_ram(tmp_path, schedule, units, io_buffers, backend):
+    model = tiny_decoder(num_layers=3, tie_embeddings=schedule == "eager")
+    data = batches(6, ignore_frac=0.1)
+    ram = run(model, data, **SCHEDULES[schedule])
+    ssd = run(model, data, **SCHEDULES[schedule],
+              ssd=horizon.SSDConfig(dir=tmp_path, units=units, io_buffers=io_buffers, io_backend=backend))
+    assert ssd[3] == ([0, 1, 2, 3, 4] if units == "all" else list(units))
+    assert ssd[0] == ram[0]
+    assert all(torch.equal(ssd[1][k], ram[1][k]) for k in ram[1])
+    for name, state in ram[2].items():
+        for role in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ssd[2][name][role], state[role]), (name, role)
+        assert float(ssd[2][name]["step"]) == float(state["step"])
+    assert list(tmp_path.iterdir()) == [], "the state file is removed at close"
