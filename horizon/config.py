@@ -110,10 +110,6 @@ class TrainConfig:
         if self.ssd.units == "auto" and budget is None:
             raise ValueError('SSDConfig(units="auto") needs TrainConfig(host_memory_budget_bytes=...): the RAM '
                              "the store may take decides how many units go to SSD")
-        if self.resolved_compute_dtype != torch.float32:
-            raise ValueError("TrainConfig.ssd needs compute_dtype=torch.float32 for now (the RAM-resident fp32 "
-                             "compute copy stands for the master); a bf16 compute copy with the master on SSD "
-                             "is not supported yet")
         if self.checkpoint is not None:
             raise ValueError("TrainConfig.ssd with checkpoint=... is not supported yet: checkpoints copy the "
                              "optimizer state from RAM; use one or the other")

@@ -137,9 +137,7 @@ class Trainer:
                                accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
         self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
-        self.store.adopt([s.module for s in specs], init_fn=_init_fn(model))
-        for unit in sorted(ssd_units):
-            self.ssd.initialize(unit, self.store.units[unit].master)
+        self.store.adopt([s.module for s in specs], init_fn=_init_fn(model), ssd=self.ssd)
         self.vocab_size = specs[0].module.num_embeddings
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
@@ -339,12 +337,16 @@ class Trainer:
             loader.load_state_dict(self._resumed_data_state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).
+        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies;
+        copies read from SSD for units whose master is there and whose compute copy is bf16).
 
         Waits for the updates still running, so the weights are those after ``global_step`` steps.
         """
         self.updater.wait_all()
-        return self.model.state_dict()
+        state = self.model.state_dict()
+        if self.ssd is not None:
+            self.ssd.put_masters(state, self.store)
+        return state
 
     def optimizer_state_dict(self) -> dict:
         """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; copies read

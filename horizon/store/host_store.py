@@ -125,7 +125,7 @@ class HostStore:
                  accumulate: bool = False, ssd_units: frozenset[int] = frozenset()) -> None:
         self.ssd_units = ssd_units
         """Units whose master, m and v live on SSD (horizon.store.ssd); their ``exp_avg``/``exp_avg_sq``
-        are None and ``master`` is the compute copy (fp32 compute only), which equals it after every update."""
+        are None and ``master`` is the compute copy (bit for bit the master in fp32, rounded in bf16)."""
         by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate, ssd_units=ssd_units)
         pcie_bytes = by_role[Role.COMPUTE.value] + by_role[Role.GRAD.value]
         cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype, ssd_units)
@@ -142,8 +142,7 @@ class HostStore:
         self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
 
     def _carve(self, layout: UnitLayout, on_ssd: bool) -> UnitBuffers:
-        if on_ssd:  # master, m and v on SSD; the fp32 compute copy stands for the master in RAM
-            assert not _has_own_compute_copy(self.compute_dtype), "the SSD tier needs fp32 compute (TrainConfig checks)"
+        if on_ssd:  # master, m and v on SSD; the parameters the model holds are views into the compute copy
             master = compute = self._pcie.take(layout.numel, self.compute_dtype)
             exp_avg = exp_avg_sq = None
         else:
@@ -180,31 +179,41 @@ class HostStore:
                 unit.exp_avg.zero_()
                 unit.exp_avg_sq.zero_()
 
-    def adopt(self, modules: list[nn.Module], *, init_fn=None) -> None:
+    def adopt(self, modules: list[nn.Module], *, init_fn=None, ssd=None) -> None:
         """Make every parameter of ``modules`` a view into the master buffers.
 
         Unit by unit, parameters on the CPU are copied in and replaced at once, so each unit's
         original storage is freed before the next is copied (peak: the store plus one unit).
         Parameters on the meta device are materialised in place and initialised afterwards by
         ``init_fn`` (the model's ``init_weights`` or each module's ``reset_parameters``).
+        Units in ``ssd_units`` (``ssd``: their horizon.store.ssd.SSDTier) have their parameters
+        viewed in the compute copy; their fp32 values are staged in an I/O slot and written to SSD.
         """
         replacement: dict[int, nn.Parameter] = {}
-        any_meta = False
-        for unit, module in zip(self.units, modules):
+        meta_units = set()
+        for index, (unit, module) in enumerate(zip(self.units, modules)):
             params = dict(module.named_parameters(remove_duplicate=True))
+            if any(params[slot.local_name].is_meta for slot in unit.layout.own):
+                meta_units.add(index)
+            staged = ssd.stage(index) if index in self.ssd_units and index not in meta_units else None
+            sources = unit.views(staged) if staged is not None else {}
             for local_name, view in unit.views(unit.master).items():
                 old = params.pop(local_name)
-                any_meta |= old.is_meta
                 if not old.is_meta:
                     with torch.no_grad():
-                        view.copy_(old.detach())
+                        sources.get(local_name, view).copy_(old.detach())
                 replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
             del params
             _replace_parameters(module, replacement)
-        if any_meta and init_fn is not None:
+            if staged is not None:
+                unit.compute.copy_(staged)
+                ssd.release(index)
+        if meta_units and init_fn is not None:
             with torch.no_grad():
                 init_fn()
-        for unit in self.units:
+        for index, unit in enumerate(self.units):
+            if index in self.ssd_units and index in meta_units:  # initialised in the compute dtype
+                ssd.initialize(index, unit.compute)
             unit.refresh_compute()
         self.zero_optimizer_state()
 

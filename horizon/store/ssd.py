@@ -152,16 +152,21 @@ class SSDTier:
 
     # -- outside the step ----------------------------------------------------------------------
 
-    def initialize(self, unit: int, master: torch.Tensor) -> None:
-        """Write ``unit``'s initial state: ``master`` (fp32, flat) and zero moments."""
+    def stage(self, unit: int) -> torch.Tensor:
+        """A slot for ``unit``'s initial state, moments zeroed: fill the returned fp32 master, then ``release``."""
         with self._lock:
-            slot = self._take()
-            slot.unit = unit
+            slot = self._find(unit) or self._take()
+            slot.settle()
+            slot.unit, slot.in_use = unit, True
             views = self._views(slot, unit)
-            views["master"].copy_(master)
             views["exp_avg"].zero_()
             views["exp_avg_sq"].zero_()
-            slot.in_use = True
+            return views["master"]
+
+    def initialize(self, unit: int, master: torch.Tensor) -> None:
+        """Write ``unit``'s initial state: ``master`` (flat, any float dtype; stored as fp32) and zero moments."""
+        with self._lock:
+            self.stage(unit).copy_(master)
             self.release(unit)
 
     def read_state(self, unit: int) -> dict[str, torch.Tensor]:
@@ -171,6 +176,21 @@ class SSDTier:
             out = {role: t.clone() for role, t in views.items()}
             self.release(unit, dirty=False)
             return out
+
+    def put_masters(self, state: dict[str, torch.Tensor], store) -> None:
+        """Replace, in a ``model.state_dict()``, the compute-copy views of SSD units by their fp32 masters
+        read from SSD (a no-op in fp32, where the compute copy is the master bit for bit)."""
+        if store.compute_dtype == torch.float32:
+            return
+        keys_of: dict[int, list[str]] = {}
+        for key, t in state.items():
+            keys_of.setdefault(t.data_ptr(), []).append(key)
+        for index in self.units:
+            unit = store.units[index]
+            masters = unit.views(self.read_state(index)["master"])
+            for local_name, view in unit.views(unit.master).items():
+                for key in keys_of.get(view.data_ptr(), ()):
+                    state[key] = masters[local_name]
 
     def flush(self) -> None:
         """Wait for every read and write in flight."""

@@ -43,3 +43,26 @@ def test_ssd_resident_state_trains_bitwise_like_ram(tmp_path, schedule, units, i
             assert torch.equal(ssd[2][name][role], state[role]), (name, role)
         assert float(ssd[2][name]["step"]) == float(state["step"])
     assert list(tmp_path.iterdir()) == [], "the state file is removed at close"
+
+
+def test_bf16_compute_copy_with_the_master_on_ssd_trains_bitwise_like_ram(tmp_path):
+    model = tiny_decoder(num_layers=2, tie_embeddings=True)
+    data = batches(4)
+    config = dict(grad_clip_norm=1.0, compute_dtype=torch.bfloat16)
+    ram = run(model, data, **config)
+    ssd = run(model, data, **config, ssd=horizon.SSDConfig(dir=tmp_path, units="all"))
+    assert ssd[0] == ram[0]
+    assert all(ssd[1][k].dtype == torch.float32 and torch.equal(ssd[1][k], ram[1][k]) for k in ram[1])
+    assert all(torch.equal(ssd[2][n]["exp_avg_sq"], s["exp_avg_sq"]) for n, s in ram[2].items())
+
+
+def test_a_meta_device_model_is_initialised_on_ssd_as_in_ram(tmp_path):
+    with torch.device("meta"):
+        model = tiny_decoder(num_layers=2)
+    data = batches(3)
+    torch.manual_seed(5)
+    ram = run(model, data, grad_clip_norm=1.0)
+    torch.manual_seed(5)
+    ssd = run(model, data, grad_clip_norm=1.0, ssd=horizon.SSDConfig(dir=tmp_path, units=[0, 2]))
+    assert ssd[0] == ram[0]
+    assert all(torch.equal(ssd[1][k], ram[1][k]) for k in ram[1])
