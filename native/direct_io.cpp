@@ -89,13 +89,25 @@ struct Engine::Uring {
 
 namespace {
 
+// Whether the ring supports IORING_OP_READ and IORING_OP_WRITE (Linux >= 5.6; older kernels lack the probe too).
+bool supports_read_write(int ring_fd) {
+  constexpr unsigned kOps = 256;
+  std::vector<char> storage(sizeof(io_uring_probe) + kOps * sizeof(io_uring_probe_op), 0);
+  auto* probe = reinterpret_cast<io_uring_probe*>(storage.data());
+  if (syscall(__NR_io_uring_register, ring_fd, IORING_REGISTER_PROBE, probe, kOps) < 0) return false;
+  auto supported = [probe](unsigned op) {
+    return op <= probe->last_op && (probe->ops[op].flags & IO_URING_OP_SUPPORTED);
+  };
+  return supported(IORING_OP_READ) && supported(IORING_OP_WRITE);
+}
+
 // Sets up a ring, or returns null when the kernel refuses (too old, io_uring_disabled, seccomp).
 std::unique_ptr<Engine::Uring> setup_uring(unsigned entries) {
   io_uring_params params;
   std::memset(&params, 0, sizeof(params));
   auto ring = std::make_unique<Engine::Uring>();
   ring->fd = static_cast<int>(syscall(__NR_io_uring_setup, entries, &params));
-  if (ring->fd < 0) return nullptr;
+  if (ring->fd < 0 || !supports_read_write(ring->fd)) return nullptr;
   ring->depth = params.sq_entries;
   ring->sq_ring_bytes = params.sq_off.array + params.sq_entries * sizeof(unsigned);
   ring->cq_ring_bytes = params.cq_off.cqes + params.cq_entries * sizeof(io_uring_cqe);
