@@ -66,3 +66,49 @@ def test_a_meta_device_model_is_initialised_on_ssd_as_in_ram(tmp_path):
     ssd = run(model, data, grad_clip_norm=1.0, ssd=horizon.SSDConfig(dir=tmp_path, units=[0, 2]))
     assert ssd[0] == ram[0]
     assert all(torch.equal(ssd[1][k], ram[1][k]) for k in ram[1])
+
+
+def test_delays_in_the_optimizer_change_no_number(tmp_path):
+    model = tiny_decoder(num_layers=3)
+    data = batches(4)
+    ram = run(model, data, grad_clip_norm=None, on_nonfinite="ignore")
+    cfg = horizon.TrainConfig(optimizer=OPT, grad_clip_norm=None, on_nonfinite="ignore",
+                              ssd=horizon.SSDConfig(dir=tmp_path))
+    delays = iter([0.0, 0.02, 0.0, 0.01] * 100)
+    with horizon.Trainer(copy.deepcopy(model), cfg, optimizer_delay_s=lambda: next(delays)) as trainer:
+        losses = [trainer.step(b).loss for b in data]
+        state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+    assert losses == ram[0]
+    assert all(torch.equal(state[k], ram[1][k]) for k in ram[1])
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_each_unit_is_read_once_per_step_and_ahead_of_its_update(tmp_path, eager):
+    model = tiny_decoder(num_layers=4)
+    schedule = dict(grad_clip_norm=None, on_nonfinite="ignore") if eager else dict(grad_clip_norm=1.0)
+    cfg = horizon.TrainConfig(optimizer=OPT, **schedule, ssd=horizon.SSDConfig(dir=tmp_path))
+    with horizon.Trainer(copy.deepcopy(model), cfg) as trainer:
+        tier = trainer.ssd
+        reads, misses = [], []
+        read, acquire = tier.io.read, tier.acquire
+
+        def counting_read(file, buffer, offset):
+            reads.append(offset)
+            return read(file, buffer, offset)
+
+        def checking_acquire(unit):
+            if tier._find(unit) is None:
+                misses.append(unit)
+            return acquire(unit)
+
+        tier.io.read, tier.acquire = counting_read, checking_acquire
+        steps = 3
+        for b in batches(steps):
+            trainer.step(b)
+        trainer.updater.wait_all()
+    num_units = len(tier.units)
+    assert num_units == 6
+    # never twice per step (plus the read-ahead of the next step's first unit); at least every unit in
+    # every step after the first (the pool holds 2 of 6 units; the first may find units left by initialisation)
+    assert (steps - 1) * num_units <= len(reads) <= steps * num_units + 1, reads
+    assert len(misses) <= 1, misses  # only the very first update can find nothing read ahead
