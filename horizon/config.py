@@ -110,9 +110,6 @@ class TrainConfig:
         if self.ssd.units == "auto" and budget is None:
             raise ValueError('SSDConfig(units="auto") needs TrainConfig(host_memory_budget_bytes=...): the RAM '
                              "the store may take decides how many units go to SSD")
-        if self.checkpoint is not None:
-            raise ValueError("TrainConfig.ssd with checkpoint=... is not supported yet: checkpoints copy the "
-                             "optimizer state from RAM; use one or the other")
 
     def _check_plan(self) -> None:
         budget = self.device_memory_budget_bytes

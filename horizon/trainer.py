@@ -144,7 +144,7 @@ class Trainer:
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
         self.checkpointer = None if config.checkpoint is None else Checkpointer(
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
-            disk=checkpoint_disk)
+            disk=checkpoint_disk, ssd=self.ssd)
         self.updater = Updater(self.store, config.optimizer, decay_runs=self._decay_runs(), delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None,
                                ssd=self.ssd)
@@ -311,7 +311,7 @@ class Trainer:
         if found is None:
             return None
         directory, manifest = found
-        load_into(self.store, directory, manifest)
+        load_into(self.store, directory, manifest, ssd=self.ssd)
         state = manifest["train_state"]
         for step, saved in zip(self.updater.steps, state["adam_steps"]):
             step.fill_(saved)

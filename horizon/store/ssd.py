@@ -83,6 +83,7 @@ class SSDTier:
         self.pool = aligned_empty(self.pool_bytes)
         self._slots = [_Slot(region=self.pool[i * slot_bytes:(i + 1) * slot_bytes]) for i in range(config.io_buffers)]
         self._lock = threading.RLock()
+        self._slot_free = threading.Condition(self._lock)  # the checkpoint copier may hold a slot for a while
         self._tick = 0
 
     @property
@@ -98,8 +99,9 @@ class SSDTier:
 
     def _take(self) -> _Slot:
         """A slot for a new unit: an empty one, else the least recently used one not being updated."""
+        while not any(not s.in_use for s in self._slots):
+            self._slot_free.wait()
         free = [s for s in self._slots if not s.in_use]
-        assert free, "io_buffers >= 2 and one unit in use at a time"
         slot = min(free, key=lambda s: (s.unit is not None, s.last_used))
         slot.settle()
         slot.unit = None
@@ -125,10 +127,15 @@ class SSDTier:
             slot.read = self.io.read(self.file, self._extent(slot, unit), self.offset_bytes[unit])
 
     def acquire(self, unit: int) -> dict[str, torch.Tensor]:
-        """``unit``'s master, exp_avg and exp_avg_sq (fp32 views into a slot), to update in place."""
+        """``unit``'s master, exp_avg and exp_avg_sq (fp32 views into a slot), to update in place; held
+        by the caller alone until ``release`` (another thread's ``acquire`` of the unit waits)."""
         with self._lock:
-            self.prefetch(unit)
-            slot = self._find(unit)
+            while True:
+                self.prefetch(unit)
+                slot = self._find(unit)
+                if not slot.in_use:
+                    break
+                self._slot_free.wait()  # a reader (the checkpoint copier, state_dict) holds it
             slot.settle()
             slot.in_use = True
             return self._views(slot, unit)
@@ -143,6 +150,7 @@ class SSDTier:
             slot.last_used = self._tick
             if dirty:
                 slot.write = self.io.write(self.file, self._extent(slot, unit), self.offset_bytes[unit])
+            self._slot_free.notify_all()
 
     def next_unit(self, unit: int, *, descending: bool) -> int:
         """The SSD unit the optimizer updates after ``unit`` (cyclic: the next step starts over)."""
@@ -171,11 +179,26 @@ class SSDTier:
 
     def read_state(self, unit: int) -> dict[str, torch.Tensor]:
         """Copies of ``unit``'s master, exp_avg and exp_avg_sq as they are on SSD (after pending writes)."""
-        with self._lock:
-            views = self.acquire(unit)
-            out = {role: t.clone() for role, t in views.items()}
+        out = {role: torch.empty(self.layouts[unit].numel) for role in ROLES}
+        self.copy_state(unit, out)
+        return out
+
+    def copy_state(self, unit: int, out: dict[str, torch.Tensor]) -> None:
+        """Copy roles of ``unit``'s state into ``out`` (role -> flat tensor, any float dtype). The slot keeps
+        the state afterwards, so the update that follows (a checkpoint's copy comes just before one) reads
+        nothing again."""
+        views = self.acquire(unit)
+        try:
+            for role, t in out.items():
+                t.copy_(views[role])
+        finally:
             self.release(unit, dirty=False)
-            return out
+
+    def load(self, unit: int, role: str, offset: int, values: torch.Tensor) -> None:
+        """Overwrite elements ``offset:`` of ``unit``'s ``role`` on SSD with ``values`` (resuming a checkpoint)."""
+        views = self.acquire(unit)
+        views[role][offset:offset + values.numel()].copy_(values.view(-1))
+        self.release(unit)
 
     def put_masters(self, state: dict[str, torch.Tensor], store) -> None:
         """Replace, in a ``model.state_dict()``, the compute-copy views of SSD units by their fp32 masters

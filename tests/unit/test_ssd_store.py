@@ -98,8 +98,8 @@ def test_bad_ssd_configs_say_the_fix(tmp_path):
         horizon.SSDConfig(dir=tmp_path, io_buffers=1)
     with pytest.raises(ValueError, match="needs TrainConfig\\(host_memory_budget_bytes"):
         horizon.TrainConfig(ssd=horizon.SSDConfig(dir=tmp_path, units="auto"))
-    with pytest.raises(ValueError, match="with checkpoint=... is not supported yet"):
-        horizon.TrainConfig(ssd=horizon.SSDConfig(dir=tmp_path), checkpoint=horizon.CheckpointConfig(dir=tmp_path))
+    with pytest.raises(ValueError, match="must be a horizon.SSDConfig"):
+        horizon.TrainConfig(ssd=str(tmp_path))
     with pytest.raises(ValueError, match="model has units 0..3"):
         horizon.Trainer(tiny_decoder(num_layers=2), horizon.TrainConfig(ssd=horizon.SSDConfig(dir=tmp_path, units=[4])))
     assert list(tmp_path.iterdir()) == []
