@@ -16,8 +16,9 @@ from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
 from horizon.optim.updater import NonFiniteGradientError
+from horizon.store.ssd_config import SSDConfig
 from horizon.trainer import Trainer
 
-__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "AdamW", "ConstantLR",
-           "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics", "MemoryReport",
-           "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]
+__all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "SSDConfig", "AdamW",
+           "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics",
+           "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]

@@ -14,6 +14,7 @@ from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, Schedule, WarmupCosine, WarmupLinear
+from horizon.store.ssd_config import SSDConfig
 
 __all__ = ["TrainConfig"]
 
@@ -61,6 +62,10 @@ class TrainConfig:
     """Append one JSON line of StepMetrics per update to this file (path); None = off."""
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     """Under torchrun: the collective timeout and optimizer-state sharding (horizon.DistributedConfig)."""
+    ssd: SSDConfig | None = None
+    """Keep some units' optimizer state (master, m, v) on SSD (horizon.SSDConfig); None = all in RAM."""
+    host_memory_budget_bytes: int | None = None
+    """Host RAM the store and the SSD tier's I/O pool may take; needed by SSDConfig(units="auto")."""
 
     def __post_init__(self) -> None:
         try:
@@ -112,6 +117,19 @@ class TrainConfig:
                              "save_pretrained or horizon.export_hf wrote")
         if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
             raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
+        self._check_ssd()
+
+    def _check_ssd(self) -> None:
+        budget = self.host_memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"TrainConfig.host_memory_budget_bytes must be a positive int of bytes, got {budget!r}")
+        if self.ssd is None:
+            return
+        if not isinstance(self.ssd, SSDConfig):
+            raise ValueError(f"TrainConfig.ssd must be a horizon.SSDConfig or None, got {type(self.ssd).__name__}")
+        if self.ssd.units == "auto" and budget is None:
+            raise ValueError('SSDConfig(units="auto") needs TrainConfig(host_memory_budget_bytes=...): the RAM '
+                             "the store may take decides how many units go to SSD")
 
     def _check_plan(self) -> None:
         budget = self.device_memory_budget_bytes

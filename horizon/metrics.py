@@ -45,3 +45,9 @@ class MemoryReport:
     slot_bytes: int
     """Bytes of one device slot (the largest unit in the compute dtype)."""
     num_slots: int
+    ssd_bytes_by_role: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Optimizer state on SSD by role (master, exp_avg, exp_avg_sq; TrainConfig.ssd); empty when none."""
+
+    @property
+    def ssd_bytes(self) -> int:
+        return sum(self.ssd_bytes_by_role.values())

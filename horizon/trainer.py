@@ -37,6 +37,8 @@ from horizon.models.units import UnitKind, find_units
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
+from horizon.store.ssd import SSDTier
+from horizon.store.ssd_placement import choose_ssd_units
 
 __all__ = ["Trainer"]
 
@@ -101,6 +103,13 @@ def _layout_hash(trainer: "Trainer") -> str:
     return layout_hash(layout_of(trainer.store, trainer._param_names()))
 
 
+def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
+    if config.ssd is None:
+        return frozenset()
+    return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
+                            accumulate=config.grad_accum_steps > 1, host_budget_bytes=config.host_memory_budget_bytes)
+
+
 def _init_fn(model: nn.Module):
     init_weights = getattr(model, "init_weights", None)
     if callable(init_weights):
@@ -156,11 +165,22 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
-        make_store = self.data_parallel.make_store if self.data_parallel is not None else HostStore
-        self.store = make_store(layouts, compute_dtype=config.resolved_compute_dtype,
-                                pin=device.type == "cuda" and config.pin_memory,
-                                accumulate=config.grad_accum_steps > 1)
-        self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model))
+        ssd_units = _ssd_units(config, layouts)
+        if ssd_units and (self.data_parallel is not None or weights is not None):
+            raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
+                             "drop ssd=..., or train in one process from an initialised model")
+        if self.data_parallel is not None:
+            self.store = self.data_parallel.make_store(layouts, compute_dtype=config.resolved_compute_dtype,
+                                                       pin=device.type == "cuda" and config.pin_memory,
+                                                       accumulate=config.grad_accum_steps > 1)
+        else:
+            self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
+                                   pin=device.type == "cuda" and config.pin_memory,
+                                   accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
+        self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
+        """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
+        on_ssd = {"ssd": self.ssd} if self.ssd is not None else {}
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model), **on_ssd)
         if weights is not None:
             weights.load()
             for unit in self.store.units:
@@ -176,13 +196,13 @@ class Trainer:
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
         self.checkpointer = None if not writes else Checkpointer(
             config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
-            disk=checkpoint_disk)
+            disk=checkpoint_disk, ssd=self.ssd)
         decay_runs = self._decay_runs()
         if self.data_parallel is not None:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
         self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None,
-                               reducer=self.data_parallel)
+                               reducer=self.data_parallel, ssd=self.ssd)
         if self.checkpointer is not None:
             self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
         self.device = device
@@ -375,7 +395,7 @@ class Trainer:
         if found is None:
             return None
         directory, manifest = found
-        load_into(self.store, directory, manifest)
+        load_into(self.store, directory, manifest, ssd=self.ssd)
         state = manifest["train_state"]
         for step, saved in zip(self.updater.steps, state["adam_steps"]):
             step.fill_(saved)
@@ -402,12 +422,16 @@ class Trainer:
             loader.load_state_dict(self._resumed_data_state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies).
+        """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies;
+        copies read from SSD for units whose master is there and whose compute copy is bf16).
 
         Waits for the updates still running, so the weights are those after ``global_step`` steps.
         """
         self.updater.wait_all()
-        return self.model.state_dict()
+        state = self.model.state_dict()
+        if self.ssd is not None:
+            self.ssd.put_masters(state, self.store)
+        return state
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
         """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""
@@ -416,14 +440,19 @@ class Trainer:
         return export_hf(self, out, **kwargs)
 
     def optimizer_state_dict(self) -> dict:
-        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; with
-        DistributedConfig(shard_optimizer_state=True), gathered copies: a collective, call it on every rank)."""
+        """AdamW state per parameter name: step, exp_avg, exp_avg_sq (views into the store; copies read
+        from SSD for the units there; with DistributedConfig(shard_optimizer_state=True), gathered copies:
+        a collective, call it on every rank)."""
         self.updater.wait_all()
         whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
-        for unit, step in zip(self.store.units, self.updater.steps):
-            m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
+        for index, (unit, step) in enumerate(zip(self.store.units, self.updater.steps)):
+            if index in self.store.ssd_units:
+                state_of = self.ssd.read_state(index)
+                m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
+            else:
+                m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
             for local_name, master in unit.views(unit.weights).items():
                 state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
                                                      "exp_avg_sq": v[local_name]}
@@ -438,8 +467,11 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) - self._device_base_bytes
         else:
             peak = self.engine.ledger.peak_bytes
+        if self.ssd is not None:
+            by_role["ssd_io_pool"] = self.ssd.pool_bytes
         return MemoryReport(device_peak_bytes=peak, host_bytes=sum(by_role.values()), host_bytes_by_role=by_role,
-                            slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots)
+                            slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots,
+                            ssd_bytes_by_role=self.ssd.bytes_by_role if self.ssd is not None else {})
 
     def close(self) -> None:
         """Wait for the updates and the checkpoint in flight, take the final checkpoint, free everything."""
@@ -458,6 +490,8 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.close()  # its writer threads
             self.updater.close()
+            if self.ssd is not None:
+                self.ssd.close()
             self.transfer.close()
             self.engine.close()
             self.store.close()

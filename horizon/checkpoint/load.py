@@ -101,11 +101,18 @@ def find_valid(root: str, *, layout_hash: str, allow_fresh_start: bool) -> tuple
     return None
 
 
-def load_into(store, directory: str, manifest: dict) -> None:
-    """Copy every unit's master, m and v from ``directory`` into ``store`` (CRCs checked again)."""
+def load_into(store, directory: str, manifest: dict, ssd=None) -> None:
+    """Copy every unit's master, m and v from ``directory`` into ``store`` (CRCs checked again); units in
+    ``store.ssd_units`` go to ``ssd`` (their horizon.store.ssd.SSDTier)."""
     for _, record, t in each_tensor(directory, manifest):
-        unit = store.units[record["unit"]]
-        flat = getattr(unit, record["role"])
+        index = record["unit"]
+        if index in store.ssd_units:
+            ssd.load(index, record["role"], record["offset"], t)
+            continue
+        flat = getattr(store.units[index], record["role"])
         flat[record["offset"]:record["offset"] + t.numel()].copy_(t.view(-1))
-    for unit in store.units:
-        unit.refresh_compute()
+    for index, unit in enumerate(store.units):
+        if index in store.ssd_units:
+            ssd.copy_state(index, {"master": unit.compute})
+        else:
+            unit.refresh_compute()

@@ -70,8 +70,9 @@ class _Flight:
 
 class Checkpointer:
     def __init__(self, config: CheckpointConfig, store: HostStore, *, param_names: list[list[str]],
-                 model_config: dict | None, disk: Disk | None = None) -> None:
+                 model_config: dict | None, disk: Disk | None = None, ssd=None) -> None:
         self.config, self.store, self.disk = config, store, disk or Disk()
+        self.ssd = ssd
         self.root = os.fspath(config.dir)
         os.makedirs(self.root, exist_ok=True)
         removed = clean_leftovers(self.root)
@@ -124,7 +125,7 @@ class Checkpointer:
             self.request_wait_s += time.perf_counter() - start
         self._finish_previous()
         snapshot = Snapshot(step=step, store=self.store, ring=self.ring, order=order, after=after,
-                            adam_steps=adam_steps, optimizer_busy=self.optimizer_busy)
+                            adam_steps=adam_steps, optimizer_busy=self.optimizer_busy, ssd=self.ssd)
         snapshot.barrier_enabled = self.barrier_enabled
         flight = _Flight(snapshot=snapshot, train_state=train_state, requested_unix_s=time.time(),
                          deadline_s=time.monotonic() + self.config.timeout_s)

@@ -44,8 +44,10 @@ class UnitState(enum.Enum):
 class Snapshot:
     def __init__(self, *, step: int, store: HostStore, ring: StagingRing, order: list[int],
                  after: dict[int, Future | None], adam_steps: list[torch.Tensor],
-                 optimizer_busy: Callable[[], bool] | None = None) -> None:
+                 optimizer_busy: Callable[[], bool] | None = None, ssd=None) -> None:
         self.step, self.store, self.ring, self.order = step, store, ring, order
+        self.ssd = ssd
+        """The horizon.store.ssd.SSDTier holding the state of ``store.ssd_units``, if any."""
         self._after, self._adam_steps, self._optimizer_busy = after, adam_steps, optimizer_busy
         self._rank = {unit: rank for rank, unit in enumerate(order)}
         self._state = {unit: UnitState.PENDING for unit in order}
@@ -88,8 +90,11 @@ class Snapshot:
         buffers = self.store.units[unit]
         with self._cond:
             self._slot[unit] = slot
-        for role in ROLES:
-            self.staged_view(unit, role).copy_(getattr(buffers, role))
+        if unit in self.store.ssd_units:  # through an I/O slot, which the unit's next update then reuses
+            self.ssd.copy_state(unit, {role: self.staged_view(unit, role) for role in ROLES})
+        else:
+            for role in ROLES:
+                self.staged_view(unit, role).copy_(getattr(buffers, role))
         self.adam_step[unit] = int(self._adam_steps[unit])
         with self._cond:
             if self.stop.is_set():

@@ -88,6 +88,7 @@ class ShardedHostStore(HostStore):
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units (rank {rank})")
         self.compute_dtype, self.accumulate, self.bytes_by_role = torch.float32, accumulate, by_role
         self.rank, self.world_size = rank, world_size
+        self.ssd_units = frozenset()  # the SSD tier is not combined with sharding
         self._pcie, self._cpu = _Carver(pcie_bytes), _Carver(cpu_bytes)
         self.units = [self._carve_shard(layout, gather) for layout in layouts]
         self.pinned = pin and can_pin

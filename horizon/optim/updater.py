@@ -34,6 +34,7 @@ import torch
 from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
 from horizon.optim.clip import clip_scale
 from horizon.store.host_store import HostStore, UnitBuffers
+from horizon.store.ssd import SSDTier
 
 __all__ = ["Updater", "NonFiniteGradientError"]
 
@@ -62,8 +63,10 @@ class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
                  delay_s: Callable[[], float] | None = None,
                  before_update: Callable[[int], None] | None = None,
-                 reducer: GradientReducer | None = None) -> None:
+                 reducer: GradientReducer | None = None, ssd: SSDTier | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
+        self.ssd = ssd
+        """Where the state of ``store.ssd_units`` lives; each of their updates reads it ahead and writes it back."""
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
         self.reducer = reducer
@@ -93,16 +96,24 @@ class Updater:
             self._reduced.pop(unit, None)  # the last step's sum is not this step's gradient
             self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
 
-    def _update(self, unit: int, lr: float, grad_scale: float | None, reduce: bool = False) -> None:
+    def _update(self, unit: int, lr: float, grad_scale: float | None, descending: bool,
+                reduce: bool = False) -> None:
         self._maybe_delay()
         if reduce:
             self._reduce(unit)
         if self.before_update is not None:
             self.before_update(unit)
         self.steps[unit] += 1
+        buffers = self.store.units[unit]
+        on_ssd = unit in self.store.ssd_units
+        if on_ssd:  # the state read ahead into an I/O slot; the next SSD unit's read starts now
+            buffers = dataclasses.replace(buffers, **self.ssd.acquire(unit))
+            self.ssd.prefetch(self.ssd.next_unit(unit, descending=descending))
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
-            adamw_unit_step(self.store.units[unit], self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
+            adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
                             grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
+        if on_ssd:
+            self.ssd.release(unit)
 
     def _fold(self, unit: int, first: bool, last: bool) -> torch.Tensor | None:
         self._maybe_delay()
@@ -126,7 +137,7 @@ class Updater:
 
         ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
         if eager_lr is not None:
-            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True)
+            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, True)  # last unit first
             return
         if norm_on_device and self.store.units[unit].grad_accum is None:
             return
@@ -157,11 +168,11 @@ class Updater:
         if divisor != 1:
             scale = (1.0 if scale is None else scale) / divisor
         for unit in range(len(self.store.units)):
-            self._submit_update(unit, lr, scale)
+            self._submit_update(unit, lr, scale, descending=False)
         return Outcome(grad_norm=norm, skipped=False)
 
-    def _submit_update(self, unit: int, lr: float, grad_scale: float | None) -> None:
-        self._pending[unit] = self._pool.submit(self._update, unit, lr, grad_scale)
+    def _submit_update(self, unit: int, lr: float, grad_scale: float | None, *, descending: bool) -> None:
+        self._pending[unit] = self._pool.submit(self._update, unit, lr, grad_scale, descending)
 
     def pending(self, unit: int) -> concurrent.futures.Future | None:
         """The future of ``unit``'s last task if it may still run (the engine's next load waits for it).

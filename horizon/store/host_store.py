@@ -48,9 +48,17 @@ def _has_own_compute_copy(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32
 
 
-def _region_bytes(layouts: list[UnitLayout], roles, compute_dtype: torch.dtype) -> int:
-    return sum(_aligned(layout.numel * _role_dtype(role, compute_dtype).itemsize)
-               for layout in layouts for role in roles)
+def _region_bytes(layouts: list[UnitLayout], roles, compute_dtype: torch.dtype,
+                  ssd_units: frozenset[int] = frozenset()) -> int:
+    """Bytes of ``roles`` in RAM; a unit on SSD keeps no master, m or v here but its own compute copy."""
+    total = 0
+    for index, layout in enumerate(layouts):
+        on_ssd = index in ssd_units
+        for role in roles:
+            if on_ssd and role in _CPU_ROLES:
+                continue
+            total += _aligned(layout.numel * _role_dtype(role, compute_dtype).itemsize)
+    return total
 
 
 def _cpu_roles(accumulate: bool) -> tuple[Role, ...]:
@@ -58,13 +66,17 @@ def _cpu_roles(accumulate: bool) -> tuple[Role, ...]:
 
 
 def store_bytes_by_role(layouts: list[UnitLayout], compute_dtype: torch.dtype, *,
-                        accumulate: bool = False) -> dict[str, int]:
-    """Exact bytes the store allocates per role, page alignment included (nothing allocated)."""
+                        accumulate: bool = False, ssd_units: frozenset[int] = frozenset()) -> dict[str, int]:
+    """Exact bytes the store allocates in RAM per role, page alignment included (nothing allocated).
+
+    Units in ``ssd_units`` keep master, m and v on SSD (horizon.store.ssd) and their own compute copy here."""
     out = {}
     for role in Role:
         absent = (role is Role.COMPUTE and not _has_own_compute_copy(compute_dtype)) or (
             role is Role.GRAD_ACCUM and not accumulate)
-        out[role.value] = 0 if absent else _region_bytes(layouts, (role,), compute_dtype)
+        out[role.value] = 0 if absent else _region_bytes(layouts, (role,), compute_dtype, ssd_units)
+    if not _has_own_compute_copy(compute_dtype):
+        out[Role.COMPUTE.value] = sum(_aligned(layouts[i].numel * compute_dtype.itemsize) for i in ssd_units)
     return out
 
 
@@ -74,8 +86,8 @@ class UnitBuffers:
 
     layout: UnitLayout
     master: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
+    exp_avg: torch.Tensor | None  # None when the unit's optimizer state is on SSD
+    exp_avg_sq: torch.Tensor | None
     grad: torch.Tensor
     compute: torch.Tensor
     grad_accum: torch.Tensor | None = None
@@ -115,11 +127,13 @@ class HostStore:
     """Flat host buffers for a chain of units, plus the pinning of what crosses PCIe."""
 
     def __init__(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
-                 accumulate: bool = False) -> None:
-        by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate)
-        pcie_roles = _PCIE_ROLES if _has_own_compute_copy(compute_dtype) else (Role.GRAD,)
-        pcie_bytes = _region_bytes(layouts, pcie_roles, compute_dtype)
-        cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype)
+                 accumulate: bool = False, ssd_units: frozenset[int] = frozenset()) -> None:
+        self.ssd_units = ssd_units
+        """Units whose master, m and v live on SSD (horizon.store.ssd); their ``exp_avg``/``exp_avg_sq``
+        are None and ``master`` is the compute copy (bit for bit the master in fp32, rounded in bf16)."""
+        by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate, ssd_units=ssd_units)
+        pcie_bytes = by_role[Role.COMPUTE.value] + by_role[Role.GRAD.value]
+        cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype, ssd_units)
         assert pcie_bytes + cpu_bytes == sum(by_role.values())
         can_pin = check_host_budget(required_bytes=pcie_bytes + cpu_bytes, pinned_bytes=pcie_bytes if pin else 0,
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units")
@@ -127,19 +141,21 @@ class HostStore:
         self.bytes_by_role = by_role
         self._pcie = _Carver(pcie_bytes)
         self._cpu = _Carver(cpu_bytes)
-        self.units = [self._carve(layout) for layout in layouts]
+        self.units = [self._carve(layout, i in ssd_units) for i, layout in enumerate(layouts)]
         self.pinned = pin and can_pin
         # The whole allocation is registered (torch asks the storage's start whether it is pinned).
         self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
 
-    def _carve(self, layout: UnitLayout) -> UnitBuffers:
-        master = self._cpu.take(layout.numel, torch.float32)
-        exp_avg = self._cpu.take(layout.numel, torch.float32)
-        exp_avg_sq = self._cpu.take(layout.numel, torch.float32)
-        if _has_own_compute_copy(self.compute_dtype):
-            compute = self._pcie.take(layout.numel, self.compute_dtype)
+    def _carve(self, layout: UnitLayout, on_ssd: bool) -> UnitBuffers:
+        if on_ssd:  # master, m and v on SSD; the parameters the model holds are views into the compute copy
+            master = compute = self._pcie.take(layout.numel, self.compute_dtype)
+            exp_avg = exp_avg_sq = None
         else:
-            compute = master
+            master = self._cpu.take(layout.numel, torch.float32)
+            exp_avg = self._cpu.take(layout.numel, torch.float32)
+            exp_avg_sq = self._cpu.take(layout.numel, torch.float32)
+            own_copy = _has_own_compute_copy(self.compute_dtype)
+            compute = self._pcie.take(layout.numel, self.compute_dtype) if own_copy else master
         grad = self._pcie.take(layout.numel, self.compute_dtype)
         grad_accum = self._cpu.take(layout.numel, torch.float32) if self.accumulate else None
         return UnitBuffers(layout=layout, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
@@ -148,7 +164,8 @@ class HostStore:
     def _unit_starts(self) -> list[int]:
         """Byte offsets in the PCIe allocation where each unit's extents begin: no copy crosses one."""
         base = self._pcie.raw.data_ptr()
-        first = [u.grad if u.compute.data_ptr() == u.master.data_ptr() else u.compute for u in self.units]
+        first = [u.compute if _has_own_compute_copy(self.compute_dtype) or i in self.ssd_units else u.grad
+                 for i, u in enumerate(self.units)]
         return [t.data_ptr() - base for t in first]
 
     @staticmethod
@@ -163,34 +180,45 @@ class HostStore:
 
     def zero_optimizer_state(self) -> None:
         for unit in self.units:
-            unit.exp_avg.zero_()
-            unit.exp_avg_sq.zero_()
+            if unit.exp_avg is not None:  # units on SSD start from zeros written by horizon.store.ssd
+                unit.exp_avg.zero_()
+                unit.exp_avg_sq.zero_()
 
-    def adopt(self, modules: list[nn.Module], *, init_fn=None) -> None:
+    def adopt(self, modules: list[nn.Module], *, init_fn=None, ssd=None) -> None:
         """Make every parameter of ``modules`` a view into the master buffers.
 
         Unit by unit, parameters on the CPU are copied in and replaced at once, so each unit's
         original storage is freed before the next is copied (peak: the store plus one unit).
         Parameters on the meta device are materialised in place and initialised afterwards by
         ``init_fn`` (the model's ``init_weights`` or each module's ``reset_parameters``).
+        Units in ``ssd_units`` (``ssd``: their horizon.store.ssd.SSDTier) have their parameters
+        viewed in the compute copy; their fp32 values are staged in an I/O slot and written to SSD.
         """
         replacement: dict[int, nn.Parameter] = {}
-        any_meta = False
-        for unit, module in zip(self.units, modules):
+        meta_units = set()
+        for index, (unit, module) in enumerate(zip(self.units, modules)):
             params = dict(module.named_parameters(remove_duplicate=True))
+            if any(params[slot.local_name].is_meta for slot in unit.layout.own):
+                meta_units.add(index)
+            staged = ssd.stage(index) if index in self.ssd_units and index not in meta_units else None
+            sources = unit.views(staged) if staged is not None else {}
             for local_name, view in unit.views(unit.master).items():
                 old = params.pop(local_name)
-                any_meta |= old.is_meta
                 if not old.is_meta:
                     with torch.no_grad():
-                        view.copy_(old.detach())
+                        sources.get(local_name, view).copy_(old.detach())
                 replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
             del params
             _replace_parameters(module, replacement)
-        if any_meta and init_fn is not None:
+            if staged is not None:
+                unit.compute.copy_(staged)
+                ssd.release(index)
+        if meta_units and init_fn is not None:
             with torch.no_grad():
                 init_fn()
-        for unit in self.units:
+        for index, unit in enumerate(self.units):
+            if index in self.ssd_units and index in meta_units:  # initialised in the compute dtype
+                ssd.initialize(index, unit.compute)
             unit.refresh_compute()
         self.zero_optimizer_state()
 
