@@ -6,9 +6,12 @@ Decoder trained by horizon.Trainer on CPU with TrainConfig(cpu_link_bytes_per_s=
   * greedy        the greedy planner's plan at the same budget
   * recompute     every block RECOMPUTE (the baseline: what fits any budget)
   * keep_floor    every block KEEP with the budget lifted (the floor no plan can beat)
-Systems take turns step by step. It also prints the simulator's prediction for each plan beside
-the measurement, and times the MIP on an 80-block profile (the measured block repeated) at a
-tight budget. Goals (issue 5): mip <= 0.85 x recompute and <= greedy; solve_s_80_units <= 5.
+Systems take turns step by step, and every round also measures the units once (so a burst of
+load lands on profile and steps alike). It prints the simulator's prediction for each plan beside
+the measurement, uncalibrated and with one compute scale fitted on recompute and keep_floor
+(horizon.planner.calibrate), and times the MIP (HiGHS when highspy is installed) on an 80-block
+profile (the measured block repeated) at a tight budget, both slot counts.
+Goals (issue 5): mip <= 0.85 x recompute and <= greedy; solve_s_80_units <= 5.
 
     python bench/planner.py [--steps 5 --warmup 2 --dim 256 --layers 6 --link-gbps 1.0 ...]
 Writes bench/results/planner.json.
@@ -27,7 +30,8 @@ import horizon
 from horizon.models import Decoder, decoder_config
 from horizon.planner import Profile, simulate, solve_greedy, solve_mip
 from horizon.planner.apply import to_plan
-from horizon.planner.measure import measure_profile
+from horizon.planner.calibrate import calibrate
+from horizon.planner.measure import measure_profile, median_profile
 
 from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
 
@@ -36,8 +40,8 @@ P = horizon.ActivationPolicy
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--vocab", type=int, default=4096)
@@ -56,6 +60,12 @@ def _batches(a, n):
              "labels": torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)} for _ in range(n)]
 
 
+def _solver_name() -> str:
+    import pulp
+
+    return "HiGHS" if "HiGHS" in pulp.listSolvers(onlyAvailable=True) else "CBC"
+
+
 def _solve_80(profile: Profile) -> tuple[float, bool]:
     block = profile.units[1]
     units = (profile.units[0], *(dataclasses.replace(block, name=f"layers.{i}") for i in range(80)), profile.units[-1])
@@ -63,7 +73,7 @@ def _solve_80(profile: Profile) -> tuple[float, bool]:
     low = simulate(big, {u: P.RECOMPUTE for u in big.blocks}, 2).peak_bytes
     high = simulate(big, {u: P.KEEP for u in big.blocks}, 2).peak_bytes
     start = time.perf_counter()
-    sol = solve_mip(big, int(low + 0.25 * (high - low)), num_slots=(2,), time_limit_s=60, gap=1e-3)
+    sol = solve_mip(big, int(low + 0.25 * (high - low)), time_limit_s=60, gap=1e-3)
     return time.perf_counter() - start, sol.optimal
 
 
@@ -73,9 +83,13 @@ def main(argv=None) -> None:
     model = Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
                                    num_kv_heads=4, ffn_dim=None))
     link = a.link_gbps * 1e9
-    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link)) as t:
-        profile = measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
-                                  batch_size=a.batch, seq_len=a.seq)
+    profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link))
+
+    def measure() -> Profile:
+        return measure_profile(profiler.engine.specs, profiler.store, device=profiler.device,
+                               transfer=profiler.transfer, batch_size=a.batch, seq_len=a.seq, reps=3, warmup=1)
+
+    profile = median_profile([measure() for _ in range(3)])
     low = simulate(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2).peak_bytes
     high = simulate(profile, {u: P.KEEP for u in profile.blocks}, 2).peak_bytes
     budget = int(low + a.budget_frac * (high - low))
@@ -86,34 +100,45 @@ def main(argv=None) -> None:
         plans[name] = (horizon.Plan.uniform(policy), {u: policy for u in profile.blocks}, 2)
     trainers = {name: horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link, plan=plan))
                 for name, (plan, _, _) in plans.items()}
-    data, times = _batches(a, a.warmup + a.steps), {name: [] for name in plans}
+    data, times, profiles = _batches(a, a.warmup + a.steps), {name: [] for name in plans}, []
     meter = CpuMeter().start()
     for i, batch in enumerate(data):
+        round_profile = measure()
         for name, trainer in trainers.items():
             seconds = trainer.step(batch).seconds
             if i >= a.warmup:
                 times[name].append(seconds)
+        if i >= a.warmup:
+            profiles.append(round_profile)
     load = meter.stop()
-    results, predicted, peaks = {}, {}, {}
+    profiler.close()
+    results, peaks = {}, {}
     for name, trainer in trainers.items():
         results[name] = median(times[name])
-        _, policies, slots = plans[name]
-        predicted[name] = simulate(profile, policies, slots).step_s
         peaks[name] = trainer.memory().device_peak_bytes
         trainer.close()
+    during = median_profile(profiles)
+    fitted = calibrate(during, [(plans[n][1], plans[n][2], results[n]) for n in ("recompute", "keep_floor")])
+    predicted = {name: simulate(fitted, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
+    uncalibrated = {name: simulate(during, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
     solve_s, solve_optimal = _solve_80(profile)
     ratios = {"mip_vs_recompute": results["mip"] / results["recompute"],
               "mip_vs_greedy": results["mip"] / results["greedy"],
               "mip_vs_keep_floor": results["mip"] / results["keep_floor"]}
     errors = {name: predicted[name] / results[name] - 1 for name in results}
+    raw_errors = {name: uncalibrated[name] / results[name] - 1 for name in results}
     for name in results:
         print(f"{name:11s} measured {results[name]:.3f} s/step  simulated {predicted[name]:.3f} s "
-              f"({errors[name]:+.0%})  peak {peaks[name]:,} B  {dict((k, v.value) for k, v in plans[name][1].items())}")
-    print(f"budget {budget:,} B; ratios {ratios}; MIP solve, 80 blocks: {solve_s:.2f} s (optimal={solve_optimal})")
+              f"({errors[name]:+.0%}; uncalibrated {raw_errors[name]:+.0%})  peak {peaks[name]:,} B  "
+              f"{dict((k, v.value) for k, v in plans[name][1].items())}")
+    print(f"compute scale {fitted.compute_scale:.3f}; budget {budget:,} B; ratios {ratios}")
+    print(f"MIP solve, 80 blocks, slots 2 and 3, {_solver_name()}: {solve_s:.2f} s (optimal={solve_optimal})")
     print(f"other processes used {load['other_cpu_s']} CPU-s during {load['wall_s']} s")
     record = result_record("planner", unit="s/step", higher_is_better=False,
                            results={**results, "solve_s_80_units": solve_s}, ratios=ratios,
-                           simulated_s=predicted, simulator_error=errors, device_peak_bytes=peaks,
+                           simulated_s=predicted, simulator_error=errors, simulator_error_uncalibrated=raw_errors,
+                           compute_scale=fitted.compute_scale, device_peak_bytes=peaks,
+                           solver={"name": _solver_name(), "optimal_80_units": solve_optimal},
                            plans={n: {str(k): v.value for k, v in plans[n][1].items()} for n in plans},
                            load=load, config={**vars(a), "budget_bytes": budget, "profile": profile.to_dict()})
     print("wrote", write_json(a.out, record))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from horizon.cli import checkpoint, estimate, train
+from horizon.cli import checkpoint, estimate, plan, profile, train
 
 __all__ = ["main", "build_parser"]
 
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, summary in (("train", train, "train the reference decoder on byte-level text"),
                                   ("estimate", estimate, "host, pinned, device and SSD bytes a run needs"),
+                                  ("profile", profile, "measure per-unit costs for the planner, save JSON"),
+                                  ("plan", plan, "choose the activation plan for a budget from a profile"),
                                   ("checkpoint", checkpoint, "list, verify or export checkpoints")):
         sub = commands.add_parser(name, help=summary, description=(module.__doc__ or "").split("\n\n")[0],
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -10,6 +10,8 @@ is timed through the engine's own transfer (throttled on CPU, a copy stream on C
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 import time
 
@@ -24,30 +26,43 @@ from horizon.models.units import UnitKind, UnitSpec
 from horizon.planner.profile import Profile, UnitCost, UnitRole
 from horizon.store.host_store import HostStore
 
-__all__ = ["measure_profile"]
+__all__ = ["measure_profile", "median_profile"]
 
 _ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
 
 
-def _median_s(fn, *, device: torch.device, reps: int, warmup: int = 2) -> float:
-    times = []
+def _medians_s(fns, *, device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``warmup + reps`` times (the first ``warmup`` untimed)."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _median_s(fn, **kwargs) -> float:
+    return _medians_s([fn], **kwargs)[0]
 
 
 def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-                    batch_size: int, seq_len: int, reps: int = 5) -> Profile:
-    """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations."""
+                    batch_size: int, seq_len: int, reps: int = 5, warmup: int = 3) -> Profile:
+    """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations.
+
+    Each time is the median of ``reps`` runs after ``warmup`` untimed ones (first calls pay for
+    kernel selection and page faults; on a shared machine, more of both is steadier)."""
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"measure_profile needs a positive batch shape, got {batch_size} × {seq_len}")
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"measure_profile needs reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    median_s = functools.partial(_median_s, device=device, reps=reps, warmup=warmup)
+    medians_s = functools.partial(_medians_s, device=device, reps=reps, warmup=warmup)
     layouts = [u.layout for u in store.units]
     itemsize = store.compute_dtype.itemsize
     pool = SlotPool([s.module for s in specs], layouts, num_slots=1, device=device, dtype=store.compute_dtype)
@@ -74,15 +89,15 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
         if spec.kind is UnitKind.BLOCK:
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
-                timed[key] = _time_block(run, hidden, params, slot, device, reps)
+                timed[key] = _time_block(run, hidden, params, slot, median_s, medians_s)
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
-            times = _time_embedding(spec, template, params, ids, device, reps)
+            times = _time_embedding(spec, template, params, ids, median_s)
         else:
             labels = torch.randint(0, vocab, (batch_size, seq_len), device=device)
-            times = {"fwd_s": _median_s(lambda: head_forward_backward(
+            times = {"fwd_s": median_s(lambda: head_forward_backward(
                 run, params, hidden, labels, loss_divisor=labels.numel(),
-                chunk_tokens=max(1, (256 * 2**20) // (4 * spec.module.head.out_features))), device=device, reps=reps)}
+                chunk_tokens=max(1, (256 * 2**20) // (4 * spec.module.head.out_features))))}
         layout = layouts[unit]
         costs.append(UnitCost(name=spec.name, role=_ROLE[spec.kind], weight_bytes=layout.device_numel * itemsize,
                               grad_bytes=layout.numel * itemsize,
@@ -93,10 +108,10 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                    duplex=device.type == "cuda", tokens=batch_size * seq_len)
 
 
-def _time_block(run, hidden, params, slot, device, reps) -> dict:
+def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
     with torch.no_grad():
-        fwd_s = _median_s(lambda: run(hidden), device=device, reps=reps)
-    graphs: list[KeptGraph] = []
+        fwd_s = median_s(lambda: run(hidden))
+    graphs: list[KeptGraph] = []  # at most one: each backward consumes the graph the forward before it made
 
     def forward_keep() -> None:
         kept = KeptGraph(slot)
@@ -105,26 +120,32 @@ def _time_block(run, hidden, params, slot, device, reps) -> dict:
             kept.y = run(kept.x)
         graphs.append(kept)
 
-    fwd_grad_s = _median_s(forward_keep, device=device, reps=reps)
-    keep_bytes = graphs[-1].saved_bytes
     grad_y = torch.ones_like(hidden)
-    bwd_s = _median_s(lambda: graphs.pop().backward(grad_y, slot), device=device, reps=min(reps, len(graphs) - 1))
+    keep_bytes = []
+
+    def backward() -> None:
+        kept = graphs.pop()
+        keep_bytes.append(kept.saved_bytes)
+        kept.backward(grad_y, slot)
+
+    fwd_grad_s, bwd_s = medians_s([forward_keep, backward])
+    keep_bytes = keep_bytes[-1]
     swapped = SwappedGraph(slot)
     swapped.forward(run, hidden, params)
     return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes,
             "swap_bytes": swapped.nbytes}
 
 
-def _time_embedding(spec: UnitSpec, template, params, ids, device, reps) -> dict:
+def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
     with torch.no_grad():
-        fwd_s = _median_s(lambda: spec.call(template, ids), device=device, reps=reps)
+        fwd_s = median_s(lambda: spec.call(template, ids))
 
     def backward() -> None:
         with torch.enable_grad():
             y = spec.call(template, ids)
             torch.autograd.grad(y, params, torch.ones_like(y))
 
-    return {"fwd_s": fwd_s, "bwd_s": _median_s(backward, device=device, reps=reps)}
+    return {"fwd_s": fwd_s, "bwd_s": median_s(backward)}
 
 
 def _link_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, device: torch.device) -> float:
@@ -135,4 +156,21 @@ def _link_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, 
     def copy() -> None:
         transfer.h2d([dst], [src]).wait_host()
 
-    return src.numel() * src.element_size() / _median_s(copy, device=device, reps=3)
+    return src.numel() * src.element_size() / _median_s(copy, device=device, reps=3, warmup=2)
+
+
+def median_profile(profiles: list[Profile]) -> Profile:
+    """Per unit and per cost, the median over profiles of one model measured at different times.
+
+    On a shared machine, measuring in rounds interleaved with real steps (and taking the median
+    here) lets a burst of load slow profile and steps alike instead of skewing one of them."""
+    if not profiles:
+        raise ValueError("median_profile needs at least one profile")
+    first = profiles[0]
+    if any(len(p.units) != len(first.units) or p.tokens != first.tokens for p in profiles):
+        raise ValueError("median_profile: profiles of different models or batch shapes cannot be combined")
+    units = tuple(dataclasses.replace(u, **{f: statistics.median(getattr(p.units[i], f) for p in profiles)
+                                            for f in ("fwd_s", "fwd_grad_s", "bwd_s")})
+                  for i, u in enumerate(first.units))
+    return dataclasses.replace(first, units=units,
+                               link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles))

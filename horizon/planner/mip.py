@@ -12,7 +12,10 @@ one policy per block; τ_t ≥ 0, the length of position t of the step. Constrai
 - [Constraint] every ledger row (the device bytes held after each hold, ``memory_rows``) ≤ budget;
 - [Constraint] optional: host bytes of swapped activations and offloaded inputs ≤ the host budget.
 
-Objective: min Σ_t τ_t (seconds, as ``model_step_s``). Bytes are in MiB and times in ms inside
+Objective: min Σ_t τ_t (seconds, as ``model_step_s``); then, among plans no slower than the one
+found, the least link time (a second solve with Σ τ capped): when the link is hidden under compute
+many plans tie, and moving bytes is never free in practice (host memory bandwidth; on CPU the copy
+itself takes a core), so the tie goes to the plan that moves least. Bytes are in MiB and times in ms inside
 the solver, so coefficients stay in a range CBC and HiGHS solve without tolerance trouble. The
 slot count is enumerated outside the MIP (its index sets depend on it); the best is returned.
 """
@@ -71,14 +74,14 @@ def _check_budget(budget_bytes: int, host_budget_bytes: int | None) -> None:
         raise ValueError(f"host_budget_bytes must be a non-negative int of bytes or None, got {host_budget_bytes!r}")
 
 
-def _solver(time_limit_s: float, gap: float):
+def _solver(time_limit_s: float, gap: float, *, warm_start: bool = False):
     import pulp
 
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, warmStart=warm_start)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, warmStart=warm_start)
 
 
 def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
@@ -102,11 +105,11 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
         for row in rows:
             m += peak >= row
         m += peak
-        return m, x
+        return m, x, None
     for row in rows:
         if isinstance(row, (int, float)):  # a row no policy changes (slots, gradients)
             if row > budget_bytes / _MIB:
-                return None, x
+                return None, x, None
             continue
         m += row <= budget_bytes / _MIB
     if host_budget_bytes is not None:
@@ -114,28 +117,54 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
                         + x[(u, P.RECOMPUTE)] * profile.hidden_bytes / _MIB for u in profile.blocks) \
             <= host_budget_bytes / _MIB
     bw_ms = profile.link_bytes_per_s * _MS
-    taus = []
+    taus, link = [], []
     for t, iv in enumerate(intervals(profile, num_slots)):
         tau = pulp.LpVariable(f"tau_{t}", 0)
         taus.append(tau)
         m += tau >= value(iv.compute, choose) / _MS
         h2d, d2h = value(iv.h2d, choose) / bw_ms, value(iv.d2h, choose) / bw_ms
+        link += [h2d, d2h]
         if profile.duplex:
             m += tau >= h2d
             m += tau >= d2h
         else:
             m += tau >= h2d + d2h
-    m += pulp.lpSum(taus)
-    return m, x
+    step_ms = pulp.lpSum(taus)
+    m += step_ms
+    return m, x, (step_ms, pulp.lpSum(link))
 
 
 def _policies(x, profile: Profile) -> dict[int, P]:
     return {u: max(POLICIES, key=lambda p: x[(u, p)].value() or 0.0) for u in profile.blocks}
 
 
+_TIE_BREAK_S = 1.0
+"""Time limit of the second solve: a tie-break, so its best plan so far is good enough."""
+
+
+def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float) -> dict[int, P]:
+    """Second solve: the plan with the least link time among those no slower than the one ``m`` holds.
+
+    Warm-started from that plan; if the time-limited solve ends without one, the first plan stands."""
+    import pulp
+
+    first = _policies(x, profile)
+    step_ms, link_ms = objective
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m += step_ms <= step_ms.value() + 1e-6, "no_slower"
+        m.setObjective(link_ms)
+        m.solve(_solver(_TIE_BREAK_S, gap, warm_start=True))
+    if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return first
+    second = _policies(x, profile)
+    # Within the solver's tolerance "no slower" may admit a hair slower: then the first plan stands.
+    return second if model_step_s(profile, second, num_slots) <= model_step_s(profile, first, num_slots) else first
+
+
 def smallest_budget_bytes(profile: Profile, num_slots: int, *, time_limit_s: float = 30.0) -> int:
     """The least device peak any plan reaches at this slot count (a MIP on the ledger rows alone)."""
-    m, x = _build(profile, num_slots, None, None)
+    m, x, _ = _build(profile, num_slots, None, None)
     m.solve(_solver(time_limit_s, 0.0))
     return peak_bytes(profile, _policies(x, profile), num_slots)
 
@@ -150,15 +179,16 @@ def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...]
         raise ValueError(f"num_slots options must be integers >= 2, got {num_slots!r}")
     start, best = time.perf_counter(), None
     for slots in num_slots:
-        m, x = _build(profile, slots, budget_bytes, host_budget_bytes)
+        m, x, objective = _build(profile, slots, budget_bytes, host_budget_bytes)
         if m is None:
             continue
         m.solve(_solver(time_limit_s, gap))
         if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             continue
-        policies = _policies(x, profile)
+        optimal = m.sol_status == pulp.LpSolutionOptimal
+        policies = _least_link(m, x, objective, profile, slots, gap)
         candidate = Solution(policies, slots, model_step_s(profile, policies, slots),
-                             peak_bytes(profile, policies, slots), m.sol_status == pulp.LpSolutionOptimal, 0.0)
+                             peak_bytes(profile, policies, slots), optimal, 0.0)
         if best is None or candidate.step_s < best.step_s:
             best = candidate
     if best is None:

@@ -65,6 +65,9 @@ class Profile:
     False: one queue for both (the CPU transfer thread)."""
     tokens: int = 0
     """Tokens per step the profile was measured at (batch × sequence)."""
+    compute_scale: float = 1.0
+    """Seconds of compute in a real step per second measured alone (``calibrate.py``): cache misses,
+    the optimizer and transfer threads sharing the cores, per-unit overhead. 1.0 = not calibrated."""
 
     def __post_init__(self) -> None:
         roles = [u.role for u in self.units]
@@ -75,6 +78,8 @@ class Profile:
             raise ValueError(f"Profile.link_bytes_per_s must be positive, got {self.link_bytes_per_s}")
         if self.hidden_bytes <= 0 or self.slot_bytes <= 0:
             raise ValueError("Profile.hidden_bytes and slot_bytes must be positive")
+        if not self.compute_scale > 0:
+            raise ValueError(f"Profile.compute_scale must be positive, got {self.compute_scale}")
 
     @property
     def blocks(self) -> range:

@@ -65,6 +65,8 @@ class _Walk:
         self.num_slots = num_slots
 
     def emit(self, kind: str, key=None, amount: Term = (), direction: str = "") -> None:
+        if kind == "compute":
+            amount = tuple((c * self.p.compute_scale, unit, policy) for c, unit, policy in amount)
         self.out.append(Event(kind, key, amount, direction))
 
     def copy(self, direction: str, amount: Term) -> int:

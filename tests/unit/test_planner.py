@@ -121,3 +121,26 @@ def test_simulator_matches_formulas_at_the_extremes():
 def test_profile_round_trips_through_a_dict():
     profile = synthetic(random.Random(1), 3)
     assert Profile.from_dict(profile.to_dict()) == profile
+
+
+def _link_s(profile, policies, slots):
+    from horizon.planner.schedule import value
+    from horizon.planner.simulate import intervals
+
+    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    return sum(value(iv.h2d, choose) + value(iv.d2h, choose) for iv in intervals(profile, slots)) / profile.link_bytes_per_s
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ties_go_to_the_plan_that_moves_the_fewest_bytes(seed):
+    rng = random.Random(500 + seed)
+    # A fast link hides every copy under compute, so KEEP and SWAP tie on step time wherever both fit.
+    profile = synthetic(rng, 3, link=rng.uniform(50e9, 200e9))
+    budget = _budget_between(rng, profile)
+    mip = solve_mip(profile, budget, num_slots=(2,), gap=0.0)
+    plans = [dict(zip(profile.blocks, c)) for c in itertools.product(POLICIES, repeat=3)]
+    fitting = [p for p in plans if peak_bytes(profile, p, 2) <= budget]
+    fastest = min(model_step_s(profile, p, 2) for p in fitting)
+    least_link = min(_link_s(profile, p, 2) for p in fitting if model_step_s(profile, p, 2) <= fastest * (1 + 1e-9))
+    assert mip.step_s == pytest.approx(fastest, rel=1e-9)
+    assert _link_s(profile, mip.policies, 2) == pytest.approx(least_link, rel=1e-6)

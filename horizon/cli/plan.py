@@ -1,0 +1,115 @@
+"""``horizon plan``: choose the activation plan for a device budget from a saved profile.
+
+Why offline: solving needs only the measured costs (``horizon profile``), not the machine, so a
+plan can be chosen, read and reviewed before a run, for as many budgets as you like. Prints per
+block the policy, the device bytes it holds until its backward and the predicted seconds of its
+positions in the step, then the predicted step time and peak against all-RECOMPUTE and all-KEEP;
+``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from horizon.cli.estimate import parse_bytes
+from horizon.cli.profile import load_profile
+from horizon.engine.plan import ActivationPolicy as P
+from horizon.planner import Profile, simulate, solve_greedy, solve_mip
+from horizon.planner.apply import save_plan, to_plan
+from horizon.planner.schedule import value
+from horizon.planner.simulate import intervals
+from horizon.store import format_bytes
+
+__all__ = ["add_arguments", "check_arguments", "run", "unit_seconds"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", required=True, help="profile JSON written by horizon profile (path)")
+    parser.add_argument("--budget", required=True, type=parse_bytes,
+                        help="device bytes the engine may hold (bytes; 8GiB, 80GB, 1073741824, ...)")
+    parser.add_argument("--solver", default="mip", choices=["mip", "greedy"], help="MIP (HiGHS or CBC) or greedy")
+    parser.add_argument("--slots", default="2,3", help="slot counts to consider (comma-separated counts, each >= 2)")
+    parser.add_argument("--time-limit", type=float, default=30.0, help="MIP time limit per slot count (seconds)")
+    parser.add_argument("--out", help="plan JSON to write, for TrainConfig(plan=...) (path)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        args.slot_options = tuple(int(s) for s in args.slots.split(","))
+    except ValueError:
+        parser.error(f"--slots must be comma-separated integers, got {args.slots!r}")
+    if not args.slot_options or min(args.slot_options) < 2:
+        parser.error(f"--slots options must each be at least 2 (double buffering), got {args.slots!r}")
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    if not args.time_limit > 0:
+        parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
+
+
+def unit_seconds(profile: Profile, policies: dict[int, P], num_slots: int) -> dict[int, float]:
+    """Per unit, the model's seconds of the positions it computes in (forward and backward)."""
+    n = len(profile.units)
+    order = list(range(n)) + list(range(n - 2, -1, -1))
+    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    bw, out = profile.link_bytes_per_s, {u: 0.0 for u in range(n)}
+    for unit, iv in zip(order, intervals(profile, num_slots)[1:]):  # [0] is the prologue
+        h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
+        link = max(h2d, d2h) if profile.duplex else h2d + d2h
+        out[unit] += max(value(iv.compute, choose), link)
+    return out
+
+
+def _device_bytes(profile: Profile, unit: int, policy: P) -> int:
+    cost = profile.units[unit]
+    return {P.KEEP: cost.keep_bytes, P.SWAP: 0, P.RECOMPUTE: 0}[policy]
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    solve = solve_mip if args.solver == "mip" else solve_greedy
+    solution = solve(profile, args.budget, num_slots=args.slot_options, time_limit_s=args.time_limit)
+    baselines = {}
+    for name, policy in (("recompute", P.RECOMPUTE), ("keep", P.KEEP)):
+        policies = {u: policy for u in profile.blocks}
+        sim = simulate(profile, policies, 2)
+        baselines[name] = {"simulated_step_s": sim.step_s, "peak_bytes": sim.peak_bytes,
+                           "fits": sim.peak_bytes <= args.budget}
+    chosen = simulate(profile, solution.policies, solution.num_slots)
+    seconds = unit_seconds(profile, solution.policies, solution.num_slots)
+    report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
+              "optimal": solution.optimal, "solve_s": solution.solve_s,
+              "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
+              "units": [{"unit": profile.units[u].name, "policy": solution.policies[u].value,
+                         "device_bytes": _device_bytes(profile, u, solution.policies[u]),
+                         "host_bytes": {P.KEEP: 0, P.SWAP: profile.units[u].swap_bytes,
+                                        P.RECOMPUTE: profile.hidden_bytes}[solution.policies[u]],
+                         "predicted_s": seconds[u]} for u in profile.blocks],
+              "baselines": baselines}
+    if args.out:
+        save_plan(args.out, to_plan(profile, solution), profile=profile, budget_bytes=args.budget, solution=solution)
+        report["out"] = args.out
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(r: dict) -> None:
+    print(f"budget {format_bytes(r['budget_bytes'])}; {r['solver']} plan, {r['num_slots']} slots "
+          f"({'optimal' if r['optimal'] or r['solver'] == 'greedy' else 'time limit reached'}, "
+          f"{r['solve_s']:.2f} s to solve)")
+    row = "  {:<16} {:<10} {:>12} {:>12} {:>12}"
+    print(row.format("unit", "policy", "device", "host", "predicted"))
+    for u in r["units"]:
+        print(row.format(u["unit"], u["policy"], format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
+                         f"{u['predicted_s'] * 1e3:.1f} ms"))
+    print(f"predicted step {r['simulated_step_s']:.4f} s, peak {format_bytes(r['peak_bytes'])}")
+    for name, b in r["baselines"].items():
+        ratio = r["simulated_step_s"] / b["simulated_step_s"]
+        print(f"  all-{name.upper():<9} {b['simulated_step_s']:.4f} s ({ratio:.2f}x), peak "
+              f"{format_bytes(b['peak_bytes'])}{'' if b['fits'] else ' (over budget)'}")
+    if "out" in r:
+        print(f"wrote {r['out']}: TrainConfig(plan={r['out']!r})")

@@ -1,0 +1,89 @@
+"""``horizon profile`` and ``horizon plan``: the saved profile, the printed plan, and the plan file driving a run."""
+
+import json
+
+import pytest
+
+import horizon
+from helpers import batches, tiny_decoder
+from horizon.cli.main import main
+from horizon.cli.plan import unit_seconds
+from horizon.cli.profile import load_profile
+from horizon.planner import model_step_s, simulate
+from horizon.planner.simulate import intervals
+from horizon.planner.schedule import value
+
+P = horizon.ActivationPolicy
+LAYERS, BATCH, SEQ = 3, 2, 32
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    rc = main(["profile", "--model", "tiny", "--num-layers", str(LAYERS), "--seq-len", str(SEQ), "--batch-size",
+               str(BATCH), "--device", "cpu", "--cpu-link-gbps", "0.5", "--rounds", "2", "--out", str(path)])
+    assert rc == 0
+    return path
+
+
+def _plan_json(capsys, argv):
+    rc = main(argv + ["--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out) if rc == 0 else out
+
+
+def test_profile_file_holds_exact_bytes_and_its_calibration(profile_path):
+    record = json.loads(profile_path.read_text())
+    profile = load_profile(str(profile_path))
+    dim = horizon.models.decoder_config("tiny").dim
+    assert [u.name for u in profile.units] == ["embed_tokens", *(f"layers.{i}" for i in range(LAYERS)), "lm_head"]
+    assert profile.hidden_bytes == BATCH * SEQ * dim * 4 and profile.tokens == BATCH * SEQ
+    block_bytes = sum(p.numel() for p in tiny_decoder(num_layers=LAYERS).layers[0].parameters()) * 4
+    assert all(profile.units[u].weight_bytes == block_bytes for u in profile.blocks)
+    # The compute scale makes the simulator reproduce the measured all-RECOMPUTE step.
+    recompute = {u: P.RECOMPUTE for u in profile.blocks}
+    assert simulate(profile, recompute, 2).step_s == pytest.approx(record["calibration"]["measured_step_s"], rel=1e-6)
+
+
+def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profile_path, tmp_path, capsys):
+    profile = load_profile(str(profile_path))
+    low = simulate(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2).peak_bytes
+    high = simulate(profile, {u: P.KEEP for u in profile.blocks}, 2).peak_bytes
+    budget, out = (low + high) // 2, tmp_path / "plan.json"
+    rc, r = _plan_json(capsys, ["plan", "--profile", str(profile_path), "--budget", str(budget), "--out", str(out)])
+    assert rc == 0 and r["peak_bytes"] <= budget < r["baselines"]["keep"]["peak_bytes"]
+    assert r["baselines"]["recompute"]["fits"] and not r["baselines"]["keep"]["fits"]
+    policies = {u: P(row["policy"]) for u, row in zip(profile.blocks, r["units"])}
+    assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"]), rel=1e-9)
+    # Per-unit seconds plus the prologue (weights issued before the first unit) are the step.
+    prologue = intervals(profile, r["num_slots"])[0]
+    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    prologue_s = value(prologue.h2d, choose) / profile.link_bytes_per_s
+    assert sum(unit_seconds(profile, policies, r["num_slots"]).values()) + prologue_s == pytest.approx(
+        r["model_step_s"], rel=1e-9)
+    with horizon.Trainer(tiny_decoder(num_layers=LAYERS), horizon.TrainConfig(plan=str(out))) as t:
+        assert t.engine.plan.num_slots == r["num_slots"]
+        assert [t.engine.plan.policy(row["unit"]).value for row in r["units"]] == [row["policy"] for row in r["units"]]
+        t.step(batches(1, batch=BATCH, seq=SEQ)[0])
+        assert t.memory().device_peak_bytes == r["peak_bytes"]
+
+
+def test_table_names_every_block_and_both_baselines(profile_path, capsys):
+    profile = load_profile(str(profile_path))
+    budget = simulate(profile, {u: P.KEEP for u in profile.blocks}, 3).peak_bytes
+    assert main(["plan", "--profile", str(profile_path), "--budget", str(budget), "--solver", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"layers.{i}" in out for i in range(LAYERS)) and "all-RECOMPUTE" in out and "all-KEEP" in out
+
+
+def test_bad_inputs_say_what_to_do(profile_path, tmp_path, capsys):
+    assert main(["plan", "--profile", str(profile_path), "--budget", "1000"]) == 2
+    assert "smallest budget that works" in capsys.readouterr().err
+    not_a_profile = tmp_path / "x.json"
+    not_a_profile.write_text("{}")
+    assert main(["plan", "--profile", str(not_a_profile), "--budget", "1GiB"]) == 2
+    assert "horizon profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--profile", str(profile_path), "--budget", "1GiB", "--slots", "1"])
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "tiny", "--seq-len", "8", "--device", "cuda", "--cpu-link-gbps", "1", "--out", "p"])
