@@ -10,8 +10,6 @@ clipping and AdamW on the host buffers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -31,9 +29,11 @@ from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import MemoryReport, StepMetrics
+from horizon.models.adopt import check_trainable, init_fn, model_config_json
 from horizon.models.hf import is_hf_model
 from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
+from horizon.optim.adamw import decay_runs_by_name
 from horizon.optim.updater import Updater
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
@@ -63,40 +63,6 @@ def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
     return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
 
 
-def _check_model(model: nn.Module) -> None:
-    problems = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            problems.append(f"{name} is frozen (requires_grad=False); frozen parameters are not supported yet")
-        elif not p.is_floating_point():
-            problems.append(f"{name} has dtype {p.dtype}; parameters must be floating point")
-        elif p.device.type not in ("cpu", "meta"):
-            problems.append(f"{name} is on {p.device}; build the model on 'cpu' or 'meta', horizon places it")
-    for name, b in model.named_buffers():
-        if b.is_meta:
-            problems.append(f"buffer {name} is on the meta device; horizon materialises parameters only")
-    if problems:
-        raise ValueError("unsupported model: " + "; ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
-
-
-def _model_config(model: nn.Module) -> dict | None:
-    """The model's config as JSON (HF ``to_dict()`` or a dataclass), for export; None if it has none."""
-    config = getattr(model, "config", None)
-    if callable(getattr(config, "to_json_string", None)):  # HF: exactly the config.json from_pretrained reads
-        value = json.loads(config.to_json_string(use_diff=False))
-    elif callable(getattr(config, "to_dict", None)):
-        value = config.to_dict()
-    elif dataclasses.is_dataclass(config):
-        value = dataclasses.asdict(config)
-    else:
-        return None
-    try:
-        check_json(value, "model.config")
-    except ValueError:
-        return None
-    return value
-
-
 def _layout_hash(trainer: "Trainer") -> str:
     from horizon.checkpoint.manifest import layout_hash, layout_of
 
@@ -108,19 +74,6 @@ def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
         return frozenset()
     return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
                             accumulate=config.grad_accum_steps > 1, host_budget_bytes=config.host_memory_budget_bytes)
-
-
-def _init_fn(model: nn.Module):
-    init_weights = getattr(model, "init_weights", None)
-    if callable(init_weights):
-        return init_weights
-
-    def reset_all() -> None:
-        for module in model.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-
-    return reset_all
 
 
 class Trainer:
@@ -143,7 +96,7 @@ class Trainer:
         self.config, self.model = config, model
         self.callbacks = _callbacks(callbacks, config)
         specs = find_units(model, config.units)
-        _check_model(model)
+        check_trainable(model)
         if config.hf_weights and config.distributed.shard_optimizer_state and is_multi_rank():
             raise ValueError("hf_weights with shard_optimizer_state=True is not supported yet: load with "
                              "DistributedConfig(shard_optimizer_state=False)")
@@ -180,7 +133,7 @@ class Trainer:
         self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
         on_ssd = {"ssd": self.ssd} if self.ssd is not None else {}
-        self.store.adopt([s.module for s in specs], init_fn=None if weights else _init_fn(model), **on_ssd)
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **on_ssd)
         if weights is not None:
             weights.load()
             for unit in self.store.units:
@@ -195,9 +148,9 @@ class Trainer:
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
         self.checkpointer = None if not writes else Checkpointer(
-            config.checkpoint, self.store, param_names=self._param_names(), model_config=_model_config(model),
+            config.checkpoint, self.store, param_names=self._param_names(), model_config=model_config_json(model, check_json),
             disk=checkpoint_disk, ssd=self.ssd)
-        decay_runs = self._decay_runs()
+        decay_runs = decay_runs_by_name(self.store.units, self._param_names(), config.optimizer)
         if self.data_parallel is not None:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
         self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
@@ -228,23 +181,6 @@ class Trainer:
             self._device_base_bytes = torch.cuda.memory_allocated(device)
         if config.resume:
             self.resume()
-
-    def _decay_runs(self) -> list[list[tuple[int, int, float]]]:
-        """Per unit, contiguous element ranges with their weight decay (exclusions by name)."""
-        opt = self.config.optimizer
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
-        runs = []
-        for unit in self.store.units:
-            unit_runs: list[tuple[int, int, float]] = []
-            for slot in unit.layout.own:
-                name = name_of[unit.weights[slot.offset:].data_ptr()]
-                decay = opt.weight_decay if opt.decays(name) else 0.0
-                if unit_runs and unit_runs[-1][1] == slot.offset and unit_runs[-1][2] == decay:
-                    unit_runs[-1] = (unit_runs[-1][0], slot.offset + slot.numel, decay)
-                else:
-                    unit_runs.append((slot.offset, slot.offset + slot.numel, decay))
-            runs.append(unit_runs)
-        return runs
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepMetrics:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with

@@ -18,7 +18,7 @@ import torch
 from horizon.optim.native import fused_adamw_
 from horizon.store.host_store import UnitBuffers
 
-__all__ = ["AdamW", "adamw_unit_step", "optimizer_threads"]
+__all__ = ["AdamW", "adamw_unit_step", "decay_runs_by_name", "optimizer_threads"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,3 +88,19 @@ def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: fl
                      num_threads=num_threads)
     if own_copy and not one_pass:
         unit.refresh_compute()
+
+
+def decay_runs_by_name(units, param_names: list[list[str]], optimizer: AdamW) -> list[list[tuple[int, int, float]]]:
+    """Per unit, maximal contiguous element ranges ``(start, end, weight_decay)``: parameters whose name
+    matches ``optimizer.weight_decay_exclude`` get 0. ``param_names[u]`` names unit u's own slots in order."""
+    runs = []
+    for unit, names in zip(units, param_names, strict=True):
+        unit_runs: list[tuple[int, int, float]] = []
+        for slot, name in zip(unit.layout.own, names, strict=True):
+            decay = optimizer.weight_decay if optimizer.decays(name) else 0.0
+            if unit_runs and unit_runs[-1][1] == slot.offset and unit_runs[-1][2] == decay:
+                unit_runs[-1] = (unit_runs[-1][0], slot.offset + slot.numel, decay)
+            else:
+                unit_runs.append((slot.offset, slot.offset + slot.numel, decay))
+        runs.append(unit_runs)
+    return runs
