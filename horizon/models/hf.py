@@ -104,7 +104,7 @@ class HFDecoderBlock(nn.Module):
 
 
 class HFSlidingDecoderBlock(HFDecoderBlock):
-    """A layer with sliding-window attention (Mistral; Qwen2 ``sliding_attention`` layers).
+    """A layer with sliding-window attention (Mistral, Phi-3; ``sliding_attention`` layers of Qwen2/3, Gemma 2/3).
 
     Its own class gives it its own structure key, so its own template: sliding and full layers
     of one model never share a template.
