@@ -9,6 +9,7 @@ import os
 import torch
 
 from horizon.checkpoint.config import CheckpointConfig
+from horizon.config_warnings import warn_ineffective_settings
 from horizon.distributed.config import DistributedConfig
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
@@ -118,6 +119,7 @@ class TrainConfig:
         if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
             raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
         self._check_ssd()
+        warn_ineffective_settings(self, stacklevel=3)  # at the caller of TrainConfig(...)
 
     def _check_ssd(self) -> None:
         budget = self.host_memory_budget_bytes

@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` causal LMs (Llama, Qwen2, Mistral, GPT-2) as horizon unit chains.
+"""Hugging Face ``transformers`` causal LMs (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, GPT-2) as unit chains.
 
 Why: their decoder layers do not take ``hidden -> hidden`` alone. A Llama-style layer needs the
 rotary ``position_embeddings=(cos, sin)`` that the model computes once from
@@ -10,7 +10,13 @@ module and builds the mask as the model does, so that a block unit is again ``hi
 and the chain gives exactly the logits of ``model(input_ids)`` (no KV cache). A batch's
 ``attention_mask`` (padding) and ``position_ids`` reach every embedding and block call, which
 build the mask and positions from them as ``model(input_ids, attention_mask=..., position_ids=...)`` does.
-GPT-2 adds its learned position embedding ``wpe`` in the embedding unit.
+GPT-2 adds its learned position embedding ``wpe`` in the embedding unit. Gemma scales its
+embedding by sqrt(hidden) inside its own embedding module, so that needs nothing; Gemma 2 (and 3,
+when configured) soft-caps the logits, which ``SoftcappedHead`` does in the head unit; Gemma 3
+keeps one rotary table per layer type, which each block asks for. Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are ordinary linears inside its layers. Any other ``transformers`` model is
+refused: its blocks may need inputs (per-layer embeddings, routers' losses, caches) the chain
+does not carry.
 
 ``transformers`` is imported lazily: ``import horizon`` works without it.
 """
@@ -26,15 +32,17 @@ from torch import nn
 
 from horizon.models.units import HeadUnit, UnitKind, UnitSpec, _call_module
 
-__all__ = ["HF_MODEL_TYPES", "HFDecoderBlock", "HFSlidingDecoderBlock", "GPT2Embedding", "hf_units", "is_hf_model"]
+__all__ = ["HF_MODEL_TYPES", "HFDecoderBlock", "HFSlidingDecoderBlock", "GPT2Embedding", "SoftcappedHead",
+           "hf_units", "is_hf_model"]
 
-ROTARY_MODEL_TYPES = ("llama", "qwen2", "mistral")
+ROTARY_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
 HF_MODEL_TYPES = (*ROTARY_MODEL_TYPES, "gpt2")
+_ALL_SLIDING = ("mistral", "phi3")  # a sliding_window in their config applies to every layer
 
 
 def is_hf_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``transformers.PreTrainedModel`` (False when transformers is absent)."""
-    if "transformers" not in sys.modules:  # a transformers model means it is already imported
+    if sys.modules.get("transformers") is None:  # a transformers model means it is already imported
         return False
     from transformers import PreTrainedModel
 
@@ -82,14 +90,21 @@ class HFDecoderBlock(nn.Module):
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         kwargs = {}
         if self.rotary_emb is not None:
-            kwargs["position_embeddings"] = self.rotary_emb(hidden, position_ids)
+            kwargs["position_embeddings"] = self._rotary(hidden, position_ids)
         mask = _build_mask(self.config, hidden, attention_mask, position_ids, self.sliding)
         out = self.layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) for this layer; Gemma 3 keeps one table per layer type and takes the type."""
+        if "layer_type" in _parameters(type(self.rotary_emb).forward):
+            layer_type = "sliding_attention" if self.sliding else "full_attention"
+            return self.rotary_emb(hidden, position_ids, layer_type)
+        return self.rotary_emb(hidden, position_ids)
+
 
 class HFSlidingDecoderBlock(HFDecoderBlock):
-    """A layer with sliding-window attention (Mistral; Qwen2 ``sliding_attention`` layers).
+    """A layer with sliding-window attention (Mistral, Phi-3; ``sliding_attention`` layers of Qwen2/3, Gemma 2/3).
 
     Its own class gives it its own structure key, so its own template: sliding and full layers
     of one model never share a template.
@@ -121,10 +136,21 @@ class GPT2Embedding(nn.Module):
         return self.drop(self.wte(input_ids) + self.wpe(position_ids))
 
 
+class SoftcappedHead(HeadUnit):
+    """Final norm, head, then Gemma 2's logit soft-capping: ``tanh(logits / cap) * cap``, as its forward does."""
+
+    def __init__(self, norm: nn.Module, head: nn.Linear, softcap: float) -> None:
+        super().__init__(norm, head)
+        self.softcap = softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(self.norm(hidden)) / self.softcap) * self.softcap
+
+
 def _layer_sliding(config, model_type: str, index: int) -> bool:
-    if model_type not in ("qwen2", "mistral") or getattr(config, "sliding_window", None) is None:
+    if getattr(config, "sliding_window", None) is None:
         return False
-    if model_type == "mistral":
+    if model_type in _ALL_SLIDING:
         return True
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
@@ -168,10 +194,16 @@ def _call_block(module: nn.Module, hidden: torch.Tensor, **extras) -> torch.Tens
 
 def hf_units(model: nn.Module) -> list[UnitSpec] | None:
     """The unit chain of a supported HF causal LM (embedding, every layer, final norm + lm_head), else None."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in HF_MODEL_TYPES or not is_hf_model(model):
+    if not is_hf_model(model):
         return None
+    config = model.config
+    model_type = config.model_type
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{type(model).__name__} (model_type={model_type!r}) is not a transformers family horizon "
+                         f"recognises ({', '.join(HF_MODEL_TYPES)}): its layers may need inputs the unit chain does "
+                         "not carry. Use one of those families, or, if its blocks really are hidden -> hidden, name "
+                         "the parts with TrainConfig(units=horizon.Units(embedding=..., blocks=..., norm=..., "
+                         "head=...))")
     head = getattr(model, "lm_head", None)
     parts = _gpt2_parts(model) if model_type == "gpt2" else _rotary_parts(model)
     if parts is None or not isinstance(head, nn.Linear):
@@ -185,5 +217,7 @@ def hf_units(model: nn.Module) -> list[UnitSpec] | None:
         block_cls = HFSlidingDecoderBlock if _layer_sliding(config, model_type, i) else HFDecoderBlock
         specs.append(UnitSpec(name=f"{blocks_name}.{i}", kind=UnitKind.BLOCK,
                               module=block_cls(layer, rotary_emb, config), call=_call_block))
-    specs.append(UnitSpec(name="lm_head", kind=UnitKind.HEAD, module=HeadUnit(norm, head), call=_call_module))
+    softcap = getattr(config, "final_logit_softcapping", None)
+    head_unit = HeadUnit(norm, head) if softcap is None else SoftcappedHead(norm, head, float(softcap))
+    specs.append(UnitSpec(name="lm_head", kind=UnitKind.HEAD, module=head_unit, call=_call_module))
     return specs

@@ -46,6 +46,10 @@ def empty_hf_model(config_or_dir) -> nn.Module:
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is not None and any(b.is_meta for b in rotary.buffers()):
         inner.rotary_emb = type(rotary)(config=model.config)  # parameter-free: buffers only, tiny
+    embed = getattr(inner, "embed_tokens", None)
+    scale = getattr(embed, "scalar_embed_scale", None)  # Gemma's sqrt(hidden) embedding scale, a 0-d buffer
+    if scale is not None and embed.embed_scale.is_meta:
+        embed.embed_scale = torch.tensor(scale)
     meta_buffers = [name for name, b in model.named_buffers() if b.is_meta]
     if meta_buffers:
         raise ValueError(f"{type(model).__name__} keeps buffers horizon cannot rebuild off the meta device: "
