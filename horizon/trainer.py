@@ -9,8 +9,6 @@ clipping and AdamW on the host buffers.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -19,10 +17,10 @@ from torch import nn
 
 from horizon.batch import check_batch, check_extras
 from horizon.callbacks import JsonlMetrics
-from horizon.checkpoint.commit import committed_steps, step_dir_name
-from horizon.checkpoint.load import find_valid, load_into
+from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
-from horizon.checkpoint.train_state import capture_rng, check_json, restore_rng
+from horizon.checkpoint.session import CheckpointSession
+from horizon.checkpoint.train_state import check_json
 from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, is_multi_rank
@@ -61,12 +59,6 @@ def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
         if not any(callable(getattr(callback, hook, None)) for hook in hooks):
             raise ValueError(f"callback {callback!r} has none of {hooks}; subclass horizon.Callback")
     return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
-
-
-def _layout_hash(trainer: "Trainer") -> str:
-    from horizon.checkpoint.manifest import layout_hash, layout_of
-
-    return layout_hash(layout_of(trainer.store, trainer._param_names()))
 
 
 def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
@@ -148,9 +140,9 @@ class Trainer:
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
         self.checkpointer = None if not writes else Checkpointer(
-            config.checkpoint, self.store, param_names=self._param_names(), model_config=model_config_json(model, check_json),
+            config.checkpoint, self.store, param_names=self.param_names(), model_config=model_config_json(model, check_json),
             disk=checkpoint_disk, ssd=self.ssd)
-        decay_runs = decay_runs_by_name(self.store.units, self._param_names(), config.optimizer)
+        decay_runs = decay_runs_by_name(self.store.units, self.param_names(), config.optimizer)
         if self.data_parallel is not None:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
         self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
@@ -171,9 +163,7 @@ class Trainer:
         self.tokens_seen = 0
         """Labels that counted in the loss of every update so far (skipped ones included)."""
         self._micro = _MicroBatches()
-        self._data = None
-        self._resumed_data_state = None
-        self._announced_step = None
+        self.checkpoints = CheckpointSession(self, self.checkpointer)
         self._device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -221,10 +211,7 @@ class Trainer:
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         micro.seconds += time.perf_counter() - start_s
-        every = cfg.checkpoint.every_steps if self.checkpointer else None
-        if last and not skipped and every and self.global_step % every == 0:
-            self._request_checkpoint()
-        errors = tuple(self.checkpointer.take_errors()) if self.checkpointer else ()
+        errors = self.checkpoints.after_step(updated=last and not skipped)
         metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
                               seconds=micro.seconds, grad_norm=grad_norm, lr=lr, skipped=skipped,
                               updated=last and not skipped, checkpoint_errors=errors)
@@ -233,19 +220,8 @@ class Trainer:
             for callback in self.callbacks:
                 if hasattr(callback, "on_step_end"):
                     callback.on_step_end(self, metrics)
-        self._announce_checkpoint()
+        self.checkpoints.announce()
         return metrics
-
-    def _announce_checkpoint(self) -> None:
-        """Run the on_checkpoint callbacks once for a newly committed checkpoint."""
-        step = self.checkpointer.last_committed_step if self.checkpointer else None
-        if step is None or step == self._announced_step:
-            return
-        self._announced_step = step
-        path = os.path.join(self.checkpointer.root, step_dir_name(step))
-        for callback in self.callbacks:
-            if hasattr(callback, "on_checkpoint"):
-                callback.on_checkpoint(self, step, path)
 
     def _plan_auto(self, batch_size: int, seq_len: int) -> None:
         """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
@@ -276,86 +252,39 @@ class Trainer:
 
     # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
 
-    def _param_names(self) -> list[list[str]]:
+    @property
+    def micro_batches_pending(self) -> bool:
+        """True between the micro-batches of one update (grad_accum_steps > 1)."""
+        return self._micro.count > 0
+
+    def restore_counters(self, *, step: int, skipped_steps: int, tokens_seen: int) -> None:
+        """Set the step counters (a resume) and drop any micro-batches of an unfinished update."""
+        self.global_step, self.skipped_steps, self.tokens_seen = step, skipped_steps, tokens_seen
+        self._micro = _MicroBatches()
+
+    def param_names(self) -> list[list[str]]:
+        """Per unit, the model's names of its own parameters in store order."""
         name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         return [[name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
                 for unit in self.store.units]
 
-    def _request_checkpoint(self) -> bool:
-        """Capture the train state now and start copying and writing version ``global_step``."""
-        data = self._data.state_dict() if self._data is not None else None
-        if data is not None:
-            check_json(data, "the registered data loader's state_dict()")
-        state = {"step": self.global_step, "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
-                 "rng": capture_rng(), "data": data}
-        num_units = len(self.store.units)
-        order = list(range(num_units))[::-1] if self.config.eager_updates else list(range(num_units))
-        after = {unit: self.updater.pending(unit) for unit in range(num_units)}
-        return self.checkpointer.request(step=self.global_step, train_state=state, order=order, after=after,
-                                         adam_steps=self.updater.steps)
+    # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
 
     def save(self, *, wait: bool = False) -> str | None:
         """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
         and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
-        if self.config.checkpoint is None:
-            raise ValueError("Trainer.save() needs TrainConfig(checkpoint=horizon.CheckpointConfig(dir=...))")
-        if self.checkpointer is None:
-            return None  # another rank (rank 0) writes
-        if self._micro.count:
-            raise ValueError("Trainer.save() in the middle of gradient accumulation: call it after the "
-                             f"{self.config.grad_accum_steps}-th micro-batch of an update")
-        if self.checkpointer.last_requested_step != self.global_step:
-            self._request_checkpoint()
-        if not wait:
-            return None
-        flight = self.checkpointer.wait()
-        if flight is None or flight.path is None:
-            raise CheckpointError(flight.error if flight else "no checkpoint was taken")
-        return flight.path
+        return self.checkpoints.save(wait=wait)
 
     def resume(self, dir=None) -> int | None:
         """Load the newest checkpoint in ``dir`` (default: checkpoint.dir) that validates; its step, or None
         when there is none. Corrupt checkpoints are moved aside; if all are, NoValidCheckpoint is raised
         unless CheckpointConfig(allow_fresh_start=True)."""
-        ckpt = self.config.checkpoint
-        if dir is None and ckpt is None:
-            raise ValueError("Trainer.resume() needs a directory, or TrainConfig(checkpoint=CheckpointConfig(dir=...))")
-        self.updater.wait_all()
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
-        layout_hash = self.checkpointer.layout_hash if self.checkpointer else _layout_hash(self)
-        # Data parallel: rank 0 validates (and quarantines) first, then the others read what it kept.
-        with self.data_parallel.rank_zero_first() if self.data_parallel else contextlib.nullcontext():
-            found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=layout_hash,
-                               allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
-        if found is None:
-            return None
-        directory, manifest = found
-        load_into(self.store, directory, manifest, ssd=self.ssd)
-        state = manifest["train_state"]
-        for step, saved in zip(self.updater.steps, state["adam_steps"]):
-            step.fill_(saved)
-        self.global_step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.tokens_seen, self._micro = state["tokens_seen"], _MicroBatches()
-        restore_rng(state["rng"])
-        self._resumed_data_state = state["data"]
-        if self._data is not None and state["data"] is not None:
-            self._data.load_state_dict(state["data"])
-        if self.checkpointer is not None:
-            self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = self.global_step
-        self._announced_step = self.global_step  # on_checkpoint is for checkpoints this run commits
-        return self.global_step
+        return self.checkpoints.resume(dir)
 
     def register_data(self, loader) -> None:
         """Checkpoint ``loader``'s position: it needs ``state_dict()`` (JSON-serialisable) and
         ``load_state_dict(state)``; if this trainer resumed, the saved position is loaded into it now."""
-        if not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))):
-            raise ValueError(f"register_data needs an object with state_dict() and load_state_dict(state), "
-                             f"got {type(loader).__name__}")
-        check_json(loader.state_dict(), f"{type(loader).__name__}.state_dict()")
-        self._data = loader
-        if self._resumed_data_state is not None:
-            loader.load_state_dict(self._resumed_data_state)
+        self.checkpoints.register_data(loader)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies;
@@ -413,18 +342,9 @@ class Trainer:
         """Wait for the updates and the checkpoint in flight, take the final checkpoint, free everything."""
         error = None
         try:
-            if self.checkpointer is not None:
-                self.checkpointer.wait()
-                if self.config.checkpoint.final_save and self._micro.count == 0 \
-                        and self.checkpointer.last_committed_step != self.global_step:
-                    self.checkpointer.last_requested_step = None  # a failed one at this step is taken again
-                    self._request_checkpoint()
-                    flight = self.checkpointer.wait()
-                    error = flight.error
-                self._announce_checkpoint()
+            error = self.checkpoints.finish()
         finally:
-            if self.checkpointer is not None:
-                self.checkpointer.close()  # its writer threads
+            self.checkpoints.close()
             self.updater.close()
             if self.ssd is not None:
                 self.ssd.close()

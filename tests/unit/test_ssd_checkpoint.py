@@ -34,7 +34,7 @@ def test_checkpoints_of_ssd_state_are_version_s_and_resume_bit_for_bit(tmp_path,
         rest = [trainer.step(b).loss for b in batches[3:]]
         optim = trainer.optimizer_state_dict()["state"]  # reads SSD while the copier of step 6 may too
         masters = trainer.state_dict()
-        names = trainer._param_names()
+        names = trainer.param_names()
     assert first + rest == losses
     assert list(ssd_dir.iterdir()) == [], "the state file is removed at close"
     for unit, unit_names in enumerate(names):
