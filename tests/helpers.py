@@ -60,3 +60,11 @@ def horizon_run(model: torch.nn.Module, data, *, config: horizon.TrainConfig, tr
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def chain_logits(specs, input_ids):
+    """Run a unit chain as plain modules, unit by unit (what find_units recognised, end to end)."""
+    h = input_ids
+    for spec in specs:
+        h = spec.call(spec.module, h)
+    return h

@@ -19,6 +19,7 @@ import torch
 import horizon
 from horizon.cli.models import resolve_model
 from horizon.planner.calibrate import calibrate
+from horizon.planner.apply import read_record
 from horizon.planner.measure import measure_profile, median_profile
 from horizon.planner.profile import Profile
 
@@ -94,14 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_profile(path: str) -> Profile:
     """The ``Profile`` in a file written by ``horizon profile``."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read profile file {path}: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a horizon profile: expected a JSON object with \"format\": \"{FORMAT}\" "
-                         "(write one with horizon profile)")
+    record = read_record(path, FORMAT, "profile", " (write one with horizon profile)")
     try:
         return Profile.from_dict(record["profile"])
     except (KeyError, TypeError, ValueError) as e:

@@ -49,15 +49,21 @@ def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = 
         f.write("\n")
 
 
-def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, num_slots)."""
+def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") -> dict:
+    """The JSON object in ``path`` whose "format" is ``fmt``; a ValueError that names the file otherwise."""
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read plan file {path}: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a horizon plan: expected a JSON object with \"format\": \"{FORMAT}\"")
+        raise ValueError(f"cannot read {what} file {path}: {e}") from e
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise ValueError(f"{path} is not a horizon {what}: expected a JSON object with \"format\": \"{fmt}\"{hint}")
+    return record
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, num_slots)."""
+    record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
     bad = {k: v for k, v in per_unit.items() if v not in words}

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from horizon.engine.plan import ActivationPolicy as P
-from horizon.planner.mip import POLICIES, PlanInfeasible, Solution, _check_budget, host_bytes
+from horizon.planner.mip import POLICIES, PlanInfeasible, Solution, _check_options, host_bytes
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term
 from horizon.planner.simulate import intervals, memory_rows, model_step_s, peak_bytes
@@ -91,9 +91,7 @@ def _greedy(profile: Profile, budget_bytes: int, num_slots: int, host_budget_byt
 def solve_greedy(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...] = (2, 3),
                  host_budget_bytes: int | None = None, time_limit_s: float = 30.0, gap: float = 1e-4) -> Solution:
     """Same signature and result as ``solve_mip`` (``time_limit_s`` and ``gap`` are unused)."""
-    _check_budget(budget_bytes, host_budget_bytes)
-    if not num_slots or any(s < 2 for s in num_slots):
-        raise ValueError(f"num_slots options must be integers >= 2, got {num_slots!r}")
+    _check_options(budget_bytes, host_budget_bytes, num_slots)
     start, best = time.perf_counter(), None
     for slots in num_slots:
         policies = _greedy(profile, budget_bytes, slots, host_budget_bytes)

@@ -67,11 +67,14 @@ def host_bytes(profile: Profile, policies: dict[int, P]) -> int:
                for u, p in policies.items())
 
 
-def _check_budget(budget_bytes: int, host_budget_bytes: int | None) -> None:
+def _check_options(budget_bytes: int, host_budget_bytes: int | None, num_slots: tuple[int, ...]) -> None:
+    """The checks both solvers make of their arguments, before any work."""
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"device memory budget must be a positive int of bytes, got {budget_bytes!r}")
     if host_budget_bytes is not None and (not isinstance(host_budget_bytes, int) or host_budget_bytes < 0):
         raise ValueError(f"host_budget_bytes must be a non-negative int of bytes or None, got {host_budget_bytes!r}")
+    if not num_slots or any(s < 2 for s in num_slots):
+        raise ValueError(f"num_slots options must be integers >= 2, got {num_slots!r}")
 
 
 def _solver(time_limit_s: float, gap: float, *, warm_start: bool = False):
@@ -174,9 +177,7 @@ def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...]
     """The plan with the least model step time whose device peak fits ``budget_bytes``."""
     import pulp
 
-    _check_budget(budget_bytes, host_budget_bytes)
-    if not num_slots or any(s < 2 for s in num_slots):
-        raise ValueError(f"num_slots options must be integers >= 2, got {num_slots!r}")
+    _check_options(budget_bytes, host_budget_bytes, num_slots)
     start, best = time.perf_counter(), None
     for slots in num_slots:
         m, x, objective = _build(profile, slots, budget_bytes, host_budget_bytes)

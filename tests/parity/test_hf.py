@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import horizon  # noqa: E402
-from helpers import batches, plain_run, rel_err  # noqa: E402
+from helpers import batches, chain_logits, plain_run, rel_err  # noqa: E402
 from horizon.models.hf import GPT2Embedding, HFDecoderBlock, HFSlidingDecoderBlock  # noqa: E402
 from horizon.models.units import HeadUnit, UnitKind, find_units  # noqa: E402
 
@@ -85,13 +85,6 @@ def assert_matches(model, data, got, want):
         for key in ill:
             assert rel_err(state[key], ref_state[key]) <= 1e-3, key
             assert rel_err(state[key], exact[key].float()) <= 3 * rel_err(ref_state[key], exact[key].float()), key
-
-
-def chain_logits(specs, input_ids):
-    h = input_ids
-    for spec in specs:
-        h = spec.call(spec.module, h)
-    return h
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import horizon  # noqa: E402
-from helpers import batches, plain_run, rel_err  # noqa: E402
+from helpers import batches, chain_logits, plain_run, rel_err  # noqa: E402
 from test_hf_padding import left_padded, sequences  # noqa: E402
 from test_hf_padding import plain_run as padded_plain_run  # noqa: E402
 from horizon.models.hf_weights import empty_hf_model  # noqa: E402
@@ -45,13 +45,6 @@ def tiny(family, *, tie=False, attn="eager", seed=0):
     config = config_cls(**SIZES, **extra, tie_word_embeddings=tie, attn_implementation=attn)
     torch.manual_seed(seed)
     return model_cls(config)
-
-
-def chain_logits(specs, input_ids):
-    h = input_ids
-    for spec in specs:
-        h = spec.call(spec.module, h)
-    return h
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
