@@ -96,10 +96,12 @@ def peak_flops(device_name: str | None) -> float | None:
 
 
 def _batches(cfg, args, device):
+    """One list of ``grad_accum`` micro-batches per optimizer step."""
     g = torch.Generator().manual_seed(0)
     for _ in range(args.warmup + args.steps):
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-        yield {"input_ids": ids[:, :-1].contiguous().to(device), "labels": ids[:, 1:].contiguous().to(device)}
+        ids = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g) for _ in range(args.grad_accum)]
+        yield [{"input_ids": x[:, :-1].contiguous().to(device), "labels": x[:, 1:].contiguous().to(device)}
+               for x in ids]
 
 
 def _run_plain(cfg, args, device):
@@ -110,14 +112,20 @@ def _run_plain(cfg, args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD,
                             fused=device.type == "cuda")
 
+    micro = 0
+
     def step(batch):
+        nonlocal micro
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = _logits(model, batch["input_ids"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        (loss / args.grad_accum).backward()  # equal micro-batches: the mean of means is the global mean
+        micro += 1
+        if micro % args.grad_accum == 0:
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     return step, lambda: None, {}
@@ -136,8 +144,8 @@ def _run_deepspeed(cfg, args, device):
     os.environ.setdefault("WORLD_SIZE", "1")
     ds_config = {
         "train_micro_batch_size_per_gpu": args.batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": CLIP,
+        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_clipping": CLIP if args.clip else 0.0,
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "weight_decay": WD}},
         "zero_optimization": {
@@ -185,7 +193,8 @@ def _run_horizon(cfg, args, device):
     # non-parameter buffers (rotary frequencies) that must be real, so they are built on the CPU.
     with torch.device("meta" if args.family == "decoder" else "cpu"):
         model = build_model(cfg, args.family)
-    config = horizon.TrainConfig(device=str(device), plan=horizon_plan(args.plan, cfg.num_layers), grad_clip_norm=CLIP,
+    config = horizon.TrainConfig(device=str(device), plan=horizon_plan(args.plan, cfg.num_layers),
+                                 grad_clip_norm=CLIP if args.clip else None, grad_accum_steps=args.grad_accum,
                                  optimizer=horizon.AdamW(lr=LR, betas=BETAS, weight_decay=WD))
     trainer = horizon.Trainer(model, config)
 
@@ -210,7 +219,7 @@ def child(args) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times_s, losses = [], []
     batches = _batches(cfg, args, device)
-    for i, batch in enumerate(batches):
+    for i, micro_batches in enumerate(batches):
         if i == args.warmup:
             finish()
             sync()
@@ -218,12 +227,13 @@ def child(args) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             window_start = time.perf_counter()
         start = time.perf_counter()
-        losses.append(float(step(batch)))
+        step_losses = [step(batch) for batch in micro_batches]
+        losses.append(sum(float(loss) for loss in step_losses) / len(step_losses))
         times_s.append(time.perf_counter() - start)
     finish()
     sync()
     window_s = time.perf_counter() - window_start
-    tokens = args.batch * args.seq
+    tokens = args.batch * args.seq * args.grad_accum  # per optimizer step
     out = {"tokens_per_s": tokens * args.steps / window_s, "median_step_s": median(times_s[args.warmup:]),
            "losses": losses, "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
@@ -237,10 +247,13 @@ def child(args) -> dict:
 
 def run_child(args, model: str, system: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", system, "--model", model, "--seq", str(args.seq),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--plan", args.plan,
+           "--batch", str(args.batch), "--grad-accum", str(args.grad_accum), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--plan", args.plan,
            "--family", args.family]
     if args.smoke:
         cmd.append("--smoke")
+    if not args.clip:
+        cmd.append("--no-clip")
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
@@ -299,7 +312,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default="1b", help="comma-separated: presets of horizon.models or 3b")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="micro-batch size (sequences)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (count); a timed step is all of them")
+    p.add_argument("--no-clip", dest="clip", action="store_false",
+                   help=f"no global-norm clipping (default: clip to {CLIP} in every system)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--family", choices=("decoder", "hf-llama"), default="decoder",
@@ -317,8 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in a.systems.split(",") if s not in SYSTEMS]
     if unknown:
         p.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
-    if a.steps < 1 or a.warmup < 0 or a.batch < 1 or a.seq < 1:
-        p.error("--steps, --batch and --seq must be >= 1 and --warmup >= 0")
+    if a.steps < 1 or a.warmup < 0 or a.batch < 1 or a.seq < 1 or a.grad_accum < 1:
+        p.error("--steps, --batch, --grad-accum and --seq must be >= 1 and --warmup >= 0")
     return a
 
 
