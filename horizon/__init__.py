@@ -11,7 +11,7 @@ from horizon.checkpoint.export import export_hf
 from horizon.config import TrainConfig
 from horizon.distributed import DistributedConfig, PeerFailure
 from horizon.engine.plan import ActivationPolicy, Plan
-from horizon.metrics import MemoryReport, StepMetrics
+from horizon.metrics import EvalMetrics, MemoryReport, StepMetrics
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, WarmupCosine, WarmupLinear
@@ -21,4 +21,4 @@ from horizon.trainer import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "SSDConfig", "AdamW",
            "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics",
-           "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]
+           "EvalMetrics", "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]

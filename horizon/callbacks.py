@@ -3,9 +3,10 @@
 Why: a loop around ``Trainer.step`` can log whatever it likes, but a few things only the trainer
 knows when they happen (a checkpoint becomes durable on a background thread), and the usual
 sinks (a JSONL file, a progress bar) should not be rewritten by every user. A callback is any
-object with some of ``on_step_end(trainer, metrics)`` and ``on_checkpoint(trainer, step, path)``;
-``Callback`` is an empty base to subclass. Both run on the training thread, inside ``step`` (or
-``close``, for the final checkpoint), so they see the trainer between two updates.
+object with some of ``on_step_end(trainer, metrics)``, ``on_checkpoint(trainer, step, path)`` and
+``on_eval(trainer, metrics)``; ``Callback`` is an empty base to subclass. All run on the training
+thread, inside ``step``, ``evaluate`` (or ``close``, for the final checkpoint), so they see the
+trainer between two updates.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import json
 import os
 import time
 
-from horizon.metrics import StepMetrics
+from horizon.metrics import EvalMetrics, StepMetrics
 
-__all__ = ["Callback", "JsonlMetrics", "metrics_record"]
+__all__ = ["Callback", "JsonlMetrics", "metrics_record", "HOOKS"]
+
+HOOKS = ("on_step_end", "on_checkpoint", "on_eval")
+"""The methods a callback may have."""
 
 
 class Callback:
@@ -28,6 +32,9 @@ class Callback:
 
     def on_checkpoint(self, trainer, step: int, path: str) -> None:
         """Once the checkpoint of ``step`` is committed (durable) in directory ``path``."""
+
+    def on_eval(self, trainer, metrics: EvalMetrics) -> None:
+        """After every ``Trainer.evaluate``."""
 
 
 def metrics_record(metrics: StepMetrics) -> dict:
@@ -57,3 +64,7 @@ class JsonlMetrics(Callback):
     def on_checkpoint(self, trainer, step: int, path: str) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"event": "checkpoint", "step": step, "path": path, "time_unix_s": time.time()}) + "\n")
+
+    def on_eval(self, trainer, metrics: EvalMetrics) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": "eval", **dataclasses.asdict(metrics), "time_unix_s": time.time()}) + "\n")
