@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 
@@ -61,6 +62,9 @@ class TrainConfig:
     horizon.models.hf_weights.empty_hf_model(dir) so that it never exists outside the host store."""
     metrics_jsonl: str | None = None
     """Append one JSON line of StepMetrics per update to this file (path); None = off."""
+    tensorboard_dir: str | None = None
+    """Write the step, evaluation and memory scalars for TensorBoard to this folder (path; needs the
+    ``tensorboard`` package); None = off."""
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     """Under torchrun: the collective timeout and optimizer-state sharding (horizon.DistributedConfig)."""
     ssd: SSDConfig | None = None
@@ -118,8 +122,18 @@ class TrainConfig:
                              "save_pretrained or horizon.export_hf wrote")
         if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
             raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
+        self._check_tensorboard()
         self._check_ssd()
         warn_ineffective_settings(self, stacklevel=3)  # at the caller of TrainConfig(...)
+
+    def _check_tensorboard(self) -> None:
+        if self.tensorboard_dir is None:
+            return
+        if os.path.isfile(self.tensorboard_dir):
+            raise ValueError(f"TrainConfig.tensorboard_dir={self.tensorboard_dir!r} is a file: name a folder")
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("TrainConfig.tensorboard_dir needs the tensorboard package: pip install tensorboard "
+                             "(or drop tensorboard_dir; metrics_jsonl needs nothing)")
 
     def _check_ssd(self) -> None:
         budget = self.host_memory_budget_bytes

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from horizon.batch import check_batch, check_extras
-from horizon.callbacks import HOOKS, JsonlMetrics
+from horizon.callbacks import HOOKS, JsonlMetrics, TensorBoardMetrics
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.session import CheckpointSession
@@ -57,7 +57,9 @@ def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
     for callback in callbacks:
         if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
             raise ValueError(f"callback {callback!r} has none of {HOOKS}; subclass horizon.Callback")
-    return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
+    sinks = [JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else []
+    sinks += [TensorBoardMetrics(config.tensorboard_dir)] if config.tensorboard_dir else []
+    return list(callbacks) + sinks
 
 
 def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
@@ -375,6 +377,9 @@ class Trainer:
             error = self.checkpoints.finish()
         finally:
             self.checkpoints.close()
+            for sink in self.callbacks:
+                if isinstance(sink, TensorBoardMetrics):
+                    sink.close()
             self.updater.close()
             if self.ssd is not None:
                 self.ssd.close()
