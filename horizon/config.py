@@ -71,6 +71,9 @@ class TrainConfig:
     """Keep some units' optimizer state (master, m, v) on SSD (horizon.SSDConfig); None = all in RAM."""
     host_memory_budget_bytes: int | None = None
     """Host RAM the store and the SSD tier's I/O pool may take; needed by SSDConfig(units="auto")."""
+    preflight: bool = True
+    """Before allocating, check the estimate (horizon.estimate) against this machine's available RAM,
+    cgroup limit and locked-memory limit, and raise a ValueError with the shortfall (docs/observability.md)."""
 
     def __post_init__(self) -> None:
         try:
@@ -122,6 +125,8 @@ class TrainConfig:
                              "save_pretrained or horizon.export_hf wrote")
         if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
             raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
+        if not isinstance(self.preflight, bool):
+            raise ValueError(f"TrainConfig.preflight must be True or False, got {self.preflight!r}")
         self._check_tensorboard()
         self._check_ssd()
         warn_ineffective_settings(self, stacklevel=3)  # at the caller of TrainConfig(...)

@@ -25,6 +25,7 @@ from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
+from horizon.estimate.preflight import applies as preflight_applies, preflight
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.metrics import EvalMetrics, MemoryReport, StepMetrics
 from horizon.models.adopt import check_trainable, init_fn, model_config_json
@@ -111,6 +112,8 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
+        if preflight_applies(config, is_multi_rank()):
+            preflight(model, config)  # the estimate against this machine, before the store exists
         ssd_units = _ssd_units(config, layouts)
         if ssd_units and (self.data_parallel is not None or weights is not None):
             raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
