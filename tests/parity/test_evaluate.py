@@ -92,3 +92,28 @@ def test_bad_eval_input():
             trainer.evaluate([])
         with pytest.raises(ValueError, match="labels"):
             trainer.evaluate([{"input_ids": torch.zeros(1, 4, dtype=torch.long)}])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_eval_with_padding_equals_the_hf_forward(family):
+    """attention_mask and position_ids reach every unit: left-padded batches score as HF's own forward does."""
+    pytest.importorskip("transformers")
+    from test_hf import tiny_hf
+    from test_hf_padding import left_padded, sequences
+
+    model = tiny_hf(family)
+    val = [left_padded(sequences(step)) for step in range(2)]
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(grad_clip_norm=1.0)) as trainer:
+        trainer.step(left_padded(sequences(7)))
+        result = trainer.evaluate(val)
+        state = {k: v.clone() for k, v in trainer.state_dict().items()}
+    model.load_state_dict(state)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in val:
+            logits = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+            total += float(F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((b["labels"] != -100).sum())
+    assert result.tokens == count and result.loss == pytest.approx(total / count, rel=1e-6, abs=0)
