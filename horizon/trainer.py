@@ -74,7 +74,8 @@ class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
     ``callbacks``: objects with some of ``on_step_end(trainer, metrics)``, ``on_checkpoint(trainer,
-    step, path)`` and ``on_eval(trainer, metrics)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)`` adds a horizon.JsonlMetrics.
+    step, path)`` and ``on_eval(trainer, metrics)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)``
+    adds a horizon.JsonlMetrics, ``TrainConfig(tensorboard_dir=...)`` a horizon.TensorBoardMetrics.
 
     ``transfer`` replaces the copy engine, ``optimizer_delay_s`` (a callable returning seconds)
     delays every optimizer task and ``checkpoint_disk`` replaces the checkpoint writer's file

@@ -118,7 +118,7 @@ def train(trainer: horizon.Trainer, train_data: torch.Tensor, eval_batches: list
 
 
 def _progress_bar(model: torch.nn.Module, cfg: RunConfig) -> ProgressBar:
-    peak = cfg.training.peak_flops or device_peak_flops(cfg.train_config().torch_device)
+    peak = cfg.training.peak_flops or device_peak_flops(cfg.training.device)
     return ProgressBar(cfg.training.steps, flops_per_token=flops_per_token(model, cfg.data.seq_len),
                        peak_flops=peak, rank=_rank())
 

@@ -36,8 +36,10 @@ def test_train_runs_end_to_end_and_the_loss_goes_down(tmp_path, capsys):
     rc = main(["train", "--text", str(path), "--preset", "tiny", "--steps", "30", "--batch-size", "8",
                "--seq-len", "32", "--lr", "3e-3", "--eval-every-steps", "10", "--eval-batches", "1",
                "--metrics-jsonl", str(tmp_path / "metrics.jsonl")])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0, out
+    assert "30/30" in err and " tok/s | host " in err and "ETA 0s" in err  # the bar; no MFU: no known CPU peak
+    assert "MFU" not in err and err.count("eval loss") == 4  # before, at steps 10 and 20, after
     line = out.strip().splitlines()[-1]
     assert line.startswith("loss went down:")
     first, last = (float(v) for v in line.split(":")[1].split("(")[0].split("->"))
