@@ -1,4 +1,4 @@
-"""A progress bar for a training loop: loss, tokens/s, MFU, host / device / SSD bytes and ETA.
+"""A progress bar for a training loop: loss, tokens/s, MFU, host (and RSS) / device / SSD bytes, ETA.
 
 Why a callback: the numbers a person watching a run wants (is it learning, is it fast, is memory
 where the estimate said) are all known to the trainer at the end of each update, so the bar
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import psutil
 from tqdm import tqdm
 
 from horizon.callbacks import Callback
@@ -36,14 +37,16 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def format_postfix(*, loss: float, tokens_per_s: float, mfu: float | None, memory: MemoryReport,
+def format_postfix(*, loss: float, tokens_per_s: float, mfu: float | None, memory: MemoryReport, rss_bytes: int,
                    eta_s: float) -> str:
-    """The bar's tail: ``loss 2.345 | 12,345 tok/s | MFU 41.2% | host 1.50 GiB | dev 3.0 GiB | ETA 1m05s``
-    (MFU left out when unknown, SSD only when some state is there)."""
+    """The bar's tail: ``loss 2.345 | 12,345 tok/s | MFU 41.2% | host 1.50 GiB (RSS 1.62 GiB) | dev 3.0 GiB |
+    ETA 1m05s``: host is the store and activation buffers, RSS the whole process's resident memory (MFU
+    left out when unknown, SSD only when some state is there)."""
     parts = [f"loss {loss:.3f}", f"{tokens_per_s:,.0f} tok/s"]
     if mfu is not None:
         parts.append(f"MFU {100 * mfu:.1f}%")
-    parts += [f"host {format_bytes(memory.host_bytes)}", f"dev {format_bytes(memory.device_peak_bytes)}"]
+    parts += [f"host {format_bytes(memory.host_bytes)} (RSS {format_bytes(rss_bytes)})",
+              f"dev {format_bytes(memory.device_peak_bytes)}"]
     if memory.ssd_bytes:
         parts.append(f"ssd {format_bytes(memory.ssd_bytes)}")
     parts.append(f"ETA {format_duration(eta_s)}")
@@ -63,6 +66,7 @@ class ProgressBar(Callback):
             raise ValueError(f"ProgressBar peak_flops must be positive FLOP/s or None, got {peak_flops}")
         self.total_steps, self.flops_per_token, self.peak_flops = total_steps, flops_per_token, peak_flops
         self.smoothed_loss = math.nan
+        self._process = psutil.Process()
         self.tokens, self.seconds, self.updates = 0, 0.0, 0
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=rank != 0, file=file,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
@@ -83,7 +87,8 @@ class ProgressBar(Callback):
             self.updates + 1
         eta_s = (self.total_steps - self.updates) * self.seconds / self.updates
         self.bar.set_postfix_str(format_postfix(loss=self.smoothed_loss, tokens_per_s=self.tokens_per_s, mfu=self.mfu,
-                                                memory=trainer.memory(), eta_s=eta_s), refresh=False)
+                                                memory=trainer.memory(), rss_bytes=self._process.memory_info().rss,
+                                                eta_s=eta_s), refresh=False)
         self.bar.update(1)
 
     def on_eval(self, trainer, metrics: EvalMetrics) -> None:

@@ -38,7 +38,7 @@ def test_train_runs_end_to_end_and_the_loss_goes_down(tmp_path, capsys):
                "--metrics-jsonl", str(tmp_path / "metrics.jsonl")])
     out, err = capsys.readouterr()
     assert rc == 0, out
-    assert "30/30" in err and " tok/s | host " in err and "ETA 0s" in err  # the bar; no MFU: no known CPU peak
+    assert "30/30" in err and " tok/s | host " in err and "(RSS " in err and "ETA 0s" in err  # the bar; no MFU: no known CPU peak
     assert "MFU" not in err and err.count("eval loss") == 4  # before, at steps 10 and 20, after
     line = out.strip().splitlines()[-1]
     assert line.startswith("loss went down:")

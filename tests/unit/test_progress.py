@@ -19,10 +19,12 @@ def memory(ssd_bytes=0):
 
 
 def test_postfix_and_durations():
-    assert format_postfix(loss=2.34567, tokens_per_s=12345.6, mfu=0.4123, memory=memory(), eta_s=65) == \
-        "loss 2.346 | 12,346 tok/s | MFU 41.2% | host 12.00 GiB | dev 1.50 GiB | ETA 1m05s"
-    assert format_postfix(loss=1.0, tokens_per_s=10, mfu=None, memory=memory(ssd_bytes=2 * GIB), eta_s=3725) == \
-        "loss 1.000 | 10 tok/s | host 12.00 GiB | dev 1.50 GiB | ssd 2.00 GiB | ETA 1h02m05s"
+    assert format_postfix(loss=2.34567, tokens_per_s=12345.6, mfu=0.4123, memory=memory(), rss_bytes=13 * GIB,
+                          eta_s=65) == \
+        "loss 2.346 | 12,346 tok/s | MFU 41.2% | host 12.00 GiB (RSS 13.00 GiB) | dev 1.50 GiB | ETA 1m05s"
+    assert format_postfix(loss=1.0, tokens_per_s=10, mfu=None, memory=memory(ssd_bytes=2 * GIB), rss_bytes=2**20,
+                          eta_s=3725) == \
+        "loss 1.000 | 10 tok/s | host 12.00 GiB (RSS 1.0 MiB) | dev 1.50 GiB | ssd 2.00 GiB | ETA 1h02m05s"
     assert [format_duration(s) for s in (0, 7.4, 60, float("inf"))] == ["0s", "7s", "1m00s", "?"]
 
 
