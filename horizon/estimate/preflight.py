@@ -6,15 +6,22 @@ driver. ``horizon estimate --check`` answers both before renting a machine; the 
 same questions of the machine it runs on, with the same estimate (``estimate_memory``, which sizes
 the store with the store's own function), before building the store. The batch shape is not known
 yet, so the host activation buffers (allocated at the first step) are not counted: what is checked
-is the host store and, on ``device="cpu"``, the weight slots, which live in RAM too.
+is the host store and, on ``device="cpu"``, the engine's device buffers (weight slots, gradients in
+flight), which live in RAM too. Neither
+depends on the blocks' activation policies, so the estimate is taken with every block RECOMPUTE
+(the estimate does not model SWAP) and the plan's own slot count.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
 from horizon.config import TrainConfig
+from horizon.engine.plan import ActivationPolicy
 from horizon.estimate.fit import ram_needed_bytes
 from horizon.estimate.footprint import estimate_memory
 from horizon.store.capacity import HostCapacity, HostMemoryError, format_bytes, probe_host_capacity
@@ -39,15 +46,23 @@ def _machine(capacity: HostCapacity) -> str:
     return ", ".join(parts)
 
 
+def _all_recompute(config: TrainConfig) -> TrainConfig:
+    """``config`` with its plan's slots and every block RECOMPUTE (the warnings were given for ``config``)."""
+    plan = dataclasses.replace(config.resolved_plan, default=ActivationPolicy.RECOMPUTE, per_unit={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dataclasses.replace(config, plan=plan)
+
+
 def preflight(model: nn.Module, config: TrainConfig, *, capacity: HostCapacity | None = None) -> int:
     """Raise HostMemoryError (a ValueError) with the shortfall when the run's host bytes exceed what this
     machine can give, or when the bytes to pin exceed the locked-memory limit; else return the host bytes."""
-    estimate = estimate_memory(model, config, batch_size=1, seq_len=1)
+    estimate = estimate_memory(model, _all_recompute(config), batch_size=1, seq_len=1)
     device_type = torch.device(config.device).type
     needed = ram_needed_bytes(estimate, device_type) - estimate.host_bytes_by_role["activations"]
     capacity = capacity if capacity is not None else probe_host_capacity()
     if needed > capacity.allocatable_bytes:
-        where = "host store and device slots (device='cpu')" if device_type == "cpu" else "host store"
+        where = "host store and device buffers (device='cpu')" if device_type == "cpu" else "host store"
         raise HostMemoryError(
             f"preflight: this {estimate.num_params:,}-parameter model needs {format_bytes(needed)} for its {where} "
             f"but this machine can give {format_bytes(capacity.allocatable_bytes)} ({_machine(capacity)}): "

@@ -79,3 +79,25 @@ def test_opt_out_skips_the_check(monkeypatch):
         assert trainer.global_step == 0
     with pytest.raises(ValueError, match="preflight must be True or False"):
         horizon.TrainConfig(preflight="yes")
+
+
+@pytest.mark.parametrize("plan", ["keep", "swap", horizon.Plan.uniform("keep", num_slots=3)])
+def test_every_plan_is_checked_as_all_recompute_with_its_slots(plan):
+    """The store and slots do not depend on the activation policy (and the estimate does not model SWAP)."""
+    model = Decoder(decoder_config("tiny"))
+    config = horizon.TrainConfig(plan=plan)
+    recompute = horizon.TrainConfig(plan=horizon.Plan.uniform("recompute", num_slots=config.resolved_plan.num_slots))
+    assert preflight(model, config, capacity=machine(100 * GIB)) == needed_bytes(model, recompute)
+    with horizon.Trainer(model, config) as trainer:  # and the trainer runs with it
+        trainer.step({"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.zeros(1, 1, dtype=torch.long)})
+
+
+def test_the_count_is_the_runtimes_own_accounting():
+    """On CPU: the store (activations aside) plus the engine ledger's peak of a 1 x 1 step."""
+    model = Decoder(decoder_config("tiny"))
+    config = horizon.TrainConfig(plan=horizon.Plan.uniform("recompute", num_slots=3))
+    predicted = preflight(model, config, capacity=machine(100 * GIB))
+    with horizon.Trainer(model, config) as trainer:
+        trainer.step({"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.zeros(1, 1, dtype=torch.long)})
+        memory = trainer.memory()
+    assert predicted == memory.host_bytes - memory.host_bytes_by_role["activations"] + memory.device_peak_bytes
