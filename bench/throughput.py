@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS_DIR, median, result_record, write_json  # noqa: E402
 
 SYSTEMS = ("plain_pytorch", "deepspeed", "horizon")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 LR, BETAS, WD, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
 # Shapes beyond the presets of horizon.models.decoder (Llama-3.2-3B's, with the 32000-token vocabulary).
@@ -75,21 +74,18 @@ def _logits(model, input_ids):
 
 
 def flops_per_token(cfg, seq: int) -> float:
+    """horizon.flops.flops_per_token of the decoder with these shapes (built on meta)."""
+    from horizon.flops import flops_per_token as model_flops_per_token
     from horizon.models import Decoder
 
     with torch.device("meta"):
-        model = Decoder(cfg)
-    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    if cfg.tie_embeddings:
-        matmul += cfg.vocab_size * cfg.dim  # the head reuses the embedding's matrix
-    return 6.0 * matmul + 6.0 * cfg.num_layers * seq * cfg.dim
+        return model_flops_per_token(Decoder(cfg), seq)
 
 
 def peak_flops(device_name: str | None) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if device_name and key in device_name:
-            return flops
-    return None
+    from horizon.flops import PEAK_BF16_FLOPS
+
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if device_name and key in device_name), None)
 
 
 # -- the systems, each run in a child process --------------------------------------------------------

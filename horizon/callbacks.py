@@ -3,9 +3,10 @@
 Why: a loop around ``Trainer.step`` can log whatever it likes, but a few things only the trainer
 knows when they happen (a checkpoint becomes durable on a background thread), and the usual
 sinks (a JSONL file, a progress bar) should not be rewritten by every user. A callback is any
-object with some of ``on_step_end(trainer, metrics)`` and ``on_checkpoint(trainer, step, path)``;
-``Callback`` is an empty base to subclass. Both run on the training thread, inside ``step`` (or
-``close``, for the final checkpoint), so they see the trainer between two updates.
+object with some of ``on_step_end(trainer, metrics)``, ``on_checkpoint(trainer, step, path)`` and
+``on_eval(trainer, metrics)``; ``Callback`` is an empty base to subclass. All run on the training
+thread, inside ``step``, ``evaluate`` (or ``close``, for the final checkpoint), so they see the
+trainer between two updates.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import json
 import os
 import time
 
-from horizon.metrics import StepMetrics
+from horizon.metrics import EvalMetrics, StepMetrics
 
-__all__ = ["Callback", "JsonlMetrics", "metrics_record"]
+__all__ = ["Callback", "JsonlMetrics", "TensorBoardMetrics", "metrics_record", "HOOKS"]
+
+HOOKS = ("on_step_end", "on_checkpoint", "on_eval")
+"""The methods a callback may have."""
 
 
 class Callback:
@@ -28,6 +32,9 @@ class Callback:
 
     def on_checkpoint(self, trainer, step: int, path: str) -> None:
         """Once the checkpoint of ``step`` is committed (durable) in directory ``path``."""
+
+    def on_eval(self, trainer, metrics: EvalMetrics) -> None:
+        """After every ``Trainer.evaluate``."""
 
 
 def metrics_record(metrics: StepMetrics) -> dict:
@@ -57,3 +64,47 @@ class JsonlMetrics(Callback):
     def on_checkpoint(self, trainer, step: int, path: str) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"event": "checkpoint", "step": step, "path": path, "time_unix_s": time.time()}) + "\n")
+
+    def on_eval(self, trainer, metrics: EvalMetrics) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": "eval", **dataclasses.asdict(metrics), "time_unix_s": time.time()}) + "\n")
+
+
+class TensorBoardMetrics(Callback):
+    """Scalars for TensorBoard in ``log_dir``, through ``torch.utils.tensorboard.SummaryWriter``, at
+    x = global_step: train/loss, train/tokens_per_s, train/grad_norm, train/lr, eval/loss and the
+    memory report's memory/host_bytes, memory/device_peak_bytes, memory/ssd_bytes. The event file is
+    created at the first write; ``Trainer.close`` closes it."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ValueError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from e
+        self._make_writer = lambda: SummaryWriter(log_dir=os.fspath(log_dir))
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._make_writer()
+        return self._writer
+
+    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
+        scalars = {"train/loss": metrics.loss, "train/tokens_per_s": metrics.tokens_per_s, "train/lr": metrics.lr,
+                   "train/grad_norm": metrics.grad_norm}
+        memory = trainer.memory()
+        scalars.update({"memory/host_bytes": memory.host_bytes, "memory/device_peak_bytes": memory.device_peak_bytes,
+                        "memory/ssd_bytes": memory.ssd_bytes})
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, metrics.step)
+        self.writer.flush()
+
+    def on_eval(self, trainer, metrics: EvalMetrics) -> None:
+        self.writer.add_scalar("eval/loss", metrics.loss, metrics.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

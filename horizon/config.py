@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 
@@ -61,12 +62,18 @@ class TrainConfig:
     horizon.models.hf_weights.empty_hf_model(dir) so that it never exists outside the host store."""
     metrics_jsonl: str | None = None
     """Append one JSON line of StepMetrics per update to this file (path); None = off."""
+    tensorboard_dir: str | None = None
+    """Write the step, evaluation and memory scalars for TensorBoard to this folder (path; needs the
+    ``tensorboard`` package); None = off."""
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     """Under torchrun: the collective timeout and optimizer-state sharding (horizon.DistributedConfig)."""
     ssd: SSDConfig | None = None
     """Keep some units' optimizer state (master, m, v) on SSD (horizon.SSDConfig); None = all in RAM."""
     host_memory_budget_bytes: int | None = None
     """Host RAM the store and the SSD tier's I/O pool may take; needed by SSDConfig(units="auto")."""
+    preflight: bool = True
+    """Before allocating, check the estimate (horizon.estimate) against this machine's available RAM,
+    cgroup limit and locked-memory limit, and raise a ValueError with the shortfall (docs/observability.md)."""
 
     def __post_init__(self) -> None:
         try:
@@ -118,8 +125,20 @@ class TrainConfig:
                              "save_pretrained or horizon.export_hf wrote")
         if self.metrics_jsonl is not None and os.path.isdir(self.metrics_jsonl):
             raise ValueError(f"TrainConfig.metrics_jsonl={self.metrics_jsonl!r} is a directory: name a file")
+        if not isinstance(self.preflight, bool):
+            raise ValueError(f"TrainConfig.preflight must be True or False, got {self.preflight!r}")
+        self._check_tensorboard()
         self._check_ssd()
         warn_ineffective_settings(self, stacklevel=3)  # at the caller of TrainConfig(...)
+
+    def _check_tensorboard(self) -> None:
+        if self.tensorboard_dir is None:
+            return
+        if os.path.isfile(self.tensorboard_dir):
+            raise ValueError(f"TrainConfig.tensorboard_dir={self.tensorboard_dir!r} is a file: name a folder")
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("TrainConfig.tensorboard_dir needs the tensorboard package: pip install tensorboard "
+                             "(or drop tensorboard_dir; metrics_jsonl needs nothing)")
 
     def _check_ssd(self) -> None:
         budget = self.host_memory_budget_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["StepMetrics", "MemoryReport"]
+__all__ = ["StepMetrics", "EvalMetrics", "MemoryReport"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +31,18 @@ class StepMetrics:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalMetrics:
+    step: int
+    """Trainer.global_step when the evaluation ran (the weights after that many updates)."""
+    loss: float
+    """Mean cross-entropy over every label that is not -100 in all the batches (token-weighted)."""
+    tokens: int
+    """Labels that counted in the loss."""
+    seconds: float
+    """Wall time of the evaluation, pending updates waited for included."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,13 +10,13 @@ clipping and AdamW on the host buffers.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from horizon.batch import check_batch, check_extras
-from horizon.callbacks import JsonlMetrics
+from horizon.callbacks import HOOKS, JsonlMetrics, TensorBoardMetrics
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.session import CheckpointSession
@@ -25,8 +25,9 @@ from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
+from horizon.estimate.preflight import applies as preflight_applies, preflight
 from horizon.engine.transfer import Transfer, make_transfer
-from horizon.metrics import MemoryReport, StepMetrics
+from horizon.metrics import EvalMetrics, MemoryReport, StepMetrics
 from horizon.models.adopt import check_trainable, init_fn, model_config_json
 from horizon.models.hf import is_hf_model
 from horizon.models.hf_weights import HFWeights
@@ -54,11 +55,12 @@ class _MicroBatches:
 
 
 def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
-    hooks = ("on_step_end", "on_checkpoint")
     for callback in callbacks:
-        if not any(callable(getattr(callback, hook, None)) for hook in hooks):
-            raise ValueError(f"callback {callback!r} has none of {hooks}; subclass horizon.Callback")
-    return list(callbacks) + ([JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else [])
+        if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
+            raise ValueError(f"callback {callback!r} has none of {HOOKS}; subclass horizon.Callback")
+    sinks = [JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else []
+    sinks += [TensorBoardMetrics(config.tensorboard_dir)] if config.tensorboard_dir else []
+    return list(callbacks) + sinks
 
 
 def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
@@ -71,8 +73,9 @@ def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
 class Trainer:
     """Trains ``model`` with its parameters in host RAM, streamed unit by unit through the device.
 
-    ``callbacks``: objects with ``on_step_end(trainer, metrics)`` and/or ``on_checkpoint(trainer,
-    step, path)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)`` adds a horizon.JsonlMetrics.
+    ``callbacks``: objects with some of ``on_step_end(trainer, metrics)``, ``on_checkpoint(trainer,
+    step, path)`` and ``on_eval(trainer, metrics)`` (horizon.Callback); ``TrainConfig(metrics_jsonl=...)``
+    adds a horizon.JsonlMetrics, ``TrainConfig(tensorboard_dir=...)`` a horizon.TensorBoardMetrics.
 
     ``transfer`` replaces the copy engine, ``optimizer_delay_s`` (a callable returning seconds)
     delays every optimizer task and ``checkpoint_disk`` replaces the checkpoint writer's file
@@ -110,6 +113,8 @@ class Trainer:
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
+        if preflight_applies(config, is_multi_rank()):
+            preflight(model, config)  # the estimate against this machine, before the store exists
         ssd_units = _ssd_units(config, layouts)
         if ssd_units and (self.data_parallel is not None or weights is not None):
             raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
@@ -221,6 +226,37 @@ class Trainer:
                 if hasattr(callback, "on_step_end"):
                     callback.on_step_end(self, metrics)
         self.checkpoints.announce()
+        return metrics
+
+    def evaluate(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> EvalMetrics:
+        """The token-weighted mean loss of the current weights over ``batches`` (batches as for
+        ``step``), on the device, without gradients: no gradient, weight or optimizer state changes.
+        Each unit's pending update is waited for before its weights are read; dropout is off.
+        Under torchrun every rank passes its own batches and gets the loss over all of them."""
+        from horizon.engine.evaluate import forward_loss_sum
+
+        start_s, loss_sum, tokens = time.perf_counter(), 0.0, 0
+        self.engine.set_training(False)
+        try:
+            for batch in batches:
+                input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size,
+                                                           num_classes=self.num_classes)
+                extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
+                loss_sum += float(forward_loss_sum(self.engine, input_ids.to(self.device), labels.to(self.device),
+                                                   load_after=self.updater.pending,
+                                                   extras={k: v.to(self.device) for k, v in extras.items()}))
+                tokens += num_valid
+        finally:
+            self.engine.set_training(self.model.training)
+        if self.data_parallel is not None:
+            loss_sum, tokens = self.data_parallel.global_sum(loss_sum), self.data_parallel.global_count(tokens)
+        if tokens == 0:
+            raise ValueError("evaluate() got no batches: pass a non-empty iterable of dict(input_ids=..., labels=...)")
+        metrics = EvalMetrics(step=self.global_step, loss=loss_sum / tokens, tokens=tokens,
+                              seconds=time.perf_counter() - start_s)
+        for callback in self.callbacks:
+            if hasattr(callback, "on_eval"):
+                callback.on_eval(self, metrics)
         return metrics
 
     def _plan_auto(self, batch_size: int, seq_len: int) -> None:
@@ -345,6 +381,9 @@ class Trainer:
             error = self.checkpoints.finish()
         finally:
             self.checkpoints.close()
+            for sink in self.callbacks:
+                if isinstance(sink, TensorBoardMetrics):
+                    sink.close()
             self.updater.close()
             if self.ssd is not None:
                 self.ssd.close()

@@ -9,6 +9,7 @@ of one checkpoint as Hugging Face-style safetensors (plus config.json when the m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -26,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list", help="steps under DIR with size and state")
     ls.add_argument("dir", help="checkpoint root (CheckpointConfig.dir)")
+    ls.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     check = actions.add_parser("verify", help="check sizes and CRC-32s; exit 1 if any checkpoint fails")
     check.add_argument("dir", help="checkpoint root, or one step directory")
     check.add_argument("--step", type=int, default=None, help="only this step (default: every committed step)")
+    check.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     out = actions.add_parser("export", help="master weights as HF-style safetensors")
     out.add_argument("dir", help="checkpoint root, or one step directory")
     out.add_argument("--out", required=True, help="output directory (created)")
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
     out.add_argument("--max-shard-bytes", type=int, default=5 << 30,
                      help="largest file before splitting into shards with an index (bytes)")
+    out.add_argument("--json", action="store_true", help="print one JSON document instead of a line")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -56,18 +60,37 @@ def _state(name: str) -> str:
 
 
 def run_list(args) -> int:
+    rows = []
     for name in sorted(os.listdir(args.dir)):
         path = os.path.join(args.dir, name)
         if not os.path.isdir(path) or not _state(name):
             continue
-        step = ""
+        step, error = None, None
         if _state(name) == "committed":
             try:
-                step = f"step {read_manifest(path)['step']}"
-            except CorruptCheckpoint:
-                step = "bad manifest"
-        print(f"{name:48s} {format_bytes(_dir_bytes(path)):>10s}  {_state(name)}  {step}")
+                step = read_manifest(path)["step"]
+            except CorruptCheckpoint as e:
+                error = f"bad manifest: {e}"
+        rows.append({"name": name, "bytes": _dir_bytes(path), "state": _state(name), "step": step, "error": error})
+    if args.json:
+        print(json.dumps({"dir": args.dir, "checkpoints": rows}, indent=2))
+        return 0
+    for r in rows:
+        step = f"step {r['step']}" if r["step"] is not None else ("bad manifest" if r["error"] else "")
+        print(f"{r['name']:48s} {format_bytes(r['bytes']):>10s}  {r['state']}  {step}")
     return 0
+
+
+def _verify_all(targets: list[str]) -> list[dict]:
+    results = []
+    for path in targets:
+        try:
+            manifest = verify(path)
+            results.append({"path": path, "ok": True, "step": manifest["step"],
+                            "num_tensors": len(manifest["tensors"]), "error": None})
+        except CorruptCheckpoint as e:
+            results.append({"path": path, "ok": False, "step": None, "num_tensors": None, "error": str(e)})
+    return results
 
 
 def run_verify(args) -> int:
@@ -76,24 +99,28 @@ def run_verify(args) -> int:
     else:
         steps = [args.step] if args.step is not None else committed_steps(args.dir)
         targets = [resolve(args.dir, s) for s in steps]
-    if not targets:
+    results = _verify_all(targets)
+    ok = bool(results) and all(r["ok"] for r in results)
+    if args.json:
+        print(json.dumps({"dir": args.dir, "ok": ok, "checkpoints": results}, indent=2))
+        return 0 if ok else 1
+    if not results:
         print(f"{args.dir}: no committed checkpoints")
-        return 1
-    failed = 0
-    for path in targets:
-        try:
-            manifest = verify(path)
-            print(f"ok       {path}  step {manifest['step']}, {len(manifest['tensors'])} tensors")
-        except CorruptCheckpoint as e:
-            failed += 1
-            print(f"CORRUPT  {path}: {e}")
-    return 1 if failed else 0
+    for r in results:
+        if r["ok"]:
+            print(f"ok       {r['path']}  step {r['step']}, {r['num_tensors']} tensors")
+        else:
+            print(f"CORRUPT  {r['path']}: {r['error']}")
+    return 0 if ok else 1
 
 
 def run_export(args) -> int:
     path = resolve(args.dir, args.step)
     written = export(path, args.out, dtype=_DTYPES[args.dtype], max_shard_bytes=args.max_shard_bytes)
-    print(f"exported {path} to {args.out}: {', '.join(written)}")
+    if args.json:
+        print(json.dumps({"checkpoint": path, "out": args.out, "files": list(written)}, indent=2))
+    else:
+        print(f"exported {path} to {args.out}: {', '.join(written)}")
     return 0
 
 

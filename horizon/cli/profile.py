@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5,
                         help="timed rounds, each one unit measurement and one real step (count; after 2 warm-up rounds)")
     parser.add_argument("--out", required=True, help="profile JSON to write (path)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the profile record (what --out holds, plus its path) as one JSON document")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+    if args.json:
+        print(json.dumps({**record, "out": args.out}, indent=2))
+        return 0
     print(f"{spec.description}: {len(profile.blocks)} blocks at {args.batch_size} x {args.seq_len} tokens on "
           f"{args.device}; all-RECOMPUTE step {measured_s:.4f} s measured, compute scale "
           f"{profile.compute_scale:.2f}; link {profile.link_bytes_per_s / 1e9:.2f} GB/s")

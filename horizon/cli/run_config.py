@@ -33,11 +33,24 @@ def _positive(section: str, obj, names: tuple[str, ...]) -> None:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     preset: str = "small"
-    """Decoder shape from horizon.models.PRESETS (the vocabulary is forced to 256 bytes)."""
+    """Decoder shape from horizon.models.PRESETS (the vocabulary set to the tokenizer's); unused with hf_config."""
+    hf_config: str = ""
+    """A folder holding a Hugging Face config.json: train that model instead of a preset (path; "" = off)."""
+    hf_weights: str = ""
+    """A folder of Hugging Face safetensors to start from, streamed into the host store (path; needs
+    hf_config; "" = initialise the weights)."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}")
+        if self.hf_config and not Path(self.hf_config, "config.json").is_file():
+            raise ValueError(f"model.hf_config={self.hf_config!r} holds no config.json: name the folder "
+                             "save_pretrained wrote")
+        if self.hf_weights and not self.hf_config:
+            raise ValueError("model.hf_weights needs model.hf_config (the folder with the model's config.json; "
+                             "often the same folder)")
+        if self.hf_weights and not Path(self.hf_weights).is_dir():
+            raise ValueError(f"model.hf_weights={self.hf_weights!r} is not a folder of safetensors")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,9 +63,19 @@ class DataSection:
     """Tokens per sequence (bytes)."""
     batch_size: int = 16
     """Sequences per step (count)."""
+    tokenizer: str = ""
+    """A tokenizer.json file or a local Hugging Face tokenizer folder (path; nothing is downloaded);
+    "" = bytes (a token is a byte)."""
+    eval_fraction: float = 0.05
+    """Share of the token stream held out for evaluation (its end; fraction in (0, 0.5])."""
 
     def __post_init__(self) -> None:
         _positive("data", self, ("max_bytes", "seq_len", "batch_size"))
+        if self.tokenizer and not Path(self.tokenizer).exists():
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} does not exist: name a tokenizer.json or a "
+                             "tokenizer folder (or \"\" for bytes)")
+        if not 0 < self.eval_fraction <= 0.5:
+            raise ValueError(f"data.eval_fraction must be in (0, 0.5], got {self.eval_fraction}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,8 +84,8 @@ class TrainingSection:
     """Optimizer steps (count)."""
     seed: int = 0
     """Seed of the weights and the batch order."""
-    eval_every: int = 50
-    """Validate every this many steps (steps; 0 = only before and after training)."""
+    eval_every_steps: int = 50
+    """Evaluate on the held-out split every this many steps (steps; 0 = only before and after training)."""
     eval_batches: int = 4
     """Validation batches per evaluation (count)."""
     device: str = "cpu"
@@ -74,12 +97,21 @@ class TrainingSection:
     grad_accum_steps: int = 1
     """Micro-batches per update (count)."""
     metrics_jsonl: str = ""
-    """Append one JSON line of metrics per update to this file (path); "" = off."""
+    """Append one JSON line of metrics per update and per evaluation to this file (path); "" = off."""
+    tensorboard_dir: str = ""
+    """Write TensorBoard scalars to this folder (path; needs tensorboard); "" = off."""
+    peak_flops: float = 0.0
+    """The device's peak FLOP/s for the progress bar's MFU (FLOP/s; 0 = the known peak of an
+    H100/H200/A100, else no MFU)."""
+    preflight: bool = True
+    """Check the estimate against this machine's memory before allocating (TrainConfig.preflight)."""
 
     def __post_init__(self) -> None:
         _positive("training", self, ("steps", "eval_batches", "grad_accum_steps"))
-        if self.eval_every < 0:
-            raise ValueError(f"training.eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"training.eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        if not (math.isfinite(self.peak_flops) and self.peak_flops >= 0):
+            raise ValueError(f"training.peak_flops must be >= 0 FLOP/s (0 = look it up), got {self.peak_flops}")
         if self.plan not in ("recompute", "keep"):
             raise ValueError(f"training.plan={self.plan!r}: use 'recompute' or 'keep'")
         if not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0):
@@ -120,7 +152,8 @@ class RunConfig:
         t = self.training
         return horizon.TrainConfig(device=t.device, plan=t.plan, grad_clip_norm=t.grad_clip_norm or None,
                                    grad_accum_steps=t.grad_accum_steps, optimizer=self.optimizer.adamw(),
-                                   metrics_jsonl=t.metrics_jsonl or None)
+                                   metrics_jsonl=t.metrics_jsonl or None, tensorboard_dir=t.tensorboard_dir or None,
+                                   hf_weights=self.model.hf_weights or None, preflight=t.preflight)
 
 
 def _convert(key: str, value, annotation):

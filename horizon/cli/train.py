@@ -1,13 +1,14 @@
-"""``horizon train``: train the reference decoder on byte-level text, end to end.
+"""``horizon train``: train a model on local text, end to end, from a TOML run file.
 
-A plain ``nn.Module`` (``horizon.models.Decoder``) is handed to ``horizon.Trainer``, which moves
-its parameters into the host store and trains it one exact step per batch. The text is the
-Python standard library's own source by default (every machine has it) or any file
-(``--text PATH``); tokens are bytes. Settings come from a TOML run file (``--config``, see
-``horizon.cli.run_config``), with flags and ``--set section.key=value`` on top. The last 5% of the stream is held out, and the validation
-loss is computed before and after training with the model itself: its parameters are views of
-Horizon's fp32 master weights, so ``model(x)`` evaluates the weights the trainer updates. The run
-exits non-zero if the validation loss did not go down.
+The model is the reference decoder (``model.preset``) or a Hugging Face causal LM named by its
+config.json folder (``model.hf_config``), initialised or loaded from safetensors
+(``model.hf_weights``) straight into the host store. The text is the Python standard library's own
+source by default (every machine has it) or any file (``--text PATH``); tokens are bytes, or the
+ids of a local tokenizer (``data.tokenizer``). Settings come from a TOML run file (``--config``,
+see ``horizon.cli.run_config``), with flags and ``--set section.key=value`` on top. The end of the
+token stream is held out (``data.eval_fraction``); ``Trainer.evaluate`` measures it before, every
+``training.eval_every_steps`` steps and after training, and the progress bar, the JSONL metrics and
+TensorBoard report it. The run exits non-zero if the held-out loss did not go down.
 """
 
 from __future__ import annotations
@@ -20,25 +21,24 @@ import time
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import horizon
 from horizon.cli.run_config import RunConfig, load_run_config, to_toml
+from horizon.cli.train_data import build_model, load_tokens
+from horizon.data.text import sample_batch, split, validation_batches
 from horizon.distributed.world import launch_from_env
-from horizon.data.text import VOCAB_SIZE, load_corpus, sample_batch, split, validation_batches
-from horizon.models import PRESETS, Decoder, decoder_config
+from horizon.flops import device_peak_flops, flops_per_token
+from horizon.models import PRESETS
+from horizon.progress import ProgressBar
 from horizon.store import format_bytes
 
-VAL_FRACTION = 0.05
-"""Share of the byte stream held out for validation (its end)."""
 MIN_IMPROVEMENT = 0.01
 """Nats the validation loss must drop by for the run to count as learning."""
 
 
 _FLAGS = {"text": "data.text", "steps": "training.steps", "batch_size": "data.batch_size",
           "seq_len": "data.seq_len", "preset": "model.preset", "lr": "optimizer.lr", "plan": "training.plan",
-          "device": "training.device", "seed": "training.seed", "eval_every": "training.eval_every",
+          "device": "training.device", "seed": "training.seed", "eval_every_steps": "training.eval_every_steps",
           "eval_batches": "training.eval_batches", "max_bytes": "data.max_bytes",
           "metrics_jsonl": "training.metrics_jsonl"}
 """Each flag is a shorthand for one key of the run file; a flag given overrides the file."""
@@ -57,23 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="sequences per step (count; data.batch_size, default 16)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (bytes; data.seq_len, default 256)")
     parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="decoder shape from horizon.models.PRESETS, vocabulary forced to 256 bytes "
+                        help="decoder shape from horizon.models.PRESETS, vocabulary sized to the tokenizer (256 bytes) "
                              "(model.preset, default small)")
     parser.add_argument("--lr", type=float, help="AdamW learning rate (per step; optimizer.lr, default 1.5e-3)")
     parser.add_argument("--plan", choices=["recompute", "keep"],
                         help="activation plan for every block (training.plan, default recompute)")
     parser.add_argument("--device", help="where units compute: 'cpu' or 'cuda' / 'cuda:N' (training.device)")
     parser.add_argument("--seed", type=int, help="seed for the weights and the batch order (training.seed)")
-    parser.add_argument("--eval-every", type=int,
-                        help="validate every this many steps (steps; 0 = only before and after training; "
-                             "training.eval_every, default 50)")
+    parser.add_argument("--eval-every-steps", type=int,
+                        help="evaluate on the held-out split every this many steps (steps; 0 = only before and "
+                             "after training; training.eval_every_steps, default 50)")
     parser.add_argument("--eval-batches", type=int,
                         help="validation batches of batch size x seq-len tokens per evaluation "
                              "(count; training.eval_batches, default 4)")
     parser.add_argument("--max-bytes", type=int, help="cap on the text read (bytes; data.max_bytes, default 4 MiB)")
     parser.add_argument("--metrics-jsonl", metavar="PATH",
                         help="append one JSON line per update (step, loss, tokens, seconds, tokens_per_s, grad_norm, "
-                             "lr) to this file (path; training.metrics_jsonl, default off)")
+                             "lr) and per evaluation to this file (path; training.metrics_jsonl, default off)")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -83,23 +83,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.run_config = load_run_config(args.config, flags=flags, overrides=args.set)
     except ValueError as e:
         parser.error(str(e))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean next-byte cross-entropy (nats) of the model's current weights over ``batches``."""
-    was_training = model.training
-    model.eval()
-    try:
-        total, count = 0.0, 0
-        for batch in batches:
-            logits = model(batch["input_ids"])
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                           reduction="sum"))
-            count += batch["labels"].numel()
-        return total / count
-    finally:
-        model.train(was_training)
 
 
 def _silent(*args, **kwargs) -> None:
@@ -114,39 +97,34 @@ def _rank() -> int:
 
 def train_batches(data: torch.Tensor, cfg: RunConfig) -> Iterator[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(cfg.training.seed + _rank())
-    for _ in range(cfg.training.steps):
+    for _ in range(cfg.training.steps * cfg.training.grad_accum_steps):
         yield sample_batch(data, cfg.data.batch_size, cfg.data.seq_len, generator)
 
 
-def postfix(smoothed_loss: float, tokens: int, seconds: float, memory: horizon.MemoryReport) -> str:
-    """The progress bar's tail: smoothed loss, mean training throughput, host and device bytes."""
-    tokens_per_s = f"{tokens / seconds:,.0f}" if seconds > 0 else "-"
-    return (f"loss {smoothed_loss:.3f}, {tokens_per_s} tok/s, host {format_bytes(memory.host_bytes)}, "
-            f"device peak {format_bytes(memory.device_peak_bytes)}")
-
-
-def train(trainer: horizon.Trainer, model: torch.nn.Module, train_data: torch.Tensor,
-          val_batches: list[dict[str, torch.Tensor]], cfg: RunConfig) -> tuple[float, float]:
-    """Run ``cfg.training.steps`` steps; returns (first step's loss, smoothed loss at the end)."""
-    first_loss = smoothed = math.nan
-    tokens, seconds = 0, 0.0
-    steps, eval_every = cfg.training.steps, cfg.training.eval_every
-    bar = tqdm(train_batches(train_data, cfg), total=steps, unit="step", dynamic_ncols=True, disable=_rank() != 0)
-    for batch in bar:
+def train(trainer: horizon.Trainer, train_data: torch.Tensor, eval_batches: list[dict[str, torch.Tensor]],
+          cfg: RunConfig) -> tuple[float, float]:
+    """Run ``cfg.training.steps`` updates, evaluating every ``eval_every_steps``; (first, last training loss)."""
+    first_loss = last_loss = math.nan
+    steps, every = cfg.training.steps, cfg.training.eval_every_steps
+    for batch in train_batches(train_data, cfg):
         m = trainer.step(batch)
-        if m.step == 1:
-            first_loss = smoothed = m.loss
-        smoothed = 0.9 * smoothed + 0.1 * m.loss
-        tokens, seconds = tokens + m.tokens, seconds + m.seconds
-        bar.set_postfix_str(postfix(smoothed, tokens, seconds, trainer.memory()), refresh=False)
-        if eval_every and m.step % eval_every == 0 and m.step < steps and _rank() == 0:
-            bar.write(f"step {m.step}: validation loss {evaluate(model, val_batches):.3f}")
-    bar.close()
-    return first_loss, smoothed
+        if not m.updated:
+            continue
+        first_loss = m.loss if math.isnan(first_loss) else first_loss
+        last_loss = m.loss
+        if every and m.step % every == 0 and m.step < steps:
+            trainer.evaluate(eval_batches)
+    return first_loss, last_loss
+
+
+def _progress_bar(model: torch.nn.Module, cfg: RunConfig) -> ProgressBar:
+    peak = cfg.training.peak_flops or device_peak_flops(cfg.training.device)
+    return ProgressBar(cfg.training.steps, flops_per_token=flops_per_token(model, cfg.data.seq_len),
+                       peak_flops=peak, rank=_rank())
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as the resolved run file says; 0 when the validation loss went down, 1 otherwise."""
+    """Train as the resolved run file says; 0 when the held-out loss went down, 1 otherwise."""
     cfg: RunConfig = args.run_config
     print = builtins.print if _rank() == 0 else _silent  # noqa: A001: under torchrun, rank 0 speaks for all
     if args.dump_config:
@@ -156,33 +134,31 @@ def run(args: argparse.Namespace) -> int:
     data_cfg, training = cfg.data, cfg.training
     torch.manual_seed(training.seed)
 
-    data, what = load_corpus(data_cfg.text, data_cfg.max_bytes)
-    train_data, val_data = split(data, VAL_FRACTION, data_cfg.seq_len)
-    val_batches = validation_batches(val_data, data_cfg.batch_size, data_cfg.seq_len, training.eval_batches)
-    print(f"text: {what}, {format_bytes(len(data))} "
-          f"({len(train_data):,} bytes train, {len(val_data):,} held out)")
-
-    model = Decoder(decoder_config(cfg.model.preset, vocab_size=VOCAB_SIZE))
+    tokens, what = load_tokens(data_cfg)
+    model, model_what = build_model(cfg.model, data_cfg)
+    train_data, eval_data = split(tokens, data_cfg.eval_fraction, data_cfg.seq_len)
+    eval_batches = validation_batches(eval_data, data_cfg.batch_size, data_cfg.seq_len, training.eval_batches)
+    print(f"text: {what}, {len(tokens):,} tokens ({len(train_data):,} train, {len(eval_data):,} held out)")
     num_params = sum(p.numel() for p in model.parameters())
-    with horizon.Trainer(model, cfg.train_config()) as trainer:
-        print(f"model: decoder '{cfg.model.preset}', {num_params / 1e6:.2f}M parameters; plan {training.plan} on "
-              f"{training.device}; {training.steps} steps of {data_cfg.batch_size} x {data_cfg.seq_len} bytes")
-        val_before = evaluate(model, val_batches)
-        print(f"validation loss before training: {val_before:.3f}")
-        first_loss, last_loss = train(trainer, model, train_data, val_batches, cfg)
-        val_after = evaluate(model, val_batches)
+    bar = _progress_bar(model, cfg)
+    with horizon.Trainer(model, cfg.train_config(), callbacks=[bar]) as trainer:
+        print(f"model: {model_what}, {num_params / 1e6:.2f}M parameters; plan {training.plan} on "
+              f"{training.device}; {training.steps} steps of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+        eval_before = trainer.evaluate(eval_batches).loss
+        first_loss, last_loss = train(trainer, train_data, eval_batches, cfg)
+        eval_after = trainer.evaluate(eval_batches).loss
         memory = trainer.memory()
+    bar.close()
 
     roles = ", ".join(f"{role} {format_bytes(n)}" for role, n in memory.host_bytes_by_role.items() if n)
     print(f"memory: host {format_bytes(memory.host_bytes)} ({roles}); "
           f"device peak {format_bytes(memory.device_peak_bytes)}")
     print(f"wall time: {time.perf_counter() - start_s:.0f} s")
-    losses = f"{first_loss:.2f} -> {last_loss:.2f} (validation {val_before:.2f} -> {val_after:.2f})"
-    if not val_after < val_before - MIN_IMPROVEMENT:
-        print(f"error: the validation loss did not go down: {losses}; try a lower optimizer.lr or more "
+    losses = f"{first_loss:.2f} -> {last_loss:.2f} (held out {eval_before:.2f} -> {eval_after:.2f})"
+    if not eval_after < eval_before - MIN_IMPROVEMENT:
+        print(f"error: the held-out loss did not go down: {losses}; try a lower optimizer.lr or more "
               "training.steps",
               file=sys.stderr)
         return 1
     print(f"loss went down: {losses}")
     return 0
-

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TokenizedText", "load_tokenizer"]
+__all__ = ["TokenizedText", "load_tokenizer", "encode", "tokenizer_vocab_size"]
 
 
 def load_tokenizer(source):
@@ -41,11 +41,21 @@ def load_tokenizer(source):
     raise ValueError(f"tokenizer {os.fspath(source)!r} is neither a tokenizer.json file nor a tokenizer folder")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """``text`` as token ids: its UTF-8 bytes when ``tokenizer`` is None, no special tokens added."""
     if tokenizer is None:
         return list(text.encode())
     out = tokenizer.encode(text, add_special_tokens=False) if _is_transformers(tokenizer) else tokenizer.encode(text)
     return list(getattr(out, "ids", out))  # tokenizers returns an Encoding, transformers a list
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Token ids ``tokenizer`` may produce (256 for bytes): the model's vocabulary must be at least this."""
+    if tokenizer is None:
+        return 256
+    if callable(getattr(tokenizer, "get_vocab_size", None)):  # tokenizers.Tokenizer
+        return tokenizer.get_vocab_size(with_added_tokens=True)
+    return len(tokenizer)
 
 
 def _is_transformers(tokenizer) -> bool:
@@ -80,7 +90,7 @@ class TokenizedText:
         eos = eos_token_id if eos_token_id is not None else _eos_id(self.tokenizer)
         ids: list[int] = []
         for path in paths:
-            ids += _encode(self.tokenizer, Path(path).read_text()) + ([eos] if eos is not None else [])
+            ids += encode(self.tokenizer, Path(path).read_text()) + ([eos] if eos is not None else [])
         self.tokens = torch.tensor(ids, dtype=torch.int64)
         self.num_windows = (len(ids) - 1) // seq_len
         self.batches_per_epoch = self.num_windows // batch_size

@@ -60,3 +60,31 @@ def test_bad_callbacks_and_paths(tmp_path):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig(metrics_jsonl=str(tmp_path / "no" / "m.jsonl")))
     with pytest.raises(ValueError, match="is a directory"):
         horizon.TrainConfig(metrics_jsonl=str(tmp_path))
+
+
+def test_tensorboard_scalars_equal_the_returned_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = horizon.TrainConfig(grad_clip_norm=1.0, tensorboard_dir=str(tmp_path / "tb"))
+    with horizon.Trainer(tiny_decoder(), config) as trainer:
+        returned = [trainer.step(b) for b in batches(3)]
+        evaluated = trainer.evaluate(batches(1, seed=5))
+        memory = trainer.memory()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]  # noqa: E731
+    assert scalars("train/loss") == [(m.step, pytest.approx(m.loss)) for m in returned]
+    assert scalars("train/grad_norm") == [(m.step, pytest.approx(m.grad_norm)) for m in returned]
+    assert scalars("eval/loss") == [(3, pytest.approx(evaluated.loss))]
+    assert scalars("memory/host_bytes")[-1] == (3, memory.host_bytes)
+
+
+def test_tensorboard_dir_without_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        horizon.TrainConfig(tensorboard_dir=str(tmp_path / "tb"))
+    assert not (tmp_path / "tb").exists()

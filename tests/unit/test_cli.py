@@ -34,17 +34,24 @@ def test_train_runs_end_to_end_and_the_loss_goes_down(tmp_path, capsys):
     path = tmp_path / "text.txt"
     path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
     rc = main(["train", "--text", str(path), "--preset", "tiny", "--steps", "30", "--batch-size", "8",
-               "--seq-len", "32", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "1",
+               "--seq-len", "32", "--lr", "3e-3", "--eval-every-steps", "10", "--eval-batches", "1",
                "--metrics-jsonl", str(tmp_path / "metrics.jsonl")])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0, out
+    assert "30/30" in err and " tok/s | host " in err and "(RSS " in err and "ETA 0s" in err  # the bar; no MFU: no known CPU peak
+    assert "MFU" not in err and err.count("eval loss") == 4  # before, at steps 10 and 20, after
     line = out.strip().splitlines()[-1]
     assert line.startswith("loss went down:")
     first, last = (float(v) for v in line.split(":")[1].split("(")[0].split("->"))
+    held_out = [float(v) for v in line.split("held out")[1].rstrip(")").split("->")]
     assert last < first - 0.5
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 31)) and all(r["tokens"] == 8 * 32 for r in records)
-    assert f"{records[0]['loss']:.2f}" == f"{first:.2f}"
+    steps = [r for r in records if "event" not in r]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 31)) and all(r["tokens"] == 8 * 32 for r in steps)
+    assert f"{steps[0]['loss']:.2f}" == f"{first:.2f}"
+    assert [r["step"] for r in evals] == [0, 10, 20, 30] and len({r["tokens"] for r in evals}) == 1
+    assert [f"{evals[0]['loss']:.2f}", f"{evals[-1]['loss']:.2f}"] == [f"{v:.2f}" for v in held_out]
 
 
 @pytest.mark.parametrize("argv,code", [

@@ -9,7 +9,7 @@ from horizon.cli.run_config import (DataSection, ModelSection, OptimizerSection,
 
 CUSTOM = RunConfig(model=ModelSection(preset="tiny"),
                    data=DataSection(text='a "quoted" path\\x.txt', max_bytes=1000, seq_len=32, batch_size=3),
-                   training=TrainingSection(steps=7, seed=5, eval_every=0, eval_batches=2, device="cpu",
+                   training=TrainingSection(steps=7, seed=5, eval_every_steps=0, eval_batches=2, device="cpu",
                                             plan="keep", grad_clip_norm=0.0, grad_accum_steps=2),
                    optimizer=OptimizerSection(lr=3e-4, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0,
                                               weight_decay_exclude=("norm", r"bias$")))
@@ -87,7 +87,7 @@ def test_cli_trains_from_a_config_file(tmp_path, capsys):
     text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
     path = tmp_path / "run.toml"
     path.write_text(f'[model]\npreset = "tiny"\n[data]\ntext = "{text}"\nseq_len = 32\nbatch_size = 8\n'
-                    '[training]\nsteps = 30\neval_every = 0\neval_batches = 1\n[optimizer]\nlr = 1.0\n')
+                    '[training]\nsteps = 30\neval_every_steps = 0\neval_batches = 1\n[optimizer]\nlr = 1.0\n')
     assert main(["train", "--config", str(path), "--set", "optimizer.lr=3e-3"]) == 0
     out = capsys.readouterr().out
-    assert "30 steps of 8 x 32 bytes" in out and out.strip().splitlines()[-1].startswith("loss went down:")
+    assert "30 steps of 8 x 32 tokens" in out and out.strip().splitlines()[-1].startswith("loss went down:")
