@@ -88,6 +88,8 @@ class Checkpointer:
         self._errors: list[str] = []
         self.last_requested_step: int | None = None
         self.last_committed_step: int | None = None
+        self.committed_steps: list[int] = []
+        """Every step this checkpointer committed, in commit order (the on_checkpoint callbacks read it)."""
         self.num_taken = self.num_skipped = self.num_failed = 0
         self.request_wait_s = 0.0
         """Seconds requests spent waiting for the previous checkpoint (on_busy="wait")."""
@@ -200,6 +202,7 @@ class Checkpointer:
             flight.durable_s = time.time() - flight.requested_unix_s
             flight.write_s = time.perf_counter() - started - waited_s
             self.last_committed_step = snapshot.step
+            self.committed_steps.append(snapshot.step)
             self.num_taken += 1
             retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
         except Exception as e:  # any failure aborts this checkpoint only

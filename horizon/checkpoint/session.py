@@ -28,7 +28,8 @@ class CheckpointSession:
         """The writer; None without TrainConfig(checkpoint=...) or on a rank that does not write."""
         self.data = None
         self.resumed_data_state = None
-        self.announced_step: int | None = None
+        self.num_announced = 0
+        """How many of ``checkpointer.committed_steps`` the on_checkpoint callbacks have heard of."""
 
     def request(self) -> bool:
         """Capture the train state now and start copying and writing version ``global_step``."""
@@ -54,15 +55,17 @@ class CheckpointSession:
         return tuple(self.checkpointer.take_errors())
 
     def announce(self) -> None:
-        """Run the on_checkpoint callbacks once for a newly committed checkpoint."""
-        step = self.checkpointer.last_committed_step if self.checkpointer else None
-        if step is None or step == self.announced_step:
+        """Run the on_checkpoint callbacks once for each checkpoint committed since the last call, in order."""
+        if self.checkpointer is None:
             return
-        self.announced_step = step
-        path = os.path.join(self.checkpointer.root, step_dir_name(step))
-        for callback in self.trainer.callbacks:
-            if hasattr(callback, "on_checkpoint"):
-                callback.on_checkpoint(self.trainer, step, path)
+        committed = self.checkpointer.committed_steps
+        while self.num_announced < len(committed):
+            step = committed[self.num_announced]
+            self.num_announced += 1
+            path = os.path.join(self.checkpointer.root, step_dir_name(step))
+            for callback in self.trainer.callbacks:
+                if hasattr(callback, "on_checkpoint"):
+                    callback.on_checkpoint(self.trainer, step, path)
 
     def save(self, *, wait: bool) -> str | None:
         t = self.trainer
@@ -110,7 +113,6 @@ class CheckpointSession:
             self.data.load_state_dict(state["data"])
         if self.checkpointer is not None:
             self.checkpointer.last_requested_step = self.checkpointer.last_committed_step = t.global_step
-        self.announced_step = t.global_step  # on_checkpoint is for checkpoints this run commits
         return t.global_step
 
     def register_data(self, loader) -> None:

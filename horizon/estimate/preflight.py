@@ -1,9 +1,8 @@
 """The trainer's preflight: the estimate against this machine, before anything is allocated.
 
 Why: a run that does not fit in host RAM is killed by the kernel (or the container's OOM killer)
-minutes into loading, with no message; a store that cannot be page-locked fails inside the CUDA
-driver. ``horizon estimate --check`` answers both before renting a machine; the trainer asks the
-same questions of the machine it runs on, with the same estimate (``estimate_memory``, which sizes
+minutes into loading, with no message. ``horizon estimate --check`` answers that before renting a
+machine; the trainer asks the same question of the machine it runs on, with the same estimate (``estimate_memory``, which sizes
 the store with the store's own function), before building the store. The batch shape is not known
 yet, so the host activation buffers (allocated at the first step) are not counted: what is checked
 is the host store and, on ``device="cpu"``, the engine's device buffers (weight slots, gradients in
@@ -56,7 +55,10 @@ def _all_recompute(config: TrainConfig) -> TrainConfig:
 
 def preflight(model: nn.Module, config: TrainConfig, *, capacity: HostCapacity | None = None) -> int:
     """Raise HostMemoryError (a ValueError) with the shortfall when the run's host bytes exceed what this
-    machine can give, or when the bytes to pin exceed the locked-memory limit; else return the host bytes."""
+    machine can give; else return the host bytes.
+
+    The locked-memory limit is not a reason to refuse: whether the NVIDIA driver enforces it for
+    cudaHostRegister depends on the driver, so the store warns and falls back to pageable memory instead."""
     estimate = estimate_memory(model, _all_recompute(config), batch_size=1, seq_len=1)
     device_type = torch.device(config.device).type
     needed = ram_needed_bytes(estimate, device_type) - estimate.host_bytes_by_role["activations"]
@@ -68,12 +70,4 @@ def preflight(model: nn.Module, config: TrainConfig, *, capacity: HostCapacity |
             f"but this machine can give {format_bytes(capacity.allocatable_bytes)} ({_machine(capacity)}): "
             f"{format_bytes(needed - capacity.allocatable_bytes)} short. Use a smaller model, keep optimizer "
             f"state on SSD (TrainConfig(ssd=...)), free memory or raise the container's limit, {_OPT_OUT}")
-    pinned = estimate.pinned_bytes - estimate.host_bytes_by_role["activations"]
-    limit = capacity.memlock_limit_bytes
-    if pinned and not capacity.can_lock_unlimited and limit is not None and pinned > limit:
-        raise HostMemoryError(
-            f"preflight: {format_bytes(pinned)} of the host store must be page-locked for fast copies but the "
-            f"locked-memory limit (ulimit -l) is {format_bytes(limit)}: {format_bytes(pinned - limit)} short. Run "
-            "`ulimit -l unlimited` first (docker: --ulimit memlock=-1), or TrainConfig(pin_memory=False) for "
-            f"slower pageable copies, {_OPT_OUT} (the store then falls back to pageable memory with a warning)")
     return needed

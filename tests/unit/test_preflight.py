@@ -56,19 +56,14 @@ def test_exactly_enough_passes_and_the_count_is_the_estimate():
         preflight(model, config, capacity=machine(need - 1))
 
 
-def test_pinning_over_the_memlock_limit_is_refused_unless_root():
+def test_the_memlock_limit_is_left_to_the_stores_fallback():
+    """Over ``ulimit -l`` the store warns and pins nothing (the driver may not enforce the limit):
+    the preflight does not refuse, and returns the same count with or without a limit."""
     with torch.device("meta"):
         model = Decoder(decoder_config("tiny"))
     config = horizon.TrainConfig(device="cuda")  # only estimated: no CUDA needed
-    e = estimate_memory(model, config, batch_size=1, seq_len=1)
-    pinned = e.pinned_bytes - e.host_bytes_by_role["activations"]
-    assert pinned > 0
-    with pytest.raises(HostMemoryError, match="ulimit -l unlimited"):
-        preflight(model, config, capacity=machine(100 * GIB, memlock_bytes=pinned - 1))
-    preflight(model, config, capacity=machine(100 * GIB, memlock_bytes=pinned))
-    preflight(model, config, capacity=machine(100 * GIB, memlock_bytes=0, root=True))
-    unpinned = horizon.TrainConfig(device="cuda", pin_memory=False)
-    preflight(model, unpinned, capacity=machine(100 * GIB, memlock_bytes=0))
+    unlimited = preflight(model, config, capacity=machine(100 * GIB))
+    assert preflight(model, config, capacity=machine(100 * GIB, memlock_bytes=0)) == unlimited
 
 
 def test_opt_out_skips_the_check(monkeypatch):
