@@ -19,6 +19,7 @@ from horizon.batch import check_batch, check_extras
 from horizon.callbacks import JsonlMetrics
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
+from horizon.checkpoint.ranks import RankGroup
 from horizon.checkpoint.session import CheckpointSession
 from horizon.checkpoint.train_state import check_json
 from horizon.config import TrainConfig
@@ -92,9 +93,10 @@ class Trainer:
         if config.hf_weights and config.distributed.shard_optimizer_state and is_multi_rank():
             raise ValueError("hf_weights with shard_optimizer_state=True is not supported yet: load with "
                              "DistributedConfig(shard_optimizer_state=False)")
-        if config.checkpoint is not None and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("checkpoints of a run with shard_optimizer_state=True are not supported yet: "
-                             "use DistributedConfig(shard_optimizer_state=False) (rank 0 writes the whole state)")
+        if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
+                and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
+                             "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         self.data_parallel = None if self.world is None else (
@@ -105,7 +107,8 @@ class Trainer:
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
         weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
-            staging_plan(config.checkpoint, layouts)  # a budget too small for one unit fails before allocating
+            sharded_world = self.world.world_size if isinstance(self.data_parallel, ShardedDataParallel) else 1
+            staging_plan(config.checkpoint, layouts, world_size=sharded_world)  # too small for one unit: fails now
             existing = committed_steps(str(config.checkpoint.dir))
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
@@ -137,11 +140,14 @@ class Trainer:
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
-        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
+        # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
+        sharded = isinstance(self.data_parallel, ShardedDataParallel)
+        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
+        ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
+            if writes and sharded else None
         self.checkpointer = None if not writes else Checkpointer(
             config.checkpoint, self.store, param_names=self.param_names(), model_config=model_config_json(model, check_json),
-            disk=checkpoint_disk, ssd=self.ssd)
+            disk=checkpoint_disk, ssd=self.ssd, ranks=ranks)
         decay_runs = decay_runs_by_name(self.store.units, self.param_names(), config.optimizer)
         if self.data_parallel is not None:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)

@@ -96,7 +96,7 @@ class ShardedHostStore(HostStore):
 
     def _carve_shard(self, layout: UnitLayout, gather) -> ShardedUnitBuffers:
         n, c = layout.numel, shard_numel(layout.numel, self.world_size)
-        padded_compute = self._pcie.take(c * self.world_size, torch.float32)
+        padded_compute = self._pcie.take(c * self.world_size, torch.float32).zero_()  # padding: checkpointed
         padded_grad = self._pcie.take(c * self.world_size, torch.float32).zero_()  # the padding must sum to 0
         shard = [self._cpu.take(c, torch.float32).zero_() for _ in range(4)]
         padded_accum = self._cpu.take(c * self.world_size, torch.float32).zero_() if self.accumulate else None
