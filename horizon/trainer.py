@@ -90,9 +90,6 @@ class Trainer:
         self.callbacks = _callbacks(callbacks, config)
         specs = find_units(model, config.units)
         check_trainable(model)
-        if config.hf_weights and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("hf_weights with shard_optimizer_state=True is not supported yet: load with "
-                             "DistributedConfig(shard_optimizer_state=False)")
         if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
                 and config.distributed.shard_optimizer_state and is_multi_rank():
             raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
@@ -128,8 +125,10 @@ class Trainer:
         self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
         on_ssd = {"ssd": self.ssd} if self.ssd is not None else {}
+        sharded = isinstance(self.data_parallel, ShardedDataParallel)
+        on_ssd |= {"weights": weights} if sharded else {}  # each rank reads its own slices
         self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **on_ssd)
-        if weights is not None:
+        if weights is not None and not sharded:
             weights.load()
             for unit in self.store.units:
                 unit.refresh_compute()
@@ -141,7 +140,6 @@ class Trainer:
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
-        sharded = isinstance(self.data_parallel, ShardedDataParallel)
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
         ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
             if writes and sharded else None
@@ -294,7 +292,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies;
-        copies read from SSD for units whose master is there and whose compute copy is bf16).
+        copies read from SSD for units whose master is there and whose compute copy is bf16; gathered
+        copies for a sharded store computing in bf16: a collective then, call it on every rank).
 
         Waits for the updates still running, so the weights are those after ``global_step`` steps.
         """
@@ -302,7 +301,20 @@ class Trainer:
         state = self.model.state_dict()
         if self.ssd is not None:
             self.ssd.put_masters(state, self.store)
+        if isinstance(self.data_parallel, ShardedDataParallel) and self.store.compute_dtype != torch.float32:
+            self._put_gathered_masters(state)
         return state
+
+    def _put_gathered_masters(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the bf16 compute-copy views of a sharded store by fp32 masters gathered from every rank."""
+        keys_of: dict[int, list[str]] = {}
+        for key, t in state.items():
+            keys_of.setdefault(t.data_ptr(), []).append(key)
+        for unit in self.store.units:
+            masters = unit.views(self.data_parallel.whole(unit, unit.master))
+            for local_name, view in unit.views(unit.compute).items():
+                for key in keys_of.get(view.data_ptr(), ()):
+                    state[key] = masters[local_name]
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
         """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""

@@ -47,7 +47,7 @@ class DataParallel:
         self.bytes_reduced = 0
         """Gradient bytes this rank handed to all-reduce (its payload; the wire carries 2(W-1)/W of it)."""
         self.bytes_broadcast = 0
-        """Weight bytes broadcast from rank 0 when the trainer started."""
+        """Weight bytes rank 0 sent when the trainer started (a broadcast; sharded, a scatter of the masters)."""
         self.bytes_gathered = 0
         """Compute-copy bytes all-gathered after updates (sharded only: each rank's output, its own piece included)."""
 
@@ -123,9 +123,9 @@ class ShardedDataParallel(DataParallel):
 
     def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
                    accumulate: bool) -> ShardedHostStore:
-        assert compute_dtype == torch.float32, "TrainConfig refuses sharding with a 16-bit compute dtype"
-        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size, pin=pin,
-                                accumulate=accumulate, gather=self.gather)
+        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size,
+                                compute_dtype=compute_dtype, pin=pin, accumulate=accumulate, gather=self.gather,
+                                scatter=self.scatter)
 
     def local_decay_runs(self, store: ShardedHostStore, runs: list[list[tuple[int, int, float]]]):
         out = []
@@ -135,23 +135,28 @@ class ShardedDataParallel(DataParallel):
         return out
 
     def broadcast_store(self, store: ShardedHostStore) -> None:
-        for unit in store.units:
-            self._run("initial weight broadcast", lambda: dist.broadcast(unit.compute, src=0, group=self.world.scalars))
-            unit.load_shard()
-            self.bytes_broadcast += unit.compute.numel() * unit.compute.element_size()
+        """Nothing to do: ``ShardedHostStore.adopt`` scattered rank 0's weights (or each rank read its slices)."""
+
+    def scatter(self, unit: ShardedUnitBuffers, source: torch.Tensor | None) -> None:
+        """Hand each rank its piece of rank 0's padded fp32 ``source`` of ``unit`` (None on the other ranks)."""
+        pieces = list(source.split(unit.shard_numel)) if source is not None else None
+        self._run("initial weight scatter", lambda: dist.scatter(unit.master, pieces, src=0, group=self.world.scalars))
+        self.bytes_broadcast += unit.master.numel() * unit.master.element_size() * self.world.world_size
 
     def reduce(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``)."""
+        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``). A bf16
+        gradient is summed in fp32 (one temporary fp32 copy of the unit)."""
         padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
-        self._run("gradient reduce-scatter",
-                  lambda: _reduce_scatter(unit.grad_shard, padded, group=self.world.grads))
-        self.bytes_reduced += padded.numel() * padded.element_size()
+        work = padded if padded.dtype == torch.float32 else padded.float()
+        self._run("gradient reduce-scatter", lambda: _reduce_scatter(unit.grad_shard, work, group=self.world.grads))
+        self.bytes_reduced += work.numel() * work.element_size()
         return unit.grad_shard
 
     def gather(self, unit: ShardedUnitBuffers) -> None:
-        """Rebuild the whole compute copy from every rank's updated master shard; on the optimizer thread."""
-        self._run("weight all-gather",
-                  lambda: _all_gather(unit.padded_compute, unit.master, group=self.world.grads))
+        """Rebuild the whole compute copy from every rank's master shard, rounded to the compute dtype
+        first; on the optimizer thread (or the caller's, while the optimizer is idle)."""
+        piece = unit.master if unit.padded_compute.dtype == torch.float32 else unit.master.to(unit.padded_compute.dtype)
+        self._run("weight all-gather", lambda: _all_gather(unit.padded_compute, piece, group=self.world.grads))
         self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
 
     def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:

@@ -72,11 +72,6 @@ def test_a_malformed_launch_fails_before_the_store(monkeypatch):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig())
 
 
-def test_sharding_needs_an_fp32_compute_copy():
-    with pytest.raises(ValueError, match=r"shard_optimizer_state=True\) needs TrainConfig\(compute_dtype=torch.float32\)"):
-        horizon.TrainConfig(compute_dtype=torch.bfloat16, distributed=DistributedConfig(shard_optimizer_state=True))
-
-
 def test_shard_flag_must_be_a_bool():
     with pytest.raises(ValueError, match="shard_optimizer_state must be True or False"):
         DistributedConfig(shard_optimizer_state="yes")
