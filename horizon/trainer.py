@@ -276,7 +276,8 @@ class Trainer:
 
     def save(self, *, wait: bool = False) -> str | None:
         """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
-        and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
+        and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...).
+        With DistributedConfig(shard_optimizer_state=True) every rank writes its shards: call it on every rank."""
         return self.checkpoints.save(wait=wait)
 
     def resume(self, dir=None) -> int | None:

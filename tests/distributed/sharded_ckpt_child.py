@@ -2,7 +2,8 @@
 
 Usage: sharded_ckpt_child.py OUT_DIR ONE_PROCESS_CKPT
   straight: the "sharded_clip" case for 10 steps with a checkpoint every 5 (OUT_DIR/ckpt);
-  2 -> 2:   two new ranks resume from its step 5 and train steps 6-10;
+  2 -> 2:   two new ranks resume from its step 5 and train steps 6-10; the same for the eager
+            schedule and for a bf16 compute copy (OUT_DIR/<case>/straight, OUT_DIR/<case>/resumed);
   1 -> 2:   two new ranks resume from ONE_PROCESS_CKPT (one process's step 5) and train steps 6-10;
   failure:  rank 1's disk is full during one save(wait=True); then a second save succeeds.
 """
@@ -20,14 +21,16 @@ import torch.distributed as dist  # noqa: E402
 
 import horizon  # noqa: E402
 from ckpt_helpers import FullDisk  # noqa: E402
-from dp_cases import CASES, global_batches, rank_batch  # noqa: E402
+from dp_cases import BF16, CASES, global_batches, rank_batch  # noqa: E402
 from helpers import tiny_decoder  # noqa: E402
 
 CASE = CASES["sharded_clip"]
+MORE_CASES = {"sharded_eager": CASES["sharded_eager"], "sharded_bf16": BF16}
+"""Resumed 2 -> 2 as well: updates during the backward (the copier's order reversed), and a bf16 compute copy."""
 
 
-def _config(directory: Path, **overrides) -> horizon.TrainConfig:
-    return dataclasses.replace(CASE, checkpoint=horizon.CheckpointConfig(dir=str(directory), every_steps=5), **overrides)
+def _config(directory: Path, case: horizon.TrainConfig = CASE, **overrides) -> horizon.TrainConfig:
+    return dataclasses.replace(case, checkpoint=horizon.CheckpointConfig(dir=str(directory), every_steps=5), **overrides)
 
 
 def _copy_on_rank0(rank: int, src: Path, dst: Path) -> None:
@@ -36,8 +39,8 @@ def _copy_on_rank0(rank: int, src: Path, dst: Path) -> None:
     dist.barrier()
 
 
-def straight(out: Path, data) -> dict:
-    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), _config(out / "ckpt")) as trainer:
+def straight(directory: Path, data, case: horizon.TrainConfig = CASE) -> dict:
+    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), _config(directory, case)) as trainer:
         losses = [trainer.step(b).loss for b in data[:5]]
         at5 = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
         losses += [trainer.step(b).loss for b in data[5:]]
@@ -46,9 +49,9 @@ def straight(out: Path, data) -> dict:
     return {"losses": losses, "state_at_5": at5, "state": state, "by_role": by_role}
 
 
-def resumed(directory: Path, data) -> dict:
+def resumed(directory: Path, data, case: horizon.TrainConfig = CASE) -> dict:
     with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True, seed=9),
-                         _config(directory, resume=True)) as trainer:
+                         _config(directory, case, resume=True)) as trainer:
         at = trainer.global_step
         losses = [trainer.step(b).loss for b in data[at:]]
         state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
@@ -80,10 +83,14 @@ def main() -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     data = [rank_batch(b, rank, world_size) for b in global_batches()]
-    result = {"straight": straight(out, data)}
+    result = {"straight": straight(out / "ckpt", data)}
     for name, src in (("two_to_two", out / "ckpt" / "step-000000005"), ("one_to_two", one_process)):
         _copy_on_rank0(rank, src, out / name)
         result[name] = resumed(out / name, data)
+    for name, case in MORE_CASES.items():
+        result[name] = {"straight": straight(out / name / "straight", data, case)}
+        _copy_on_rank0(rank, out / name / "straight" / "step-000000005", out / name / "resumed")
+        result[name]["two_to_two"] = resumed(out / name / "resumed", data, case)
     result["failure"] = failure(out, rank, data)
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()

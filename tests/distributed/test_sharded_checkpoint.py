@@ -70,9 +70,11 @@ def test_every_rank_wrote_its_shards_and_rank0_committed_one_manifest(ranks):
     assert not [n for n in os.listdir(out / "ckpt") if n.startswith(".inflight")]
 
 
-def test_two_ranks_resume_two_ranks_bit_for_bit(ranks):
+@pytest.mark.parametrize("case", [None, "sharded_eager", "sharded_bf16"])
+def test_two_ranks_resume_two_ranks_bit_for_bit(ranks, case):
     _, results = ranks
     for result in results:
+        result = result if case is None else result[case]
         straight, resumed = result["straight"], result["two_to_two"]
         assert resumed["resumed_at"] == 5
         assert resumed["losses"] == straight["losses"][5:]
