@@ -302,20 +302,9 @@ class Trainer:
         state = self.model.state_dict()
         if self.ssd is not None:
             self.ssd.put_masters(state, self.store)
-        if isinstance(self.data_parallel, ShardedDataParallel) and self.store.compute_dtype != torch.float32:
-            self._put_gathered_masters(state)
+        if isinstance(self.data_parallel, ShardedDataParallel):
+            self.data_parallel.put_masters(state, self.store)
         return state
-
-    def _put_gathered_masters(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the bf16 compute-copy views of a sharded store by fp32 masters gathered from every rank."""
-        keys_of: dict[int, list[str]] = {}
-        for key, t in state.items():
-            keys_of.setdefault(t.data_ptr(), []).append(key)
-        for unit in self.store.units:
-            masters = unit.views(self.data_parallel.whole(unit, unit.master))
-            for local_name, view in unit.views(unit.compute).items():
-                for key in keys_of.get(view.data_ptr(), ()):
-                    state[key] = masters[local_name]
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
         """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""

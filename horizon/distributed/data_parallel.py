@@ -165,6 +165,20 @@ class ShardedDataParallel(DataParallel):
         self._run("optimizer state all-gather", lambda: _all_gather(out, flat, group=self.world.scalars))
         return out[:unit.layout.numel]
 
+    def put_masters(self, state: dict[str, torch.Tensor], store: ShardedHostStore) -> None:
+        """In a ``model.state_dict()``, replace the views of a bf16 compute copy by fp32 masters gathered
+        from every rank (new tensors; a collective). An fp32 compute copy already equals the masters."""
+        if store.compute_dtype == torch.float32:
+            return
+        keys_of: dict[int, list[str]] = {}
+        for key, t in state.items():
+            keys_of.setdefault(t.data_ptr(), []).append(key)
+        for unit in store.units:
+            masters = unit.views(self.whole(unit, unit.master))
+            for local_name, view in unit.views(unit.compute).items():
+                for key in keys_of.get(view.data_ptr(), ()):
+                    state[key] = masters[local_name]
+
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """sqrt of the sum over ranks of the squared norms of their gradient shards."""
         squared = local_norm.double().square().reshape(1)
