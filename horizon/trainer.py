@@ -98,14 +98,15 @@ class Trainer:
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         self.data_parallel = None if self.world is None else (
             ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
+        sharded = isinstance(self.data_parallel, ShardedDataParallel)
         device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
         weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
-            sharded_world = self.world.world_size if isinstance(self.data_parallel, ShardedDataParallel) else 1
-            staging_plan(config.checkpoint, layouts, world_size=sharded_world)  # too small for one unit: fails now
+            # A budget too small for one unit (or this rank's shard of it) fails before allocating.
+            staging_plan(config.checkpoint, layouts, world_size=self.world.world_size if sharded else 1)
             existing = committed_steps(str(config.checkpoint.dir))
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
@@ -124,10 +125,10 @@ class Trainer:
                                    accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
         self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
-        on_ssd = {"ssd": self.ssd} if self.ssd is not None else {}
-        sharded = isinstance(self.data_parallel, ShardedDataParallel)
-        on_ssd |= {"weights": weights} if sharded else {}  # each rank reads its own slices
-        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **on_ssd)
+        sources = {"ssd": self.ssd} if self.ssd is not None else {}
+        if sharded:
+            sources["weights"] = weights  # each rank reads its own slices
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **sources)
         if weights is not None and not sharded:
             weights.load()
             for unit in self.store.units:
