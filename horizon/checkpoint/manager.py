@@ -8,6 +8,10 @@ one checkpoint is in flight: a request that finds one still running waits for it
 (``on_busy="wait"``) or is skipped (``"skip"``). A failure (disk full, I/O error, timeout)
 aborts that checkpoint only: every barrier is released, the in-flight directory deleted, and
 the error is handed to the next step's metrics and the log.
+
+In a sharded run (``ranks``) every rank's checkpointer writes the units' shards it holds into one
+shared in-flight directory; the writers then exchange their files or errors and rank 0 alone
+writes the manifest, commits and applies retention (``ranks.py``).
 """
 
 from __future__ import annotations
