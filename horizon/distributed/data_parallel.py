@@ -17,7 +17,6 @@ after each rank updated its shard an all-gather rebuilds the whole compute copy 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -77,15 +76,21 @@ class DataParallel:
             unit.refresh_compute()
             self.bytes_broadcast += unit.master.numel() * unit.master.element_size()
 
-    @contextlib.contextmanager
-    def rank_zero_first(self):
-        """Rank 0 runs the body first (say, validating checkpoints); the other ranks once it is done."""
-        barrier = lambda: dist.barrier(group=self.world.scalars)  # noqa: E731
-        if self.world.rank != 0:
-            self._run("barrier", barrier)
-        yield
+    def from_rank_zero(self, compute: Callable[[], object]) -> object:
+        """``compute()`` run on rank 0 alone (say, validating checkpoints), its result on every rank; an
+        exception it raises is raised on every rank."""
+        outcome: list = [None]
         if self.world.rank == 0:
-            self._run("barrier", barrier)
+            try:
+                outcome = [(True, compute())]
+            except Exception as e:  # handed to every rank, then raised here too
+                outcome = [(False, e)]
+        self._run("rank 0's result broadcast",
+                  lambda: dist.broadcast_object_list(outcome, src=0, group=self.world.scalars))
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def global_count(self, count: int) -> int:
         """The sum over ranks of ``count`` (the labels each rank's micro-batch lets count)."""

@@ -5,7 +5,8 @@ Usage: sharded_ckpt_child.py OUT_DIR ONE_PROCESS_CKPT
   2 -> 2:   two new ranks resume from its step 5 and train steps 6-10; the same for the eager
             schedule and for a bf16 compute copy (OUT_DIR/<case>/straight, OUT_DIR/<case>/resumed);
   1 -> 2:   two new ranks resume from ONE_PROCESS_CKPT (one process's step 5) and train steps 6-10;
-  failure:  rank 1's disk is full during one save(wait=True); then a second save succeeds.
+  failure:  rank 1's disk is full during one save(wait=True); then a second save succeeds;
+  wrong_model: a 2-layer model resuming the 3-layer checkpoints: ValueError on every rank.
 """
 
 import dataclasses
@@ -77,6 +78,15 @@ def failure(out: Path, rank: int, data) -> dict:
     return {"error": error, "listing": committed_after_failure, "path": path}
 
 
+def wrong_model(out: Path) -> str | None:
+    """Resuming another model's checkpoints: rank 0 finds out, every rank raises its ValueError."""
+    try:
+        horizon.Trainer(tiny_decoder(num_layers=2, tie_embeddings=True), _config(out / "ckpt", resume=True))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main() -> None:
     torch.set_num_threads(1)
     out, one_process = Path(sys.argv[1]), Path(sys.argv[2])
@@ -92,6 +102,7 @@ def main() -> None:
         _copy_on_rank0(rank, out / name / "straight" / "step-000000005", out / name / "resumed")
         result[name]["two_to_two"] = resumed(out / name / "resumed", data, case)
     result["failure"] = failure(out, rank, data)
+    result["wrong_model"] = wrong_model(out)
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()
     print("done", flush=True)

@@ -129,3 +129,10 @@ def test_a_write_failure_on_one_rank_fails_the_checkpoint_on_every_rank(ranks):
         assert failure["listing"] == []  # nothing committed, the in-flight directory removed
         assert failure["path"] is not None and failure["path"].endswith(step_dir_name(3))
     assert results[0]["failure"]["path"] == results[1]["failure"]["path"]
+
+
+def test_rank0_validates_and_every_rank_hears_its_verdict(ranks):
+    """Only rank 0 reads every CRC; a checkpoint it rejects (another model's) raises on every rank."""
+    _, results = ranks
+    for result in results:
+        assert result["wrong_model"] is not None and "holds a different model" in result["wrong_model"]
