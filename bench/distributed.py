@@ -14,7 +14,9 @@ What is checked against a formula, in the same run:
     gradient); sharded, a reduce-scatter of 4 B x N' and an all-gather of c B x N' (N' = N with every unit
     padded to W equal pieces, c = 4 in fp32, 2 in bf16); a ring puts 2(W-1)/W of each on every rank's link;
   - host bytes per rank: the store's exact byte count, and its optimizer state (master, m, v) against the
-    single-process figure / W.
+    single-process figure / W;
+  - checkpoint bytes per rank (one save(wait=True) after the timed steps): replicated, rank 0 writes all
+    12 B x N; sharded, each rank writes its 12 B x N'/W (plus a page-aligned header per file).
 Scaling itself cannot be measured here: W ranks share 2 cores, so each rank gets 2/W threads.
 
 usage: python bench/distributed.py [--world-sizes 1 2] [--steps 8] [--warmup 3] [--batch 2] [--seq 128]
@@ -57,11 +59,24 @@ MODES = {"replicated": dict(shard=False, dtype=torch.float32), "sharded": dict(s
          "sharded_bf16": dict(shard=True, dtype=torch.bfloat16)}
 
 
-def _horizon_steps(args, rank: int, shard: bool, dtype: torch.dtype) -> dict:
+def _checkpoint_bytes_by_rank(path: str, world_size: int) -> list[int]:
+    """Bytes of the shard files each rank wrote (a sharded run names its files by rank; otherwise rank 0's)."""
+    sizes = [0] * world_size
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            rank = int(name.split("-rank-")[1].split("-")[0]) if "-rank-" in name else 0
+            sizes[rank] += os.path.getsize(os.path.join(path, name))
+    return sizes
+
+
+def _horizon_steps(args, rank: int, mode: str) -> dict:
+    shard, dtype = MODES[mode]["shard"], MODES[mode]["dtype"]
     torch.manual_seed(0)
     model = Decoder(decoder_config("small"))
     config = horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0, compute_dtype=dtype,
-                                 distributed=DistributedConfig(shard_optimizer_state=shard))
+                                 distributed=DistributedConfig(shard_optimizer_state=shard),
+                                 checkpoint=horizon.CheckpointConfig(dir=os.path.join(args.ckpt_root, mode),
+                                                                     final_save=False))
     with horizon.Trainer(model, config) as trainer:
         dp = trainer.data_parallel
         gathered_at_start = dp.bytes_gathered if dp else 0
@@ -72,7 +87,12 @@ def _horizon_steps(args, rank: int, shard: bool, dtype: torch.dtype) -> dict:
             trainer.step(b)
             trainer.updater.wait_all()  # the step's updates included, as DDP's optimizer.step() is
             times.append(time.perf_counter() - start)
+        path = trainer.save(wait=True)  # None on ranks that do not write (replicated: all but rank 0)
+        if dp is not None:
+            dist.barrier()  # every rank's files are in place before rank 0 counts them
+        ckpt_bytes = _checkpoint_bytes_by_rank(path, world_size) if rank == 0 else None
         return {"step_s": times, "bytes_reduced": dp.bytes_reduced if dp else 0, "updates": trainer.global_step,
+                "checkpoint_bytes_by_rank": ckpt_bytes,
                 "bytes_gathered": dp.bytes_gathered - gathered_at_start if dp else 0,
                 "host_bytes": trainer.store.total_bytes, "host_bytes_by_role": dict(trainer.store.bytes_by_role),
                 "params": sum(p.numel() for p in model.parameters()),
@@ -104,7 +124,7 @@ def worker(args) -> None:
     torch.set_num_threads(max(1, args.cores // world_size))
     if world_size > 1:
         dist.init_process_group("gloo")
-    out = {mode: _horizon_steps(args, rank, **kwargs) for mode, kwargs in MODES.items()}
+    out = {mode: _horizon_steps(args, rank, mode) for mode in MODES}
     out["ddp_step_s"] = _ddp_steps(args, rank, world_size)
     if world_size > 1:
         dist.destroy_process_group()
@@ -123,7 +143,8 @@ def launch(args, world_size: int, out: Path) -> dict:
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, __file__, "--worker-out", str(out), "--steps", str(args.steps), "--batch",
-               str(args.batch), "--seq", str(args.seq), "--cores", str(args.cores)]
+               str(args.batch), "--seq", str(args.seq), "--cores", str(args.cores),
+               "--ckpt-root", str(out.parent / f"ckpt-w{world_size}")]
         procs.append(subprocess.Popen(cmd, env=env))
     for proc in procs:
         if proc.wait() != 0:
@@ -148,6 +169,9 @@ def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) ->
             formula_reduced, formula_gathered = GRAD_BYTES_PER_PARAM * run["params"], 0
         rows.append({"world_size": world_size, "mode": mode, "horizon_step_s": step_s, "ddp_step_s": ddp_s,
                      "horizon_tokens_per_s": tokens / step_s, "ddp_tokens_per_s": tokens / ddp_s,
+                     "checkpoint_bytes_by_rank": run["checkpoint_bytes_by_rank"],
+                     "formula_checkpoint_bytes_by_rank": [12 * run["padded_params"] // world_size] * world_size
+                     if run["sharded"] else [12 * run["params"]] + [0] * (world_size - 1),
                      "vs_ddp": ddp_s / step_s, "params": run["params"],
                      "reduced_bytes_per_update": run["bytes_reduced"] / run["updates"],
                      "gathered_bytes_per_update": run["bytes_gathered"] / run["updates"],
@@ -167,6 +191,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt-root", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker_out:
         return worker(args)
@@ -194,6 +219,11 @@ def main() -> None:
     ratios = {f"vs_ddp_{key(**r)}": r["vs_ddp"] for r in rows}
     ratios.update({f"reduced_bytes_vs_formula_{key(**r)}": r["reduced_bytes_per_update"] / r["formula_bytes_per_update"]
                    for r in rows if r["formula_bytes_per_update"]})
+    for r in rows:
+        print(f"W={r['world_size']} {r['mode']:>12}: checkpoint bytes by rank {r['checkpoint_bytes_by_rank']} "
+              f"(formula, data only: {r['formula_checkpoint_bytes_by_rank']})")
+    ratios.update({f"checkpoint_bytes_max_rank_vs_formula_{key(**r)}":
+                   max(r["checkpoint_bytes_by_rank"]) / max(r["formula_checkpoint_bytes_by_rank"]) for r in rows})
     ratios.update({f"gathered_bytes_vs_formula_{key(**r)}":
                    r["gathered_bytes_per_update"] / r["formula_gathered_bytes_per_update"]
                    for r in rows if r["formula_gathered_bytes_per_update"]})
