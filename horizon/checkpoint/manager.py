@@ -186,19 +186,38 @@ class Checkpointer:
     # -- the writer thread ------------------------------------------------------------------------
 
     def _write(self, flight: _Flight) -> None:
-        snapshot, inflight, error, written = flight.snapshot, None, None, None
         started = time.perf_counter()
+        try:
+            written, error = self._write_and_commit(flight)
+            if error is None:
+                flight.durable_s = time.time() - flight.requested_unix_s
+                flight.write_s = time.perf_counter() - started - written["waited_s"]
+                self.last_committed_step = flight.snapshot.step
+                self.num_taken += 1
+            else:
+                flight.path = None
+                flight.error = f"checkpoint of step {flight.snapshot.step} failed: {error}"
+                self.num_failed += 1
+                self._errors.append(flight.error)
+                log.error("%s", flight.error)
+        finally:
+            flight.snapshot.abort()  # a no-op after success; frees the barrier in every case
+            flight.done.set()
+
+    def _write_and_commit(self, flight: _Flight) -> tuple[dict | None, str | None]:
+        """Write this process's files; with ranks, exchange outcomes; commit where this process commits.
+        (what this process wrote, the error of the checkpoint or None). Any failure aborts this checkpoint only."""
+        snapshot, inflight, error, written = flight.snapshot, None, None, None
         try:
             inflight = self.ranks.inflight_dir(self.root) if self.ranks else new_inflight_dir(self.root, snapshot.step)
             written = self._write_units(flight, inflight)
-        except Exception as e:  # any failure aborts this checkpoint only
+        except Exception as e:
             error = f"{type(e).__name__}: {e}"
             snapshot.abort()  # now, not after the exchange: the optimizer must not wait for a dead writer
         try:
+            everyone = [written]
             if self.ranks is not None:  # every rank, failed or not: one exchange
                 everyone, error = self.ranks.agree(written, error)
-            else:
-                everyone = [written]
             if error is None and self.commits:
                 flight.path = self._commit(flight, inflight, everyone)
         except Exception as e:
@@ -210,20 +229,7 @@ class Checkpointer:
                 flight.path, error = self.ranks.announce(flight.path, error)
             except Exception as e:
                 flight.path, error = None, error or f"{type(e).__name__}: {e}"
-        if error is None:
-            flight.durable_s = time.time() - flight.requested_unix_s
-            flight.write_s = time.perf_counter() - started - written["waited_s"]
-            self.last_committed_step = snapshot.step
-            self.num_taken += 1
-        else:
-            snapshot.abort()
-            flight.path = None
-            flight.error = f"checkpoint of step {snapshot.step} failed: {error}"
-            self.num_failed += 1
-            self._errors.append(flight.error)
-            log.error("%s", flight.error)
-        snapshot.abort()  # a no-op after success; frees the barrier in every case
-        flight.done.set()
+        return written, error
 
     def _write_units(self, flight: _Flight, inflight: str) -> dict:
         """This process's shard files, written and fsynced: {"files", "tensors", "waited_s"}."""
