@@ -1,8 +1,9 @@
 """One rank of test_sharded_store.py, started with torchrun's environment.
 
-Usage: sharded_store_child.py OUT_DIR
+Usage: sharded_store_child.py OUT_DIR RSS_HF_DIR
   rss:  a 28M-parameter decoder built on the meta device on every rank, bf16 compute, sharded: the
-        growth of peak RSS while the trainer is built, and the store's bytes by role;
+        growth of peak RSS (sampled every millisecond) while the trainer is built, and the store's bytes
+        by role; once initialised by rank 0 and scattered, once read by slices from RSS_HF_DIR;
   bf16: the tiny decoder trained 10 steps with a bf16 compute copy, sharded;
   meta: the tiny decoder built on the meta device on every rank: rank 0 initialises it and scatters;
   hf:   the tiny decoder on the meta device filled from safetensors, each rank reading its slices.
@@ -11,8 +12,8 @@ Usage: sharded_store_child.py OUT_DIR
 import dataclasses
 import gc
 import os
-import resource
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,17 +38,34 @@ def meta_decoder(**cfg) -> Decoder:
         return Decoder(decoder_config("tiny", **cfg))
 
 
-def rss() -> dict:
-    config = dataclasses.replace(BF16, grad_clip_norm=None)
-    horizon.Trainer(tiny_decoder(), config).close()  # warm-up: lazy imports and first allocations are not the store
+class PeakRss:
+    """The highest RSS of this process while the block runs, sampled every millisecond on a thread."""
+
+    def __enter__(self) -> "PeakRss":
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.before = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def rss(hf_dir: str | None) -> dict:
+    config = dataclasses.replace(BF16, grad_clip_norm=None, hf_weights=hf_dir)
     model = meta_decoder(**RSS_MODEL)
     gc.collect()
-    before = psutil.Process().memory_info().rss
-    with horizon.Trainer(model, config) as trainer:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with PeakRss() as peak, horizon.Trainer(model, config) as trainer:
         by_role = dict(trainer.store.bytes_by_role)
         numels = [unit.layout.numel for unit in trainer.store.units]
-    return {"growth_bytes": peak - before, "by_role": by_role, "numels": numels}
+    return {"growth_bytes": peak.peak - peak.before, "by_role": by_role, "numels": numels}
 
 
 def train(model, config, data, **kwargs) -> dict:
@@ -75,7 +93,8 @@ def main() -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     data = [rank_batch(b, rank, world_size) for b in global_batches()]
-    result = {"rss": rss()}  # first: the process's peak RSS is still the interpreter's
+    horizon.Trainer(tiny_decoder(), BF16).close()  # warm-up: lazy imports and first allocations are not the store
+    result = {"rss": rss(None), "rss_hf": rss(sys.argv[2])}
     result["bf16"] = train(tiny_decoder(num_layers=3, tie_embeddings=True), BF16, data)
     model = meta_decoder(num_layers=3, tie_embeddings=True)
     torch.manual_seed(META_SEED)

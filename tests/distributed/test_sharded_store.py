@@ -15,7 +15,9 @@ from helpers import horizon_run, rel_err, tiny_decoder
 from horizon.store.host_store import store_bytes_by_role
 from horizon.store.layout import ALIGN_BYTES
 from launch import start_ranks
-from sharded_store_child import HF_SEED, META_SEED, meta_decoder
+from horizon.models import Decoder, decoder_config
+from safetensors.torch import save_file
+from sharded_store_child import HF_SEED, META_SEED, RSS_MODEL, meta_decoder
 
 WORLD_SIZE = 2
 
@@ -23,7 +25,11 @@ WORLD_SIZE = 2
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sharded_store")
-    procs = start_ranks([Path(__file__).parent / "sharded_store_child.py", out], WORLD_SIZE)
+    hf = out / "rss_hf"
+    hf.mkdir()
+    torch.manual_seed(0)
+    save_file(Decoder(decoder_config("tiny", **RSS_MODEL)).state_dict(), hf / "model.safetensors")
+    procs = start_ranks([Path(__file__).parent / "sharded_store_child.py", out, hf], WORLD_SIZE)
     for rank, proc in enumerate(procs):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"rank {rank} failed:\n{stdout}\n{stderr}"
@@ -34,22 +40,24 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
-def test_each_rank_holds_a_share_of_the_state_and_never_the_whole_model(ranks):
+@pytest.mark.parametrize("source", ["rss", "rss_hf"])
+def test_each_rank_holds_a_share_of_the_state_and_never_the_whole_model(ranks, source):
     """master, m and v per rank are exactly Σ align(4·ceil(n/W)) (total/W within a page per unit), and the
     peak RSS while the trainer is built stays within the rank's own store: rank 1 never materialises
-    the model, rank 0 holds one fp32 copy while it initialises and scatters, unit by unit."""
-    numels = ranks[0]["rss"]["numels"]
+    the model; rank 0 holds one fp32 copy while it initialises and scatters ("rss"), none when every rank
+    reads its slices of safetensors ("rss_hf")."""
+    numels = ranks[0][source]["numels"]
     total = sum(numels)
     replicated = store_bytes_by_role([_Layout(n) for n in numels], torch.bfloat16)
     for rank, result in enumerate(ranks):
-        by_role, growth = result["rss"]["by_role"], result["rss"]["growth_bytes"]
+        by_role, growth = result[source]["by_role"], result[source]["growth_bytes"]
         for role in ("master", "exp_avg", "exp_avg_sq"):
             assert by_role[role] == sum(_aligned(4 * -(-n // WORLD_SIZE)) for n in numels), role
             assert abs(by_role[role] - replicated[role] / WORLD_SIZE) <= ALIGN_BYTES * len(numels), role
         store = sum(by_role.values())
-        transient = 4 * total if rank == 0 else 0  # rank 0's fp32 values before the scatter
+        transient = 4 * total if rank == 0 and source == "rss" else 0  # rank 0's fp32 values before the scatter
         assert growth <= 1.05 * (store + transient) + (64 << 20), (rank, growth, store)
-        if rank == 1:  # less than a replicated store would take: the whole model never existed here
+        if transient == 0:  # less than a replicated store would take: the whole model never existed here
             assert growth < sum(replicated.values()), (growth, sum(replicated.values()))
 
 
