@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import horizon
 from dp_cases import BF16, CASES, OPT, global_batches
 from helpers import horizon_run, rel_err, tiny_decoder
 from horizon.store.host_store import store_bytes_by_role

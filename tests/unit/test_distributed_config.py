@@ -1,7 +1,6 @@
 """Bad launches and distributed settings fail with a ValueError that names the fix, before anything runs."""
 
 import pytest
-import torch
 
 import horizon
 from horizon.distributed import DistributedConfig, launch_from_env
