@@ -3,16 +3,20 @@
 For W in --world-sizes, W ranks of this script are started with torchrun's environment. Each rank trains
 the "small" reference decoder (~4.5M parameters) on its own [--batch, --seq] micro-batch, twice in the same
 run: with Horizon (horizon.Trainer, gradients all-reduced in the host store on the optimizer thread) and with
-the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW; Horizon runs twice,
-replicated and with DistributedConfig(shard_optimizer_state=True). Warm-up steps are excluded; medians of the
-step time are reported, with global tokens/s and the ratio DDP time / Horizon time (> 1: Horizon faster).
+the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW; Horizon runs three
+times: replicated, with DistributedConfig(shard_optimizer_state=True), and sharded with a bf16 compute copy.
+Warm-up steps are excluded; medians of the step time are reported, with global tokens/s and the ratio DDP
+time / Horizon time (> 1: Horizon faster).
 
 What is checked against a formula, in the same run:
-  - gradient bytes all-reduced per update: measured (DataParallel.bytes_reduced) vs 4 B x parameters
-    (fp32 gradient, once per update); a ring all-reduce puts 2(W-1)/W of that on each rank's link;
-    sharded: reduce-scatter and all-gather of 4 B x parameters (each unit padded to W equal pieces);
+  - collective bytes per update: measured (DataParallel.bytes_reduced, bytes_gathered; the gather that builds
+    the compute copies at start excluded) vs the formula: replicated, an all-reduce of 4 B x N (fp32
+    gradient); sharded, a reduce-scatter of 4 B x N' and an all-gather of c B x N' (N' = N with every unit
+    padded to W equal pieces, c = 4 in fp32, 2 in bf16); a ring puts 2(W-1)/W of each on every rank's link;
   - host bytes per rank: the store's exact byte count, and its optimizer state (master, m, v) against the
-    single-process figure / W.
+    single-process figure / W;
+  - checkpoint bytes per rank (one save(wait=True) after the timed steps): replicated, rank 0 writes all
+    12 B x N; sharded, each rank writes its 12 B x N'/W (plus a page-aligned header per file).
 Scaling itself cannot be measured here: W ranks share 2 cores, so each rank gets 2/W threads.
 
 usage: python bench/distributed.py [--world-sizes 1 2] [--steps 8] [--warmup 3] [--batch 2] [--seq 128]
@@ -51,23 +55,49 @@ def _batches(args, rank: int) -> list[dict[str, torch.Tensor]]:
             for _ in range(args.steps)]
 
 
-def _horizon_steps(args, rank: int, shard: bool) -> dict:
+MODES = {"replicated": dict(shard=False, dtype=torch.float32), "sharded": dict(shard=True, dtype=torch.float32),
+         "sharded_bf16": dict(shard=True, dtype=torch.bfloat16)}
+
+
+def _checkpoint_bytes_by_rank(path: str, world_size: int) -> list[int]:
+    """Bytes of the shard files each rank wrote (a sharded run names its files by rank; otherwise rank 0's)."""
+    sizes = [0] * world_size
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            rank = int(name.split("-rank-")[1].split("-")[0]) if "-rank-" in name else 0
+            sizes[rank] += os.path.getsize(os.path.join(path, name))
+    return sizes
+
+
+def _horizon_steps(args, rank: int, mode: str) -> dict:
+    shard, dtype = MODES[mode]["shard"], MODES[mode]["dtype"]
     torch.manual_seed(0)
     model = Decoder(decoder_config("small"))
-    config = horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0,
-                                 distributed=DistributedConfig(shard_optimizer_state=shard))
+    config = horizon.TrainConfig(optimizer=horizon.AdamW(**OPT), grad_clip_norm=1.0, compute_dtype=dtype,
+                                 distributed=DistributedConfig(shard_optimizer_state=shard),
+                                 checkpoint=horizon.CheckpointConfig(dir=os.path.join(args.ckpt_root, mode),
+                                                                     final_save=False))
     with horizon.Trainer(model, config) as trainer:
+        dp = trainer.data_parallel
+        gathered_at_start = dp.bytes_gathered if dp else 0
+        world_size = dp.world.world_size if dp else 1
         times = []
         for b in _batches(args, rank):
             start = time.perf_counter()
             trainer.step(b)
             trainer.updater.wait_all()  # the step's updates included, as DDP's optimizer.step() is
             times.append(time.perf_counter() - start)
-        dp = trainer.data_parallel
+        path = trainer.save(wait=True)  # None on ranks that do not write (replicated: all but rank 0)
+        if dp is not None:
+            dist.barrier()  # every rank's files are in place before rank 0 counts them
+        ckpt_bytes = _checkpoint_bytes_by_rank(path, world_size) if rank == 0 else None
         return {"step_s": times, "bytes_reduced": dp.bytes_reduced if dp else 0, "updates": trainer.global_step,
-                "bytes_gathered": dp.bytes_gathered if dp else 0,
+                "checkpoint_bytes_by_rank": ckpt_bytes,
+                "bytes_gathered": dp.bytes_gathered - gathered_at_start if dp else 0,
                 "host_bytes": trainer.store.total_bytes, "host_bytes_by_role": dict(trainer.store.bytes_by_role),
-                "params": sum(p.numel() for p in model.parameters())}
+                "params": sum(p.numel() for p in model.parameters()),
+                "padded_params": sum(-(-u.layout.numel // world_size) * world_size for u in trainer.store.units),
+                "compute_itemsize": dtype.itemsize, "sharded": shard}
 
 
 def _ddp_steps(args, rank: int, world_size: int) -> list[float]:
@@ -94,8 +124,8 @@ def worker(args) -> None:
     torch.set_num_threads(max(1, args.cores // world_size))
     if world_size > 1:
         dist.init_process_group("gloo")
-    out = {"replicated": _horizon_steps(args, rank, shard=False), "sharded": _horizon_steps(args, rank, shard=True),
-           "ddp_step_s": _ddp_steps(args, rank, world_size)}
+    out = {mode: _horizon_steps(args, rank, mode) for mode in MODES}
+    out["ddp_step_s"] = _ddp_steps(args, rank, world_size)
     if world_size > 1:
         dist.destroy_process_group()
     if rank == 0:
@@ -113,7 +143,8 @@ def launch(args, world_size: int, out: Path) -> dict:
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, __file__, "--worker-out", str(out), "--steps", str(args.steps), "--batch",
-               str(args.batch), "--seq", str(args.seq), "--cores", str(args.cores)]
+               str(args.batch), "--seq", str(args.seq), "--cores", str(args.cores),
+               "--ckpt-root", str(out.parent / f"ckpt-w{world_size}")]
         procs.append(subprocess.Popen(cmd, env=env))
     for proc in procs:
         if proc.wait() != 0:
@@ -125,16 +156,26 @@ def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) ->
     tokens = world_size * args.batch * args.seq
     ddp_s = median(raw["ddp_step_s"][args.warmup:])
     rows = []
-    for mode in ("replicated", "sharded"):
+    for mode in MODES:
         run = raw[mode]
         step_s = median(run["step_s"][args.warmup:])
         opt_bytes = sum(run["host_bytes_by_role"][r] for r in ("master", "exp_avg", "exp_avg_sq"))
+        if world_size == 1:
+            formula_reduced = formula_gathered = 0
+        elif run["sharded"]:
+            formula_reduced = GRAD_BYTES_PER_PARAM * run["padded_params"]
+            formula_gathered = run["compute_itemsize"] * run["padded_params"]
+        else:
+            formula_reduced, formula_gathered = GRAD_BYTES_PER_PARAM * run["params"], 0
         rows.append({"world_size": world_size, "mode": mode, "horizon_step_s": step_s, "ddp_step_s": ddp_s,
                      "horizon_tokens_per_s": tokens / step_s, "ddp_tokens_per_s": tokens / ddp_s,
+                     "checkpoint_bytes_by_rank": run["checkpoint_bytes_by_rank"],
+                     "formula_checkpoint_bytes_by_rank": [12 * run["padded_params"] // world_size] * world_size
+                     if run["sharded"] else [12 * run["params"]] + [0] * (world_size - 1),
                      "vs_ddp": ddp_s / step_s, "params": run["params"],
                      "reduced_bytes_per_update": run["bytes_reduced"] / run["updates"],
                      "gathered_bytes_per_update": run["bytes_gathered"] / run["updates"],
-                     "formula_bytes_per_update": GRAD_BYTES_PER_PARAM * run["params"] if world_size > 1 else 0,
+                     "formula_bytes_per_update": formula_reduced, "formula_gathered_bytes_per_update": formula_gathered,
                      "host_bytes_per_rank": run["host_bytes"], "optimizer_state_bytes_per_rank": opt_bytes,
                      "optimizer_state_vs_total_over_w": None if single_opt_bytes is None
                      else opt_bytes / (single_opt_bytes / world_size)})
@@ -150,6 +191,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt-root", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker_out:
         return worker(args)
@@ -161,20 +203,30 @@ def main() -> None:
                 by_role = raw["replicated"]["host_bytes_by_role"]
                 single_opt_bytes = sum(by_role[r] for r in ("master", "exp_avg", "exp_avg_sq"))
             rows += summarise(args, w, raw, single_opt_bytes)
-    print(f"{'W':>2} {'mode':>10} {'horizon s/step':>14} {'DDP s/step':>10} {'DDP/horizon':>11} {'reduced B/upd':>13} "
-          f"{'gathered B/upd':>14} {'4N':>11} {'host B/rank':>12} {'m+v+master B':>13} {'vs total/W':>10}")
+    print(f"{'W':>2} {'mode':>12} {'horizon s/step':>14} {'DDP s/step':>10} {'DDP/horizon':>11} {'reduced B/upd':>13} "
+          f"{'formula':>11} {'gathered B/upd':>14} {'formula':>11} {'host B/rank':>12} {'m+v+master B':>13} "
+          f"{'vs total/W':>10}")
     for r in rows:
         vs = r["optimizer_state_vs_total_over_w"]
-        print(f"{r['world_size']:>2} {r['mode']:>10} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>10.4f} "
-              f"{r['vs_ddp']:>11.3f} {r['reduced_bytes_per_update']:>13,.0f} {r['gathered_bytes_per_update']:>14,.0f} "
-              f"{r['formula_bytes_per_update']:>11,} {r['host_bytes_per_rank']:>12,} "
-              f"{r['optimizer_state_bytes_per_rank']:>13,} {'' if vs is None else f'{vs:.4f}':>10}")
+        print(f"{r['world_size']:>2} {r['mode']:>12} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>10.4f} "
+              f"{r['vs_ddp']:>11.3f} {r['reduced_bytes_per_update']:>13,.0f} {r['formula_bytes_per_update']:>11,} "
+              f"{r['gathered_bytes_per_update']:>14,.0f} {r['formula_gathered_bytes_per_update']:>11,} "
+              f"{r['host_bytes_per_rank']:>12,} {r['optimizer_state_bytes_per_rank']:>13,} "
+              f"{'' if vs is None else f'{vs:.4f}':>10}")
     key = "{mode}_w{world_size}".format
     results = {f"horizon_{key(**r)}": r["horizon_tokens_per_s"] for r in rows}
     results.update({f"ddp_w{r['world_size']}": r["ddp_tokens_per_s"] for r in rows})
     ratios = {f"vs_ddp_{key(**r)}": r["vs_ddp"] for r in rows}
     ratios.update({f"reduced_bytes_vs_formula_{key(**r)}": r["reduced_bytes_per_update"] / r["formula_bytes_per_update"]
                    for r in rows if r["formula_bytes_per_update"]})
+    for r in rows:
+        print(f"W={r['world_size']} {r['mode']:>12}: checkpoint bytes by rank {r['checkpoint_bytes_by_rank']} "
+              f"(formula, data only: {r['formula_checkpoint_bytes_by_rank']})")
+    ratios.update({f"checkpoint_bytes_max_rank_vs_formula_{key(**r)}":
+                   max(r["checkpoint_bytes_by_rank"]) / max(r["formula_checkpoint_bytes_by_rank"]) for r in rows})
+    ratios.update({f"gathered_bytes_vs_formula_{key(**r)}":
+                   r["gathered_bytes_per_update"] / r["formula_gathered_bytes_per_update"]
+                   for r in rows if r["formula_gathered_bytes_per_update"]})
     ratios.update({f"optimizer_state_vs_total_over_w_{key(**r)}": r["optimizer_state_vs_total_over_w"]
                    for r in rows if r["optimizer_state_vs_total_over_w"] is not None})
     record = result_record("distributed", unit="tokens/s (global)", higher_is_better=True, results=results,

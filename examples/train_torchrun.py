@@ -30,7 +30,10 @@ def main() -> None:
     config = horizon.TrainConfig(optimizer=horizon.AdamW(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
                                  grad_clip_norm=1.0,
                                  distributed=horizon.DistributedConfig(shard_optimizer_state=args.shard))
-    with horizon.Trainer(Decoder(decoder_config("tiny")), config) as trainer:
+    # Sharded, only rank 0 initialises the model and scatters it: build it on the meta device, never W copies.
+    with torch.device("meta" if args.shard else "cpu"):
+        model = Decoder(decoder_config("tiny"))
+    with horizon.Trainer(model, config) as trainer:
         for _ in range(args.steps):
             m = trainer.step(sample_batch(data, args.batch_size, args.seq_len, generator))
             if rank == 0 and m.step % 10 == 0:

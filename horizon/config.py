@@ -114,9 +114,6 @@ class TrainConfig:
         if not isinstance(self.distributed, DistributedConfig):
             raise ValueError(f"TrainConfig.distributed must be a horizon.DistributedConfig, "
                              f"got {type(self.distributed).__name__}")
-        if self.distributed.shard_optimizer_state and self.resolved_compute_dtype != torch.float32:
-            raise ValueError("DistributedConfig(shard_optimizer_state=True) needs TrainConfig(compute_dtype="
-                             "torch.float32) for now (a bf16 compute copy cannot hold the fp32 weights readers see)")
         if self.resume and self.checkpoint is None:
             raise ValueError("TrainConfig.resume=True needs checkpoint=horizon.CheckpointConfig(dir=...) "
                              "to know where to resume from")

@@ -19,6 +19,7 @@ from horizon.batch import check_batch, check_extras
 from horizon.callbacks import HOOKS, JsonlMetrics, TensorBoardMetrics
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
+from horizon.checkpoint.ranks import RankGroup
 from horizon.checkpoint.session import CheckpointSession
 from horizon.checkpoint.train_state import check_json
 from horizon.config import TrainConfig
@@ -92,23 +93,23 @@ class Trainer:
         self.callbacks = _callbacks(callbacks, config)
         specs = find_units(model, config.units)
         check_trainable(model)
-        if config.hf_weights and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("hf_weights with shard_optimizer_state=True is not supported yet: load with "
-                             "DistributedConfig(shard_optimizer_state=False)")
-        if config.checkpoint is not None and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("checkpoints of a run with shard_optimizer_state=True are not supported yet: "
-                             "use DistributedConfig(shard_optimizer_state=False) (rank 0 writes the whole state)")
+        if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
+                and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
+                             "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         self.data_parallel = None if self.world is None else (
             ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
+        sharded = isinstance(self.data_parallel, ShardedDataParallel)
         device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
         weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
-            staging_plan(config.checkpoint, layouts)  # a budget too small for one unit fails before allocating
+            # A budget too small for one unit (or this rank's shard of it) fails before allocating.
+            staging_plan(config.checkpoint, layouts, world_size=self.world.world_size if sharded else 1)
             existing = committed_steps(str(config.checkpoint.dir))
             if existing and not config.resume:
                 raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
@@ -129,9 +130,11 @@ class Trainer:
                                    accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
         self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
-        on_ssd = {"ssd": self.ssd} if self.ssd is not None else {}
-        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **on_ssd)
-        if weights is not None:
+        sources = {"ssd": self.ssd} if self.ssd is not None else {}
+        if sharded:
+            sources["weights"] = weights  # each rank reads its own slices
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **sources)
+        if weights is not None and not sharded:
             weights.load()
             for unit in self.store.units:
                 unit.refresh_compute()
@@ -142,11 +145,13 @@ class Trainer:
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
-        # Data parallel: the replicas are equal, rank 0 writes the checkpoints.
-        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0)
+        # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
+        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
+        ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
+            if writes and sharded else None
         self.checkpointer = None if not writes else Checkpointer(
             config.checkpoint, self.store, param_names=self.param_names(), model_config=model_config_json(model, check_json),
-            disk=checkpoint_disk, ssd=self.ssd)
+            disk=checkpoint_disk, ssd=self.ssd, ranks=ranks)
         decay_runs = decay_runs_by_name(self.store.units, self.param_names(), config.optimizer)
         if self.data_parallel is not None:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
@@ -308,7 +313,8 @@ class Trainer:
 
     def save(self, *, wait: bool = False) -> str | None:
         """Checkpoint the state after ``global_step`` updates; with ``wait``, block until it is durable
-        and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...)."""
+        and return its directory (CheckpointError if it failed). Needs TrainConfig(checkpoint=...).
+        With DistributedConfig(shard_optimizer_state=True) every rank writes its shards: call it on every rank."""
         return self.checkpoints.save(wait=wait)
 
     def resume(self, dir=None) -> int | None:
@@ -324,7 +330,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 master weights with the keys and shapes of ``model.state_dict()`` (views, not copies;
-        copies read from SSD for units whose master is there and whose compute copy is bf16).
+        copies read from SSD for units whose master is there and whose compute copy is bf16; gathered
+        copies for a sharded store computing in bf16: a collective then, call it on every rank).
 
         Waits for the updates still running, so the weights are those after ``global_step`` steps.
         """
@@ -332,6 +339,8 @@ class Trainer:
         state = self.model.state_dict()
         if self.ssd is not None:
             self.ssd.put_masters(state, self.store)
+        if isinstance(self.data_parallel, ShardedDataParallel):
+            self.data_parallel.put_masters(state, self.store)
         return state
 
     def export_hf(self, out: str, **kwargs) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from horizon.checkpoint.commit import committed_steps, step_dir_name
-from horizon.checkpoint.load import each_tensor
+from horizon.checkpoint.load import each_tensor, unit_range
 from horizon.checkpoint.manifest import read_manifest
 
 __all__ = ["resolve", "export", "export_hf", "write_safetensors"]
@@ -41,12 +41,23 @@ def export(directory: str, out: str, *, dtype: torch.dtype = torch.float32,
     """Write the master weights of ``directory`` under ``out``; the files written."""
     _check(dtype, max_shard_bytes)
     manifest = read_manifest(directory)
-    masters = ((record["param"], t) for _, record, t in each_tensor(directory, manifest) if record["role"] == "master")
-    written = write_safetensors(masters, out, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    written = write_safetensors(_masters(directory, manifest), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if manifest.get("model_config") is not None:
         _write_json(os.path.join(out, "config.json"), manifest["model_config"])
         written.append("config.json")
     return written
+
+
+def _masters(directory: str, manifest: dict) -> list[tuple[str, torch.Tensor]]:
+    """(parameter name, fp32 master) in layout order, assembled per unit from its records: whole
+    parameters (format 1) or the flat slices the ranks of a sharded run wrote (format 2)."""
+    layout = manifest["layout"]
+    flats = [torch.zeros(unit["numel"], dtype=torch.float32) for unit in layout]
+    for _, record, t in each_tensor(directory, manifest, wanted=lambda record: record["role"] == "master"):
+        start, end = unit_range(record, layout[record["unit"]]["numel"], t.numel())
+        flats[record["unit"]][start:end] = t.reshape(-1)[:end - start]
+    return [(p["name"], flat[p["offset"]:p["offset"] + torch.Size(p["shape"]).numel()].view(p["shape"]))
+            for unit, flat in zip(layout, flats) for p in unit["params"]]
 
 
 def export_hf(trainer, out: str, *, dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 << 30) -> list[str]:

@@ -18,7 +18,7 @@ from horizon.checkpoint.commit import committed_steps, quarantine, step_dir_name
 from horizon.checkpoint.manifest import CorruptCheckpoint, read_manifest
 from horizon.checkpoint.shard import crc32_of
 
-__all__ = ["verify", "find_valid", "load_into", "each_tensor", "NoValidCheckpoint"]
+__all__ = ["verify", "find_valid", "load_into", "each_tensor", "unit_range", "NoValidCheckpoint"]
 
 
 class NoValidCheckpoint(ValueError):
@@ -45,8 +45,9 @@ def _read_checked(f, directory: str, name: str, record: dict) -> torch.Tensor:
     return t
 
 
-def each_tensor(directory: str, manifest: dict):
-    """(name, manifest record, tensor) for every tensor, sizes and CRCs checked."""
+def each_tensor(directory: str, manifest: dict, wanted=None):
+    """(name, manifest record, tensor) for every tensor (or those whose record ``wanted`` accepts),
+    sizes of every file and CRCs of every tensor read checked."""
     for file, entry in manifest["files"].items():
         path = os.path.join(directory, file)
         try:
@@ -58,6 +59,9 @@ def each_tensor(directory: str, manifest: dict):
     for file, records in _tensors_by_file(manifest).items():
         if file not in manifest["files"]:
             raise CorruptCheckpoint(f"{directory}: tensors point at {file}, which the manifest does not list")
+        records = [(name, record) for name, record in records if wanted is None or wanted(record)]
+        if not records:
+            continue
         try:
             with safe_open(os.path.join(directory, file), framework="pt") as f:
                 for name, record in records:
@@ -101,16 +105,41 @@ def find_valid(root: str, *, layout_hash: str, allow_fresh_start: bool) -> tuple
     return None
 
 
+def unit_range(record: dict, unit_numel: int, numel: int) -> tuple[int, int]:
+    """The elements [start, end) of its unit that a record's tensor of ``numel`` elements holds: a
+    parameter (format 1) or a flat slice (format 2) starts at ``offset``; padding past the unit's end drops."""
+    return record["offset"], min(record["offset"] + numel, unit_numel)
+
+
+def _held(store, index: int) -> tuple[int, int]:
+    """The elements [lo, hi) of unit ``index`` whose master, m and v this process holds (its shard, or all)."""
+    unit = store.units[index]
+    lo = getattr(unit, "shard_start", 0)
+    return lo, min(lo + unit.master.numel(), unit.layout.numel)
+
+
 def load_into(store, directory: str, manifest: dict, ssd=None) -> None:
     """Copy every unit's master, m and v from ``directory`` into ``store`` (CRCs checked again); units in
-    ``store.ssd_units`` go to ``ssd`` (their horizon.store.ssd.SSDTier)."""
-    for _, record, t in each_tensor(directory, manifest):
+    ``store.ssd_units`` go to ``ssd`` (their horizon.store.ssd.SSDTier).
+
+    Records and store are matched by unit element ranges, so a checkpoint of any number of ranks
+    loads into a store of any number: each process reads only the tensors overlapping what it holds."""
+    def overlaps(record: dict) -> bool:
+        lo, hi = _held(store, record["unit"])
+        start = record["offset"]
+        end = start + int(torch.Size(record["shape"]).numel())
+        return start < hi and end > lo
+
+    for _, record, t in each_tensor(directory, manifest, wanted=overlaps):
         index = record["unit"]
+        start, end = unit_range(record, store.units[index].layout.numel, t.numel())
+        flat = t.reshape(-1)[:end - start]
         if index in store.ssd_units:
-            ssd.load(index, record["role"], record["offset"], t)
+            ssd.load(index, record["role"], start, flat)
             continue
-        flat = getattr(store.units[index], record["role"])
-        flat[record["offset"]:record["offset"] + t.numel()].copy_(t.view(-1))
+        lo, hi = _held(store, index)
+        a, b = max(start, lo), min(end, hi)
+        getattr(store.units[index], record["role"])[a - lo:b - lo].copy_(flat[a - start:b - start])
     for index, unit in enumerate(store.units):
         if index in store.ssd_units:
             ssd.copy_state(index, {"master": unit.compute})

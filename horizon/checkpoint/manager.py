@@ -8,6 +8,10 @@ one checkpoint is in flight: a request that finds one still running waits for it
 (``on_busy="wait"``) or is skipped (``"skip"``). A failure (disk full, I/O error, timeout)
 aborts that checkpoint only: every barrier is released, the in-flight directory deleted, and
 the error is handed to the next step's metrics and the log.
+
+In a sharded run (``ranks``) every rank's checkpointer writes the units' shards it holds into one
+shared in-flight directory; the writers then exchange their files or errors and rank 0 alone
+writes the manifest, commits and applies retention (``ranks.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from horizon.checkpoint.commit import abandon, clean_leftovers, commit, new_infl
 from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
+from horizon.checkpoint.ranks import RankGroup, sharded_file_name
 from horizon.checkpoint.shard import QUEUE_DEPTH, write_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
@@ -41,9 +46,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that had to be written (the final one, or ``save(wait=True)``) failed."""
 
 
-def staging_plan(config: CheckpointConfig, layouts: list[UnitLayout]) -> tuple[int, int]:
-    """(bytes per staging slot, number of slots); ValueError if the budget holds no unit."""
-    slot_bytes = -(-max(len(ROLES) * 4 * layout.numel for layout in layouts) // ALIGN_BYTES) * ALIGN_BYTES
+def staging_plan(config: CheckpointConfig, layouts: list[UnitLayout], *, world_size: int = 1) -> tuple[int, int]:
+    """(bytes per staging slot, number of slots); ValueError if the budget holds no unit.
+
+    ``world_size`` > 1: a sharded run, whose ranks stage their 1/W shard of each unit."""
+    largest = max(-(-layout.numel // world_size) for layout in layouts)
+    slot_bytes = -(-len(ROLES) * 4 * largest // ALIGN_BYTES) * ALIGN_BYTES
     if config.staging_bytes is None:
         return slot_bytes, len(layouts)
     if config.staging_bytes < slot_bytes:
@@ -70,18 +78,23 @@ class _Flight:
 
 class Checkpointer:
     def __init__(self, config: CheckpointConfig, store: HostStore, *, param_names: list[list[str]],
-                 model_config: dict | None, disk: Disk | None = None, ssd=None) -> None:
+                 model_config: dict | None, disk: Disk | None = None, ssd=None, ranks: RankGroup | None = None) -> None:
         self.config, self.store, self.disk = config, store, disk or Disk()
         self.ssd = ssd
+        self.ranks = ranks
+        """A sharded run's ranks (each writes the shards it holds, rank 0 commits); None: this process writes all."""
         self.root = os.fspath(config.dir)
+        self.commits = ranks is None or ranks.rank == 0
+        """This process writes manifests, commits, applies retention and cleans leftovers."""
         os.makedirs(self.root, exist_ok=True)
-        removed = clean_leftovers(self.root)
+        removed = clean_leftovers(self.root) if self.commits else []
         if removed:
             log.info("removed leftovers of an earlier run in %s: %s", self.root, removed)
         self.layout = layout_of(store, param_names)
         self.layout_hash = layout_hash(self.layout)
         self.model_config = model_config
-        slot_bytes, num_slots = staging_plan(config, [u.layout for u in store.units])
+        slot_bytes, num_slots = staging_plan(config, [u.layout for u in store.units],
+                                             world_size=ranks.world_size if ranks else 1)
         self.ring = StagingRing(slot_bytes=slot_bytes, num_slots=num_slots)
         self._writers = ThreadPoolExecutor(QUEUE_DEPTH, thread_name_prefix="horizon-ckpt-io")
         self._flight: _Flight | None = None
@@ -175,62 +188,116 @@ class Checkpointer:
     # -- the writer thread ------------------------------------------------------------------------
 
     def _write(self, flight: _Flight) -> None:
-        snapshot, inflight = flight.snapshot, None
-        started, waited_s = time.perf_counter(), 0.0
+        started = time.perf_counter()
         try:
-            inflight = new_inflight_dir(self.root, snapshot.step)
-            files, tensors = {}, {}
-            for index, unit in enumerate(snapshot.order):
-                wait_start = time.perf_counter()
-                snapshot.wait_staged(unit, flight.deadline_s)
-                waited_s += time.perf_counter() - wait_start
-                file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
-                nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
-                snapshot.mark_written(unit)
-                files[file] = nbytes
-                tensors.update(records)
-            train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u]
-                                                               for u in range(len(self.store.units))])
-            manifest = build_manifest(step=snapshot.step, layout=self.layout, files=files, tensors=tensors,
-                                      train_state=train_state, model_config=self.model_config,
-                                      timing={"requested_unix_s": flight.requested_unix_s,
-                                              "written_unix_s": time.time()})
-            if time.monotonic() > flight.deadline_s:
-                raise TimeoutError(f"checkpoint of step {snapshot.step} was not durable within "
-                                   f"{self.config.timeout_s} s")
-            flight.path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
-            flight.durable_s = time.time() - flight.requested_unix_s
-            flight.write_s = time.perf_counter() - started - waited_s
-            self.last_committed_step = snapshot.step
-            self.committed_steps.append(snapshot.step)
-            self.num_taken += 1
-            retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
-        except Exception as e:  # any failure aborts this checkpoint only
-            snapshot.abort()
-            if inflight is not None and flight.path is None:
-                abandon(inflight)
-            flight.error = f"checkpoint of step {snapshot.step} failed: {type(e).__name__}: {e}"
-            self.num_failed += 1
-            self._errors.append(flight.error)
-            log.error("%s", flight.error)
+            written, error = self._write_and_commit(flight)
+            if error is None:
+                flight.durable_s = time.time() - flight.requested_unix_s
+                flight.write_s = time.perf_counter() - started - written["waited_s"]
+                self.last_committed_step = flight.snapshot.step
+                self.committed_steps.append(flight.snapshot.step)
+                self.num_taken += 1
+            else:
+                flight.path = None
+                flight.error = f"checkpoint of step {flight.snapshot.step} failed: {error}"
+                self.num_failed += 1
+                self._errors.append(flight.error)
+                log.error("%s", flight.error)
         finally:
-            snapshot.abort()  # a no-op after success; frees the barrier in every case
+            flight.snapshot.abort()  # a no-op after success; frees the barrier in every case
             flight.done.set()
 
+    def _write_and_commit(self, flight: _Flight) -> tuple[dict | None, str | None]:
+        """Write this process's files; with ranks, exchange outcomes; commit where this process commits.
+        (what this process wrote, the error of the checkpoint or None). Any failure aborts this checkpoint only."""
+        snapshot, inflight, error, written = flight.snapshot, None, None, None
+        try:
+            inflight = self.ranks.inflight_dir(self.root) if self.ranks else new_inflight_dir(self.root, snapshot.step)
+            written = self._write_units(flight, inflight)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            snapshot.abort()  # now, not after the exchange: the optimizer must not wait for a dead writer
+        try:
+            everyone = [written]
+            if self.ranks is not None:  # every rank, failed or not: one exchange
+                everyone, error = self.ranks.agree(written, error)
+            if error is None and self.commits:
+                flight.path = self._commit(flight, inflight, everyone)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        if error is not None and inflight is not None and flight.path is None and self.commits:
+            abandon(inflight)  # before the others hear of the failure: they find nothing left
+        if self.ranks is not None:
+            try:
+                flight.path, error = self.ranks.announce(flight.path, error)
+            except Exception as e:
+                flight.path, error = None, error or f"{type(e).__name__}: {e}"
+        return written, error
+
+    def _write_units(self, flight: _Flight, inflight: str) -> dict:
+        """This process's shard files, written and fsynced: {"files", "tensors", "waited_s"}."""
+        snapshot, files, tensors, waited_s = flight.snapshot, {}, {}, 0.0
+        for index, unit in enumerate(snapshot.order):
+            wait_start = time.perf_counter()
+            snapshot.wait_staged(unit, flight.deadline_s)
+            waited_s += time.perf_counter() - wait_start
+            n = len(snapshot.order)
+            file = f"shard-{index:05d}-of-{n:05d}.safetensors" if self.ranks is None else \
+                sharded_file_name(index, n, self.ranks.rank, self.ranks.world_size)
+            nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
+            snapshot.mark_written(unit)
+            files[file] = nbytes
+            tensors.update(records)
+        return {"files": files, "tensors": tensors, "waited_s": waited_s}
+
+    def _commit(self, flight: _Flight, inflight: str, everyone: list[dict]) -> str:
+        """The manifest over every rank's files, the atomic commit and retention; the committed path."""
+        snapshot = flight.snapshot
+        files = {name: n for written in everyone for name, n in written["files"].items()}
+        tensors = {name: r for written in everyone for name, r in written["tensors"].items()}
+        train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u] for u in range(len(self.store.units))])
+        manifest = build_manifest(step=snapshot.step, layout=self.layout, files=files, tensors=tensors,
+                                  train_state=train_state, model_config=self.model_config,
+                                  timing={"requested_unix_s": flight.requested_unix_s, "written_unix_s": time.time()},
+                                  world_size=self.ranks.world_size if self.ranks else 1)
+        if time.monotonic() > flight.deadline_s:
+            raise TimeoutError(f"checkpoint of step {snapshot.step} was not durable within {self.config.timeout_s} s")
+        path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
+        retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
+        return path
+
     def _write_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[int, dict]:
-        params = self.layout[unit]["params"]
-        named, where = [], {}
-        for role in ROLES:
-            flat = snapshot.staged_view(unit, role)
-            for p in params:
-                name = tensor_name(p["name"], role)
-                numel = int(torch.Size(p["shape"]).numel())
-                named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
-                where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
+        if self.ranks is not None:
+            named, where = self._shard_tensors(snapshot, unit)
+        else:
+            named, where = self._param_tensors(snapshot, unit)
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
         nbytes, records = write_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
                                       disk=self.disk, writers=self._writers, deadline_s=deadline_s)
         return nbytes, {r.name: dict(r.to_json(), **where[r.name]) for r in records}
+
+    def _param_tensors(self, snapshot: Snapshot, unit: int) -> tuple[list, dict]:
+        """The whole unit, one tensor per parameter and role (format 1's records)."""
+        named, where = [], {}
+        for role in ROLES:
+            flat = snapshot.staged_view(unit, role)
+            for p in self.layout[unit]["params"]:
+                name = tensor_name(p["name"], role)
+                numel = int(torch.Size(p["shape"]).numel())
+                named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
+                where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
+        return named, where
+
+    def _shard_tensors(self, snapshot: Snapshot, unit: int) -> tuple[list, dict]:
+        """This rank's flat shard of the unit, one tensor per role: elements [start, start + shard numel),
+        zero-padded past the unit's end (format 2's slice records)."""
+        start = self.store.units[unit].shard_start
+        named, where = [], {}
+        for role in ROLES:
+            name = f"{self.layout[unit]['name']}.{role}@{start}"
+            named.append((name, snapshot.staged_view(unit, role)))
+            where[name] = {"unit": unit, "role": role, "offset": start, "param": None}
+        return named, where
 
     def close(self) -> None:
         self.wait()

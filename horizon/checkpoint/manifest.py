@@ -4,6 +4,12 @@ Why JSON: it is read by people (``horizon checkpoint list``) and by the loader b
 is touched, and it must never need pickle. It lists every file with its size and every tensor
 with its file, dtype, shape and CRC-32, the model's layout (unit, parameter names, shapes) and
 its hash, and the train state captured at the request.
+
+Versions: 1 keeps one tensor per parameter and role (``param`` names it, ``offset`` is where it
+starts in its unit). 2 adds ``world_size`` and lets a record be a flat slice of a unit's buffer
+(``param`` null, ``offset`` the unit element it starts at, ``shape`` its length, zero padding
+allowed past the unit's end): what each rank of a sharded run writes. Both load; a horizon that
+reads only version 1 refuses version 2 cleanly rather than misreading slices.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CorruptCheckpoint"
            "tensor_name", "build_manifest", "read_manifest"]
 
 FORMAT = "horizon-ckpt"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -55,8 +61,9 @@ def _versions() -> dict[str, str]:
 
 
 def build_manifest(*, step: int, layout: list[dict], files: dict[str, int], tensors: dict[str, dict],
-                   train_state: dict, model_config: dict | None, timing: dict) -> dict:
+                   train_state: dict, model_config: dict | None, timing: dict, world_size: int = 1) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "created_by": _versions(),
+            "world_size": world_size,
             "layout_hash": layout_hash(layout), "layout": layout, "model_config": model_config,
             "files": {name: {"bytes": nbytes} for name, nbytes in files.items()}, "tensors": tensors,
             "train_state": train_state, "timing": timing}

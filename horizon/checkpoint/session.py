@@ -9,7 +9,6 @@ tokens seen, the Adam step counts and the RNG states.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from horizon.checkpoint.commit import step_dir_name
@@ -95,10 +94,13 @@ class CheckpointSession:
             self.checkpointer.wait()
         expected = self.checkpointer.layout_hash if self.checkpointer else layout_hash(
             layout_of(t.store, t.param_names()))
-        # Data parallel: rank 0 validates (and quarantines) first, then the others read what it kept.
-        with t.data_parallel.rank_zero_first() if t.data_parallel else contextlib.nullcontext():
-            found = find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=expected,
-                               allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
+        def find():
+            return find_valid(str(dir if dir is not None else ckpt.dir), layout_hash=expected,
+                              allow_fresh_start=ckpt.allow_fresh_start if ckpt else False)
+
+        # Data parallel: rank 0 alone validates every CRC (and quarantines); every rank then loads what it
+        # holds of the checkpoint rank 0 chose (CRCs checked again as it reads).
+        found = t.data_parallel.from_rank_zero(find) if t.data_parallel else find()
         if found is None:
             return None
         directory, manifest = found

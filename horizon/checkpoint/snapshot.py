@@ -68,8 +68,9 @@ class Snapshot:
         return self.ring.slot(self._slot[unit])
 
     def staged_view(self, unit: int, role: str) -> torch.Tensor:
-        """The staged copy of ``unit``'s ``role`` (fp32, flat), valid while the unit is STAGED."""
-        numel = self.store.units[unit].layout.numel
+        """The staged copy of ``unit``'s ``role`` (fp32, flat), valid while the unit is STAGED.
+        As long as the store's buffer: the whole unit, or this rank's shard of it."""
+        numel = self.store.units[unit].master.numel()
         k = ROLES.index(role)
         return self.staged_slot(unit)[k * numel * 4:(k + 1) * numel * 4].view(torch.float32)
 

@@ -17,7 +17,7 @@ class DistributedConfig:
 
     shard_optimizer_state: bool = False
     """Split every unit's fp32 master, Adam m and v across the ranks (ZeRO style): each rank holds and
-    updates 1/W of them, then an all-gather rebuilds the compute copy. Needs compute_dtype=float32 for now."""
+    updates 1/W of them, then an all-gather rebuilds the compute copy (fp32 or bf16)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.shard_optimizer_state, bool):

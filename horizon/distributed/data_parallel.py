@@ -17,7 +17,6 @@ after each rank updated its shard an all-gather rebuilds the whole compute copy 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -47,7 +46,7 @@ class DataParallel:
         self.bytes_reduced = 0
         """Gradient bytes this rank handed to all-reduce (its payload; the wire carries 2(W-1)/W of it)."""
         self.bytes_broadcast = 0
-        """Weight bytes broadcast from rank 0 when the trainer started."""
+        """Weight bytes rank 0 sent when the trainer started (a broadcast; sharded, a scatter of the masters)."""
         self.bytes_gathered = 0
         """Compute-copy bytes all-gathered after updates (sharded only: each rank's output, its own piece included)."""
 
@@ -77,15 +76,21 @@ class DataParallel:
             unit.refresh_compute()
             self.bytes_broadcast += unit.master.numel() * unit.master.element_size()
 
-    @contextlib.contextmanager
-    def rank_zero_first(self):
-        """Rank 0 runs the body first (say, validating checkpoints); the other ranks once it is done."""
-        barrier = lambda: dist.barrier(group=self.world.scalars)  # noqa: E731
-        if self.world.rank != 0:
-            self._run("barrier", barrier)
-        yield
+    def from_rank_zero(self, compute: Callable[[], object]) -> object:
+        """``compute()`` run on rank 0 alone (say, validating checkpoints), its result on every rank; an
+        exception it raises is raised on every rank."""
+        outcome: list = [None]
         if self.world.rank == 0:
-            self._run("barrier", barrier)
+            try:
+                outcome = [(True, compute())]
+            except Exception as e:  # handed to every rank, then raised here too
+                outcome = [(False, e)]
+        self._run("rank 0's result broadcast",
+                  lambda: dist.broadcast_object_list(outcome, src=0, group=self.world.scalars))
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def global_count(self, count: int) -> int:
         """The sum over ranks of ``count`` (the labels each rank's micro-batch lets count)."""
@@ -123,9 +128,9 @@ class ShardedDataParallel(DataParallel):
 
     def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
                    accumulate: bool) -> ShardedHostStore:
-        assert compute_dtype == torch.float32, "TrainConfig refuses sharding with a 16-bit compute dtype"
-        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size, pin=pin,
-                                accumulate=accumulate, gather=self.gather)
+        return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size,
+                                compute_dtype=compute_dtype, pin=pin, accumulate=accumulate, gather=self.gather,
+                                scatter=self.scatter)
 
     def local_decay_runs(self, store: ShardedHostStore, runs: list[list[tuple[int, int, float]]]):
         out = []
@@ -135,23 +140,28 @@ class ShardedDataParallel(DataParallel):
         return out
 
     def broadcast_store(self, store: ShardedHostStore) -> None:
-        for unit in store.units:
-            self._run("initial weight broadcast", lambda: dist.broadcast(unit.compute, src=0, group=self.world.scalars))
-            unit.load_shard()
-            self.bytes_broadcast += unit.compute.numel() * unit.compute.element_size()
+        """Nothing to do: ``ShardedHostStore.adopt`` scattered rank 0's weights (or each rank read its slices)."""
+
+    def scatter(self, unit: ShardedUnitBuffers, source: torch.Tensor | None) -> None:
+        """Hand each rank its piece of rank 0's padded fp32 ``source`` of ``unit`` (None on the other ranks)."""
+        pieces = list(source.split(unit.shard_numel)) if source is not None else None
+        self._run("initial weight scatter", lambda: dist.scatter(unit.master, pieces, src=0, group=self.world.scalars))
+        self.bytes_broadcast += unit.master.numel() * unit.master.element_size() * self.world.world_size
 
     def reduce(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``)."""
+        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``). A bf16
+        gradient is summed in fp32 (one temporary fp32 copy of the unit)."""
         padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
-        self._run("gradient reduce-scatter",
-                  lambda: _reduce_scatter(unit.grad_shard, padded, group=self.world.grads))
-        self.bytes_reduced += padded.numel() * padded.element_size()
+        work = padded if padded.dtype == torch.float32 else padded.float()
+        self._run("gradient reduce-scatter", lambda: _reduce_scatter(unit.grad_shard, work, group=self.world.grads))
+        self.bytes_reduced += work.numel() * work.element_size()
         return unit.grad_shard
 
     def gather(self, unit: ShardedUnitBuffers) -> None:
-        """Rebuild the whole compute copy from every rank's updated master shard; on the optimizer thread."""
-        self._run("weight all-gather",
-                  lambda: _all_gather(unit.padded_compute, unit.master, group=self.world.grads))
+        """Rebuild the whole compute copy from every rank's master shard, rounded to the compute dtype
+        first; on the optimizer thread (or the caller's, while the optimizer is idle)."""
+        piece = unit.master if unit.padded_compute.dtype == torch.float32 else unit.master.to(unit.padded_compute.dtype)
+        self._run("weight all-gather", lambda: _all_gather(unit.padded_compute, piece, group=self.world.grads))
         self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
 
     def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
@@ -159,6 +169,20 @@ class ShardedDataParallel(DataParallel):
         out = flat.new_empty(unit.shard_numel * self.world.world_size)
         self._run("optimizer state all-gather", lambda: _all_gather(out, flat, group=self.world.scalars))
         return out[:unit.layout.numel]
+
+    def put_masters(self, state: dict[str, torch.Tensor], store: ShardedHostStore) -> None:
+        """In a ``model.state_dict()``, replace the views of a bf16 compute copy by fp32 masters gathered
+        from every rank (new tensors; a collective). An fp32 compute copy already equals the masters."""
+        if store.compute_dtype == torch.float32:
+            return
+        keys_of: dict[int, list[str]] = {}
+        for key, t in state.items():
+            keys_of.setdefault(t.data_ptr(), []).append(key)
+        for unit in store.units:
+            masters = unit.views(self.whole(unit, unit.master))
+            for local_name, view in unit.views(unit.compute).items():
+                for key in keys_of.get(view.data_ptr(), ()):
+                    state[key] = masters[local_name]
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """sqrt of the sum over ranks of the squared norms of their gradient shards."""

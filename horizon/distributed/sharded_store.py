@@ -4,11 +4,15 @@ Why: with W ranks on a node, a replicated store holds the 12 bytes per parameter
 m and v W times over. Here each rank keeps only its contiguous 1/W of every unit's master, m and
 v (and of the summed gradient the update reads), padded so every rank's piece has the same
 length ``shard_numel = ceil(numel / W)``; the collectives want equal pieces. What the engine
-touches stays whole: the compute copy it loads and the gradient it writes. The model's
-parameters are views into the compute copy, which the all-gather after each update makes equal
-to the concatenated masters on every rank, so ``state_dict()`` reads the fp32 weights directly.
-That is why this store needs an fp32 compute dtype; a bf16 compute copy would need a gather of
-the masters for every reader, which is not built yet.
+touches stays whole: the compute copy it loads (fp32 or bf16) and the gradient it writes. The
+model's parameters are views into the compute copy, which the all-gather after each update
+rebuilds from every rank's master shard (rounded to bf16 first when computing in bf16).
+
+One store per node, never W copies of the model: ``adopt`` fills each rank's master shard
+without any rank holding the model twice. From Hugging Face safetensors every rank reads only
+the slices of its shard (``HFWeights.read_flat``); otherwise rank 0 alone initialises (or takes
+the user's CPU weights), unit by unit, and scatters each rank its piece. The other ranks may
+build the model on the meta device: their parameters are never read.
 """
 
 from __future__ import annotations
@@ -55,39 +59,40 @@ class ShardedUnitBuffers(UnitBuffers):
         """Elements of this rank's shard that belong to the unit (the rest is padding)."""
         return max(0, min(self.shard_numel, self.layout.numel - self.shard_start))
 
-    def own_compute(self) -> torch.Tensor:
-        return self.padded_compute[self.shard_start:self.shard_start + self.shard_numel]
-
     def refresh_compute(self) -> None:
-        """After this rank updated its shard: write it into the compute copy and gather the others'."""
-        self.own_compute().copy_(self.master)
+        """After this rank's master shard changed: rebuild the whole compute copy from every rank's shard."""
         self.gather(self)
 
-    def load_shard(self) -> None:
-        """Take this rank's master shard from the (whole, identical on every rank) compute copy."""
-        self.master.copy_(self.own_compute())
 
-
-def sharded_bytes_by_role(layouts: list[UnitLayout], world_size: int, *, accumulate: bool = False) -> dict[str, int]:
-    """Exact bytes one rank allocates per role (fp32 compute), page alignment included."""
+def sharded_bytes_by_role(layouts: list[UnitLayout], world_size: int, *, compute_dtype: torch.dtype = torch.float32,
+                          accumulate: bool = False) -> dict[str, int]:
+    """Exact bytes one rank allocates per role, page alignment included."""
     shard = sum(_aligned(shard_numel(l.numel, world_size) * _FP32) for l in layouts)
-    whole = sum(_aligned(shard_numel(l.numel, world_size) * world_size * _FP32) for l in layouts)
-    return {"master": shard, "exp_avg": shard, "exp_avg_sq": shard, "grad_shard": shard, "grad": whole,
-            "compute": whole, "grad_accum": whole if accumulate else 0}
+
+    def whole(itemsize: int) -> int:
+        return sum(_aligned(shard_numel(l.numel, world_size) * world_size * itemsize) for l in layouts)
+
+    return {"master": shard, "exp_avg": shard, "exp_avg_sq": shard, "grad_shard": shard,
+            "grad": whole(compute_dtype.itemsize), "compute": whole(compute_dtype.itemsize),
+            "grad_accum": whole(_FP32) if accumulate else 0}
 
 
 class ShardedHostStore(HostStore):
-    """This rank's part of the host store of a ``world_size``-rank data-parallel run."""
+    """This rank's part of the host store of a ``world_size``-rank data-parallel run.
 
-    def __init__(self, layouts: list[UnitLayout], *, rank: int, world_size: int, pin: bool, accumulate: bool,
-                 gather: Callable[[ShardedUnitBuffers], None]) -> None:
-        by_role = sharded_bytes_by_role(layouts, world_size, accumulate=accumulate)
+    ``gather(unit)`` all-gathers a unit's compute copy from the master shards; ``scatter(unit, source)``
+    hands each rank its piece of rank 0's padded fp32 ``source`` (None on the other ranks)."""
+
+    def __init__(self, layouts: list[UnitLayout], *, rank: int, world_size: int, compute_dtype: torch.dtype,
+                 pin: bool, accumulate: bool, gather: Callable[[ShardedUnitBuffers], None],
+                 scatter: Callable[[ShardedUnitBuffers, torch.Tensor | None], None]) -> None:
+        by_role = sharded_bytes_by_role(layouts, world_size, compute_dtype=compute_dtype, accumulate=accumulate)
         pcie_bytes = by_role["compute"] + by_role["grad"]
         cpu_bytes = sum(by_role.values()) - pcie_bytes
         can_pin = check_host_budget(required_bytes=pcie_bytes + cpu_bytes, pinned_bytes=pcie_bytes if pin else 0,
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units (rank {rank})")
-        self.compute_dtype, self.accumulate, self.bytes_by_role = torch.float32, accumulate, by_role
-        self.rank, self.world_size = rank, world_size
+        self.compute_dtype, self.accumulate, self.bytes_by_role = compute_dtype, accumulate, by_role
+        self.rank, self.world_size, self._scatter = rank, world_size, scatter
         self.ssd_units = frozenset()  # the SSD tier is not combined with sharding
         self._pcie, self._cpu = _Carver(pcie_bytes), _Carver(cpu_bytes)
         self.units = [self._carve_shard(layout, gather) for layout in layouts]
@@ -95,9 +100,9 @@ class ShardedHostStore(HostStore):
         self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
 
     def _carve_shard(self, layout: UnitLayout, gather) -> ShardedUnitBuffers:
-        n, c = layout.numel, shard_numel(layout.numel, self.world_size)
-        padded_compute = self._pcie.take(c * self.world_size, torch.float32)
-        padded_grad = self._pcie.take(c * self.world_size, torch.float32).zero_()  # the padding must sum to 0
+        n, c, dtype = layout.numel, shard_numel(layout.numel, self.world_size), self.compute_dtype
+        padded_compute = self._pcie.take(c * self.world_size, dtype).zero_()  # padding: checkpointed
+        padded_grad = self._pcie.take(c * self.world_size, dtype).zero_()  # the padding must sum to 0
         shard = [self._cpu.take(c, torch.float32).zero_() for _ in range(4)]
         padded_accum = self._cpu.take(c * self.world_size, torch.float32).zero_() if self.accumulate else None
         return ShardedUnitBuffers(
@@ -107,23 +112,60 @@ class ShardedHostStore(HostStore):
             shard_numel=c, padded_compute=padded_compute, padded_grad=padded_grad, padded_grad_accum=padded_accum,
             gather=gather)
 
-    def adopt(self, modules: list[nn.Module], *, init_fn=None) -> None:
-        """As ``HostStore.adopt``, with the parameters made views into the (whole) compute copies; the
-        master shards are taken from them by ``load_shard`` once every rank holds rank 0's weights."""
+    def adopt(self, modules: list[nn.Module], *, init_fn=None, weights=None) -> None:
+        """Make every parameter a view into the (whole) compute copies and fill the master shards.
+
+        ``weights`` (a horizon.models.hf_weights.HFWeights): every rank reads its slices. Otherwise
+        rank 0's parameters are the values (its meta ones initialised by ``init_fn`` first), held
+        in fp32 one model's worth at most, and scattered unit by unit; the others' are not read."""
+        originals = [dict(module.named_parameters(remove_duplicate=True)) for module in modules]
+        sources = self._rank0_sources(modules, originals, init_fn) if weights is None else None
         replacement: dict[int, nn.Parameter] = {}
-        any_meta = False
-        for unit, module in zip(self.units, modules):
-            params = dict(module.named_parameters(remove_duplicate=True))
+        for index, (unit, module) in enumerate(zip(self.units, modules)):
+            if weights is not None:
+                self._read_shard(unit, originals[index], weights)
+            else:
+                self._scatter(unit, sources[index] if sources is not None else None)
+                if sources is not None:
+                    sources[index] = None  # rank 0's fp32 copy of this unit is no longer needed
             for local_name, view in unit.views(unit.compute).items():
-                old = params.pop(local_name)
-                any_meta |= old.is_meta
-                if not old.is_meta:
+                old = originals[index][local_name]
+                replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
+            _replace_parameters(module, replacement)
+            unit.refresh_compute()
+        self.zero_optimizer_state()
+
+    def _rank0_sources(self, modules, originals, init_fn) -> list[torch.Tensor] | None:
+        """On rank 0, per unit, a padded fp32 buffer of the unit's values (None elsewhere): the compute
+        copy itself in fp32. Meta parameters are made views of them and ``init_fn`` fills them."""
+        if self.rank != 0:
+            return None
+        sources, temporary, any_meta = [], {}, False
+        for unit, module, params in zip(self.units, modules, originals):
+            flat = unit.padded_compute if self.compute_dtype == torch.float32 else \
+                torch.zeros(unit.padded_compute.numel(), dtype=torch.float32)
+            for local_name, view in unit.views(flat).items():
+                old = params[local_name]
+                if old.is_meta:
+                    any_meta = True
+                    temporary[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
+                else:
                     with torch.no_grad():
                         view.copy_(old.detach())
-                replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
-            del params
-            _replace_parameters(module, replacement)
+            _replace_parameters(module, temporary)
+            sources.append(flat)
         if any_meta and init_fn is not None:
             with torch.no_grad():
                 init_fn()
-        self.zero_optimizer_state()
+        for params in originals:  # the replacements made above stand in for the meta originals
+            for local_name, old in params.items():
+                params[local_name] = temporary.get(id(old), old)
+        return sources
+
+    def _read_shard(self, unit: ShardedUnitBuffers, params: dict[str, nn.Parameter], weights) -> None:
+        lo, hi = unit.shard_start, unit.shard_start + unit.valid_numel
+        for slot in unit.layout.own:
+            a, b = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
+            if a < b:
+                unit.master[a - lo:b - lo].copy_(weights.read_flat(params[slot.local_name], a - slot.offset,
+                                                                   b - slot.offset))

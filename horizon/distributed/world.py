@@ -69,8 +69,8 @@ def is_multi_rank() -> bool:
 @dataclasses.dataclass(kw_only=True)
 class World:
     """The groups of one data-parallel run: ``scalars`` for the caller's thread (label counts,
-    losses, the initial broadcast), ``grads`` for the optimizer thread (gradients), so the two
-    threads never issue collectives on the same group."""
+    losses, the initial broadcast), ``grads`` for the optimizer thread (gradients), ``writer`` for
+    the checkpoint writer thread of a sharded run, so no two threads issue collectives on one group."""
 
     rank: int
     world_size: int
@@ -78,10 +78,11 @@ class World:
     timeout_s: float
     scalars: dist.ProcessGroup
     grads: dist.ProcessGroup
+    writer: dist.ProcessGroup
     owns_default_group: bool
 
     def close(self) -> None:
-        for group in (self.grads, self.scalars):
+        for group in (self.writer, self.grads, self.scalars):
             dist.destroy_process_group(group)
         if self.owns_default_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -103,6 +104,7 @@ def init_world(config: DistributedConfig, device: torch.device) -> World | None:
         return None
     scalars = dist.new_group(backend="gloo", timeout=timeout)
     grads = dist.new_group(backend="gloo", timeout=timeout)
+    writer = dist.new_group(backend="gloo", timeout=timeout)
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), timeout_s=config.timeout_s,
-                 scalars=scalars, grads=grads, owns_default_group=owns)
+                 scalars=scalars, grads=grads, writer=writer, owns_default_group=owns)

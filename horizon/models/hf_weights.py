@@ -93,6 +93,7 @@ class HFWeights:
 
     def __init__(self, model: nn.Module, sources: dict[str, _Source]) -> None:
         self.model, self.sources = model, sources
+        self._name_of = {id(p): name for name, p in model.named_parameters()}
 
     @classmethod
     def open(cls, model: nn.Module, directory) -> "HFWeights":
@@ -131,3 +132,16 @@ class HFWeights:
                 if source.file not in handles:
                     handles[source.file] = stack.enter_context(safe_open(source.file, framework="pt"))
                 p.copy_(handles[source.file].get_slice(source.key)[:])
+
+    def read_flat(self, param: nn.Parameter, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of ``param`` flattened, read from its file: only the rows that hold them
+        (a sharded store's rank reads its slices, never the whole model)."""
+        source = self.sources[self._name_of[id(param)]]
+        with safe_open(source.file, framework="pt") as f:
+            piece = f.get_slice(source.key)
+            shape = piece.get_shape()
+            if len(shape) == 0:
+                return piece[...].reshape(-1)[start:end]
+            row = int(torch.Size(shape[1:]).numel())
+            first, last = start // row, -(-end // row)
+            return piece[first:last].reshape(-1)[start - first * row:end - first * row]

@@ -33,7 +33,8 @@ def parity(out: Path, rank: int, world_size: int) -> None:
             moments = {k: (s["exp_avg"].clone(), s["exp_avg_sq"].clone())
                        for k, s in trainer.optimizer_state_dict()["state"].items()}
             dp = trainer.data_parallel
-            sent = {"bytes_reduced": dp.bytes_reduced, "bytes_gathered": dp.bytes_gathered}
+            sent = {"bytes_reduced": dp.bytes_reduced, "bytes_gathered": dp.bytes_gathered,
+                    "bytes_broadcast": dp.bytes_broadcast}
             by_role = dict(trainer.store.bytes_by_role)
         torch.save({"losses": [m.loss for m in metrics], "tokens": [m.tokens for m in metrics], "state": state,
                     "moments": moments, "by_role": by_role, **sent}, out / f"{name}-rank{rank}.pt")

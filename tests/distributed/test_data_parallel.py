@@ -74,16 +74,20 @@ def _unit_numels(config) -> list[int]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_collective_bytes_per_update_match_the_formula(ranks_out, name):
     """Replicated: every unit's fp32 gradient is all-reduced once per update (4 B/param). Sharded: it is
-    reduce-scattered and the weights all-gathered, each over the unit padded to W equal pieces."""
+    reduce-scattered and the weights all-gathered, each over the unit padded to W equal pieces, and rank 0
+    scattered the initial masters once."""
     config = CASES[name]
     numels, _ = _unit_numels(config)
     updates = len(global_batches()) // config.grad_accum_steps
     got = torch.load(ranks_out / f"{name}-rank0.pt")
     if config.distributed.shard_optimizer_state:
         padded = sum(-(-n // WORLD_SIZE) * WORLD_SIZE for n in numels)
-        assert got["bytes_reduced"] == got["bytes_gathered"] == 4 * padded * updates
+        # One more gather at the start: the ranks build their compute copies from the scattered masters.
+        assert got["bytes_reduced"] == 4 * padded * updates and got["bytes_gathered"] == 4 * padded * (updates + 1)
+        assert got["bytes_broadcast"] == 4 * padded
     else:
         assert got["bytes_reduced"] == 4 * sum(numels) * updates and got["bytes_gathered"] == 0
+        assert got["bytes_broadcast"] == 4 * sum(numels)
 
 
 def test_each_rank_holds_its_share_of_the_optimizer_state(ranks_out):
