@@ -26,7 +26,7 @@ from horizon.checkpoint.commit import abandon, clean_leftovers, commit, new_infl
 from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
-from horizon.checkpoint.shard import QUEUE_DEPTH, write_shard
+from horizon.checkpoint.shard import QUEUE_DEPTH, PendingShard, start_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
 from horizon.store.host_store import HostStore
@@ -174,19 +174,10 @@ class Checkpointer:
 
     def _write(self, flight: _Flight) -> None:
         snapshot, inflight = flight.snapshot, None
-        started, waited_s = time.perf_counter(), 0.0
+        started = time.perf_counter()
         try:
             inflight = new_inflight_dir(self.root, snapshot.step)
-            files, tensors = {}, {}
-            for index, unit in enumerate(snapshot.order):
-                wait_start = time.perf_counter()
-                snapshot.wait_staged(unit, flight.deadline_s)
-                waited_s += time.perf_counter() - wait_start
-                file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
-                nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
-                snapshot.mark_written(unit)
-                files[file] = nbytes
-                tensors.update(records)
+            files, tensors, waited_s = self._write_shards(snapshot, inflight, flight.deadline_s)
             train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u]
                                                                for u in range(len(self.store.units))])
             manifest = build_manifest(step=snapshot.step, layout=self.layout, files=files, tensors=tensors,
@@ -214,7 +205,39 @@ class Checkpointer:
             snapshot.abort()  # a no-op after success; frees the barrier in every case
             flight.done.set()
 
-    def _write_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[int, dict]:
+    def _write_shards(self, snapshot: Snapshot, inflight: str, deadline_s: float) -> tuple[dict, dict, float]:
+        """Every unit's shard, fsynced, in update order; (file sizes, tensor records, seconds waiting for copies).
+
+        Shard k+1 is started (its writes queued, its CRCs computed) before shard k is finished, so the
+        disk's queue never drains between shards."""
+        files, tensors, waited_s = {}, {}, 0.0
+        previous = current = None  # started, not yet finished: (unit, PendingShard, sources)
+        try:
+            for index, unit in enumerate(snapshot.order):
+                if previous is not None and not snapshot.is_staged(unit):
+                    # Finish (and free the slot of) the previous shard before waiting: with a one-slot
+                    # ring, the copy this writer waits for needs that slot.
+                    self._finish_unit(snapshot, previous, files, tensors)
+                    previous = None
+                wait_start = time.perf_counter()
+                snapshot.wait_staged(unit, deadline_s)
+                waited_s += time.perf_counter() - wait_start
+                file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
+                current = self._start_unit(snapshot, unit, os.path.join(inflight, file), deadline_s)
+                if previous is not None:  # its writes ran while this shard's were queued and CRC'd
+                    self._finish_unit(snapshot, previous, files, tensors)
+                previous = current
+            if previous is not None:
+                self._finish_unit(snapshot, previous, files, tensors)
+        except BaseException:
+            for started in (previous, current):  # no write may outlive the checkpoint's files
+                if started is not None:
+                    started[1].close()
+            raise
+        return files, tensors, waited_s
+
+    def _start_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[int, PendingShard, dict]:
+        """Queue ``unit``'s shard and compute its CRCs; (unit, the pending shard, where each tensor comes from)."""
         params = self.layout[unit]["params"]
         named, where = [], {}
         for role in ROLES:
@@ -225,9 +248,18 @@ class Checkpointer:
                 named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
                 where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
-        nbytes, records = write_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
-                                      disk=self.disk, writers=self._writers, deadline_s=deadline_s)
-        return nbytes, {r.name: dict(r.to_json(), **where[r.name]) for r in records}
+        pending = start_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata, disk=self.disk,
+                              writers=self._writers, deadline_s=deadline_s)
+        return unit, pending, where
+
+    @staticmethod
+    def _finish_unit(snapshot: Snapshot, started: tuple[int, PendingShard, dict], files: dict, tensors: dict) -> None:
+        """Wait for a started shard's writes, fsync it, free its staging slot, record it for the manifest."""
+        unit, pending, where = started
+        nbytes, records = pending.finish()
+        snapshot.mark_written(unit)
+        files[os.path.basename(pending.path)] = nbytes
+        tensors.update({r.name: dict(r.to_json(), **where[r.name]) for r in records})
 
     def close(self) -> None:
         self.wait()

@@ -151,6 +151,10 @@ class Snapshot:
                     raise TimeoutError(f"checkpoint of step {self.step} timed out waiting for unit {unit}'s copy")
                 self._cond.wait(timeout=0.1)
 
+    def is_staged(self, unit: int) -> bool:
+        with self._cond:
+            return self._state[unit] is UnitState.STAGED
+
     def mark_written(self, unit: int) -> None:
         with self._cond:
             self.ring.release(self._slot.pop(unit))
