@@ -75,7 +75,7 @@ class Checkpointer:
         self.ssd = ssd
         self.root = os.fspath(config.dir)
         os.makedirs(self.root, exist_ok=True)
-        removed = clean_leftovers(self.root)
+        removed = clean_leftovers(self.root, self.disk)
         if removed:
             log.info("removed leftovers of an earlier run in %s: %s", self.root, removed)
         self.layout = layout_of(store, param_names)
@@ -176,7 +176,7 @@ class Checkpointer:
         snapshot, inflight = flight.snapshot, None
         started = time.perf_counter()
         try:
-            inflight = new_inflight_dir(self.root, snapshot.step)
+            inflight = new_inflight_dir(self.root, snapshot.step, self.disk)
             files, tensors, waited_s = self._write_shards(snapshot, inflight, flight.deadline_s)
             train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u]
                                                                for u in range(len(self.store.units))])
@@ -196,7 +196,7 @@ class Checkpointer:
         except Exception as e:  # any failure aborts this checkpoint only
             snapshot.abort()
             if inflight is not None and flight.path is None:
-                abandon(inflight)
+                abandon(inflight, self.disk)
             flight.error = f"checkpoint of step {snapshot.step} failed: {type(e).__name__}: {e}"
             self.num_failed += 1
             self._errors.append(flight.error)
