@@ -65,6 +65,8 @@ class _Flight:
     error: str | None = None
     durable_s: float | None = None          # request to commit (time-to-durable)
     write_s: float | None = None            # the writer's busy time: shards and commit, waits for copies excluded
+    first_write_s: float | None = None      # request to the first shard's writes queued (version S began to exist)
+    commit_s: float | None = None           # manifest, directory fsyncs, rename and root fsync
     threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
 
@@ -177,7 +179,7 @@ class Checkpointer:
         started = time.perf_counter()
         try:
             inflight = new_inflight_dir(self.root, snapshot.step, self.disk)
-            files, tensors, waited_s = self._write_shards(snapshot, inflight, flight.deadline_s)
+            files, tensors, waited_s = self._write_shards(flight, inflight)
             train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u]
                                                                for u in range(len(self.store.units))])
             manifest = build_manifest(step=snapshot.step, layout=self.layout, files=files, tensors=tensors,
@@ -187,7 +189,9 @@ class Checkpointer:
             if time.monotonic() > flight.deadline_s:
                 raise TimeoutError(f"checkpoint of step {snapshot.step} was not durable within "
                                    f"{self.config.timeout_s} s")
+            commit_start = time.perf_counter()
             flight.path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
+            flight.commit_s = time.perf_counter() - commit_start
             flight.durable_s = time.time() - flight.requested_unix_s
             flight.write_s = time.perf_counter() - started - waited_s
             self.last_committed_step = snapshot.step
@@ -205,11 +209,12 @@ class Checkpointer:
             snapshot.abort()  # a no-op after success; frees the barrier in every case
             flight.done.set()
 
-    def _write_shards(self, snapshot: Snapshot, inflight: str, deadline_s: float) -> tuple[dict, dict, float]:
+    def _write_shards(self, flight: _Flight, inflight: str) -> tuple[dict, dict, float]:
         """Every unit's shard, fsynced, in update order; (file sizes, tensor records, seconds waiting for copies).
 
         Shard k+1 is started (its writes queued, its CRCs computed) before shard k is finished, so the
         disk's queue never drains between shards."""
+        snapshot, deadline_s = flight.snapshot, flight.deadline_s
         files, tensors, waited_s = {}, {}, 0.0
         previous = current = None  # started, not yet finished: (unit, PendingShard, sources)
         try:
@@ -224,6 +229,8 @@ class Checkpointer:
                 waited_s += time.perf_counter() - wait_start
                 file = f"shard-{index:05d}-of-{len(snapshot.order):05d}.safetensors"
                 current = self._start_unit(snapshot, unit, os.path.join(inflight, file), deadline_s)
+                if flight.first_write_s is None:
+                    flight.first_write_s = time.time() - flight.requested_unix_s
                 if previous is not None:  # its writes ran while this shard's were queued and CRC'd
                     self._finish_unit(snapshot, previous, files, tensors)
                 previous = current

@@ -103,13 +103,19 @@ class Snapshot:
             self._state[unit] = UnitState.STAGED
             self._cond.notify_all()
 
+    def _writer_has_work(self) -> bool:
+        with self._cond:
+            return any(state is UnitState.STAGED for state in self._state.values())
+
     def _yield_to_optimizer(self) -> None:
-        """Wait while the optimizer runs: both are memory-bandwidth bound, and the update is on the step's
-        critical path. A unit the optimizer reaches meanwhile it copies itself (``before_update``)."""
+        """Wait while the optimizer runs, as long as the writer has a staged unit to write: both are
+        memory-bandwidth bound and the update is on the step's critical path, but a writer with nothing
+        staged leaves the disk idle, which delays the commit by as long as the copier waits. A unit the
+        optimizer reaches meanwhile it copies itself (``before_update``)."""
         if self._optimizer_busy is None:
             return
         start = time.perf_counter()
-        while self._optimizer_busy() and not self.stop.is_set():
+        while self._optimizer_busy() and self._writer_has_work() and not self.stop.is_set():
             self.stop.wait(0.001)
         self.yielded_s += time.perf_counter() - start
 
