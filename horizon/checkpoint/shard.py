@@ -95,10 +95,11 @@ class PendingShard:
     Why split: the writer starts the next unit's shard (its requests queue behind this one's) before
     finishing this one, so the disk's queue never drains between shards."""
 
-    def __init__(self, path: str, *, fd: int, nbytes: int, padded: bool, disk: Disk) -> None:
+    def __init__(self, path: str, *, fd: int, nbytes: int, padded: bool, header_buf: torch.Tensor, disk: Disk) -> None:
         self.path, self.nbytes = path, nbytes
         self.records: list[TensorRecord] = []
         self._fd, self._padded, self._disk = fd, padded, disk
+        self._header_buf = header_buf  # kept alive until its write is done
         self._pending: list[Future] = []
 
     def finish(self) -> tuple[int, list[TensorRecord]]:
@@ -144,7 +145,8 @@ def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: t
     header_buf = aligned_empty(len(header))
     header_buf.numpy()[:] = np.frombuffer(header, dtype=np.uint8)
     fd = disk.open_new(path, direct=True)
-    shard = PendingShard(path, fd=fd, nbytes=len(header) + data_bytes, padded=padded != data_bytes, disk=disk)
+    shard = PendingShard(path, fd=fd, nbytes=len(header) + data_bytes, padded=padded != data_bytes,
+                         header_buf=header_buf, disk=disk)
     try:
         shard._pending += _submit_writes(fd, memoryview(header_buf.numpy()), 0, disk=disk, writers=writers)
         shard._pending += _submit_writes(fd, memoryview(buffer[:padded].numpy()), len(header), disk=disk,
