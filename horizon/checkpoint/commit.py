@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 
@@ -34,9 +33,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"  # zero-padded: names sort in step order
 
 
-def new_inflight_dir(root: str, step: int) -> str:
+def new_inflight_dir(root: str, step: int, disk: Disk) -> str:
     path = os.path.join(root, f"{INFLIGHT_PREFIX}{step_dir_name(step)}.{uuid.uuid4().hex[:12]}")
-    os.mkdir(path)
+    disk.mkdir(path)
     return path
 
 
@@ -68,16 +67,13 @@ def committed_steps(root: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_STEP_RE.match, names) if m)
 
 
-def _to_trash(root: str, name: str) -> str:
+def _to_trash(root: str, name: str, disk: Disk) -> str:
     trash = os.path.join(root, TRASH)
-    os.makedirs(trash, exist_ok=True)
+    if not os.path.isdir(trash):
+        disk.mkdir(trash)
     target = os.path.join(trash, f"{name}.{uuid.uuid4().hex[:8]}")
-    os.rename(os.path.join(root, name), target)
+    disk.rename(os.path.join(root, name), target)
     return target
-
-
-def _remove(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk) -> list[int]:
@@ -93,21 +89,21 @@ def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk) -> 
         if step in keep:
             continue
         try:
-            trashed = _to_trash(root, step_dir_name(step))
+            trashed = _to_trash(root, step_dir_name(step), disk)
             disk.fsync_dir(root)
-            _remove(trashed)
+            disk.remove_tree(trashed)
             deleted.append(step)
         except OSError as e:
             log.warning("retention could not delete step %d: %s (will retry at the next commit)", step, e)
     return deleted
 
 
-def clean_leftovers(root: str) -> list[str]:
+def clean_leftovers(root: str, disk: Disk) -> list[str]:
     """Delete what dead runs left (in-flight directories, trash); the names removed. Single writer per root."""
     removed = []
     for name in os.listdir(root):
         if name.startswith(INFLIGHT_PREFIX) or name == TRASH:
-            _remove(os.path.join(root, name))
+            disk.remove_tree(os.path.join(root, name))
             removed.append(name)
     return removed
 
@@ -120,6 +116,6 @@ def quarantine(root: str, step: int, reason: str) -> str:
     return name
 
 
-def abandon(inflight: str) -> None:
+def abandon(inflight: str, disk: Disk) -> None:
     """Delete an in-flight directory after a failed write (best effort; leftovers are cleaned at start)."""
-    _remove(inflight)
+    disk.remove_tree(inflight)

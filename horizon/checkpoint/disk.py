@@ -1,9 +1,11 @@
 """The few file-system calls a checkpoint makes, behind one seam tests can replace.
 
-Why a seam: the commit protocol is only as good as its behaviour when the disk fails or the
-process dies between two calls. ``Disk`` does the real I/O; a test subclass raises
-``OSError(ENOSPC)`` from ``write``, sleeps in it (a slow disk), or kills the process at a named
-protocol point (``at``), without the writer knowing.
+Why a seam: the commit protocol is only as good as its behaviour when the disk fails, the
+process dies, or the power goes between two calls. ``Disk`` does the real I/O; a test subclass
+raises ``OSError(ENOSPC)`` from ``write``, sleeps in it (a slow disk), kills the process at a named
+protocol point (``at``), or records every call that changes the disk to replay the states a power
+cut could leave (``tests/crash/test_power_loss.py``), without the writer knowing. So every
+mkdir, create, write, truncate, fsync, rename and delete a checkpoint makes goes through here.
 
 Why O_DIRECT: shards are written once and read only at resume, so the page cache is a detour
 that costs a memcpy per byte and a long ``fsync`` at the end (buffered write + fsync reached
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 __all__ = ["Disk", "PROTOCOL_POINTS"]
 
@@ -66,6 +69,17 @@ class Disk:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename (retention's move into ``.trash``)."""
+        os.rename(src, dst)
+
+    def remove_tree(self, path: str) -> None:
+        """Delete a directory and everything in it, best effort (what is left is cleaned at the next start)."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def rename_new(self, src: str, dst: str) -> None:
         """Rename ``src`` to ``dst``, refusing to replace an existing ``dst`` (single writer per root)."""

@@ -31,7 +31,7 @@ from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
 from horizon.checkpoint.ranks import RankGroup, sharded_file_name
-from horizon.checkpoint.shard import QUEUE_DEPTH, write_shard
+from horizon.checkpoint.shard import QUEUE_DEPTH, PendingShard, start_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
 from horizon.store.host_store import HostStore
@@ -73,6 +73,8 @@ class _Flight:
     error: str | None = None
     durable_s: float | None = None          # request to commit (time-to-durable)
     write_s: float | None = None            # the writer's busy time: shards and commit, waits for copies excluded
+    first_write_s: float | None = None      # request to the first shard's writes queued (version S began to exist)
+    commit_s: float | None = None           # manifest, directory fsyncs, rename and root fsync
     threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
 
@@ -87,7 +89,7 @@ class Checkpointer:
         self.commits = ranks is None or ranks.rank == 0
         """This process writes manifests, commits, applies retention and cleans leftovers."""
         os.makedirs(self.root, exist_ok=True)
-        removed = clean_leftovers(self.root) if self.commits else []
+        removed = clean_leftovers(self.root, self.disk) if self.commits else []
         if removed:
             log.info("removed leftovers of an earlier run in %s: %s", self.root, removed)
         self.layout = layout_of(store, param_names)
@@ -212,8 +214,9 @@ class Checkpointer:
         (what this process wrote, the error of the checkpoint or None). Any failure aborts this checkpoint only."""
         snapshot, inflight, error, written = flight.snapshot, None, None, None
         try:
-            inflight = self.ranks.inflight_dir(self.root) if self.ranks else new_inflight_dir(self.root, snapshot.step)
-            written = self._write_units(flight, inflight)
+            inflight = self.ranks.inflight_dir(self.root, self.disk) if self.ranks else \
+                new_inflight_dir(self.root, snapshot.step, self.disk)
+            written = self._write_shards(flight, inflight)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             snapshot.abort()  # now, not after the exchange: the optimizer must not wait for a dead writer
@@ -226,7 +229,7 @@ class Checkpointer:
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         if error is not None and inflight is not None and flight.path is None and self.commits:
-            abandon(inflight)  # before the others hear of the failure: they find nothing left
+            abandon(inflight, self.disk)  # before the others hear of the failure: they find nothing left
         if self.ranks is not None:
             try:
                 flight.path, error = self.ranks.announce(flight.path, error)
@@ -234,21 +237,45 @@ class Checkpointer:
                 flight.path, error = None, error or f"{type(e).__name__}: {e}"
         return written, error
 
-    def _write_units(self, flight: _Flight, inflight: str) -> dict:
-        """This process's shard files, written and fsynced: {"files", "tensors", "waited_s"}."""
-        snapshot, files, tensors, waited_s = flight.snapshot, {}, {}, 0.0
-        for index, unit in enumerate(snapshot.order):
-            wait_start = time.perf_counter()
-            snapshot.wait_staged(unit, flight.deadline_s)
-            waited_s += time.perf_counter() - wait_start
-            n = len(snapshot.order)
-            file = f"shard-{index:05d}-of-{n:05d}.safetensors" if self.ranks is None else \
-                sharded_file_name(index, n, self.ranks.rank, self.ranks.world_size)
-            nbytes, records = self._write_unit(snapshot, unit, os.path.join(inflight, file), flight.deadline_s)
-            snapshot.mark_written(unit)
-            files[file] = nbytes
-            tensors.update(records)
+    def _write_shards(self, flight: _Flight, inflight: str) -> dict:
+        """This process's shard files, fsynced, in update order: {"files", "tensors", "waited_s"} (file sizes,
+        tensor records, seconds waiting for copies).
+
+        Shard k+1 is started (its writes queued, its CRCs computed) before shard k is finished, so the
+        disk's queue never drains between shards."""
+        snapshot, deadline_s = flight.snapshot, flight.deadline_s
+        files, tensors, waited_s = {}, {}, 0.0
+        previous = current = None  # started, not yet finished: (unit, PendingShard, sources)
+        try:
+            for index, unit in enumerate(snapshot.order):
+                if previous is not None and not snapshot.is_staged(unit):
+                    # Finish (and free the slot of) the previous shard before waiting: with a one-slot
+                    # ring, the copy this writer waits for needs that slot.
+                    self._finish_unit(snapshot, previous, files, tensors)
+                    previous = None
+                wait_start = time.perf_counter()
+                snapshot.wait_staged(unit, deadline_s)
+                waited_s += time.perf_counter() - wait_start
+                current = self._start_unit(snapshot, unit, os.path.join(inflight, self._file_name(index, len(snapshot.order))),
+                                           deadline_s)
+                if flight.first_write_s is None:
+                    flight.first_write_s = time.time() - flight.requested_unix_s
+                if previous is not None:  # its writes ran while this shard's were queued and CRC'd
+                    self._finish_unit(snapshot, previous, files, tensors)
+                previous = current
+            if previous is not None:
+                self._finish_unit(snapshot, previous, files, tensors)
+        except BaseException:
+            for started in (previous, current):  # no write may outlive the checkpoint's files
+                if started is not None:
+                    started[1].close()
+            raise
         return {"files": files, "tensors": tensors, "waited_s": waited_s}
+
+    def _file_name(self, index: int, n: int) -> str:
+        if self.ranks is None:
+            return f"shard-{index:05d}-of-{n:05d}.safetensors"
+        return sharded_file_name(index, n, self.ranks.rank, self.ranks.world_size)
 
     def _commit(self, flight: _Flight, inflight: str, everyone: list[dict]) -> str:
         """The manifest over every rank's files, the atomic commit and retention; the committed path."""
@@ -262,19 +289,31 @@ class Checkpointer:
                                   world_size=self.ranks.world_size if self.ranks else 1)
         if time.monotonic() > flight.deadline_s:
             raise TimeoutError(f"checkpoint of step {snapshot.step} was not durable within {self.config.timeout_s} s")
+        commit_start = time.perf_counter()
         path = commit(inflight, self.root, snapshot.step, manifest, self.disk)
+        flight.commit_s = time.perf_counter() - commit_start
         retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
         return path
 
-    def _write_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[int, dict]:
+    def _start_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[int, PendingShard, dict]:
+        """Queue ``unit``'s shard and compute its CRCs; (unit, the pending shard, where each tensor comes from)."""
         if self.ranks is not None:
             named, where = self._shard_tensors(snapshot, unit)
         else:
             named, where = self._param_tensors(snapshot, unit)
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
-        nbytes, records = write_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
-                                      disk=self.disk, writers=self._writers, deadline_s=deadline_s)
-        return nbytes, {r.name: dict(r.to_json(), **where[r.name]) for r in records}
+        pending = start_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata, disk=self.disk,
+                              writers=self._writers, deadline_s=deadline_s)
+        return unit, pending, where
+
+    @staticmethod
+    def _finish_unit(snapshot: Snapshot, started: tuple[int, PendingShard, dict], files: dict, tensors: dict) -> None:
+        """Wait for a started shard's writes, fsync it, free its staging slot, record it for the manifest."""
+        unit, pending, where = started
+        nbytes, records = pending.finish()
+        snapshot.mark_written(unit)
+        files[os.path.basename(pending.path)] = nbytes
+        tensors.update({r.name: dict(r.to_json(), **where[r.name]) for r in records})
 
     def _param_tensors(self, snapshot: Snapshot, unit: int) -> tuple[list, dict]:
         """The whole unit, one tensor per parameter and role (format 1's records)."""

@@ -22,6 +22,7 @@ import uuid
 import torch.distributed as dist
 
 from horizon.checkpoint.commit import INFLIGHT_PREFIX
+from horizon.checkpoint.disk import Disk
 
 __all__ = ["RankGroup", "sharded_file_name"]
 
@@ -36,11 +37,15 @@ class RankGroup:
         """Names this run's in-flight directories, the same on every rank."""
         self._taken = 0
 
-    def inflight_dir(self, root: str) -> str:
+    def inflight_dir(self, root: str, disk: Disk) -> str:
         """The shared in-flight directory of the next checkpoint (created by whichever rank comes first)."""
         self._taken += 1
         path = os.path.join(root, f"{INFLIGHT_PREFIX}{self.token}-{self._taken:06d}")
-        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):
+            try:
+                disk.mkdir(path)
+            except FileExistsError:  # another rank made it first
+                pass
         return path
 
     def agree(self, written: dict | None, error: str | None) -> tuple[list[dict], str | None]:

@@ -2,10 +2,11 @@
 
 Why stream by hand: the safetensors header depends only on names, dtypes and shapes, so it is
 written first and the tensors follow straight from their staging slot, in large O_DIRECT
-requests several at a time, while ``zlib.crc32`` (which releases the GIL) runs over the same
-bytes: no second copy of the shard in memory, no page cache, and the CRC covers exactly what
-was written. The header is padded with spaces to a whole page so the data is page-aligned. Reading goes through the ``safetensors`` package itself, so every shard is
-a file any safetensors user can open.
+requests several at a time, while the CRC-32 (zlib's polynomial, computed by ISA-L, which
+releases the GIL) runs over the same bytes: no second copy of the shard in memory, no page cache,
+and the CRC covers exactly what was written. The header is padded with spaces to a whole page so
+the data is page-aligned. Reading goes through the ``safetensors`` package itself, so every shard
+is a file any safetensors user can open.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import json
 import os
 import struct
 import time
-import zlib
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+from isal import isal_zlib
 from safetensors import safe_open
 
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.staging import aligned_empty
 from horizon.store.layout import ALIGN_BYTES
 
-__all__ = ["TensorRecord", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES", "QUEUE_DEPTH"]
+__all__ = ["TensorRecord", "PendingShard", "start_shard", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES", "QUEUE_DEPTH"]
 
 WRITE_CHUNK_BYTES = 16 << 20
 """Bytes per write request: large enough for the device, small enough to spread over the queue."""
@@ -55,8 +56,9 @@ class TensorRecord:
 
 
 def crc32_of(tensor: torch.Tensor, crc: int = 0) -> int:
-    """IEEE CRC-32 of a contiguous tensor's bytes."""
-    return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy(), crc)
+    """IEEE CRC-32 (zlib's) of a contiguous tensor's bytes, by ISA-L: the same value as ``zlib.crc32``
+    about 10x faster (carry-less multiply; 24 GB/s against 1.7-3.4 here), and it releases the GIL."""
+    return isal_zlib.crc32(tensor.contiguous().view(torch.uint8).numpy(), crc)
 
 
 def _header(tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
@@ -87,15 +89,53 @@ def _submit_writes(fd: int, data: memoryview, offset: int, *, disk: Disk, writer
             for o in range(0, len(data), WRITE_CHUNK_BYTES)]
 
 
-def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],
-                disk: Disk, writers: ThreadPoolExecutor, deadline_s: float) -> tuple[int, list[TensorRecord]]:
-    """Write ``tensors`` to a new safetensors file, fsync it; (file bytes, records).
+class PendingShard:
+    """A shard whose writes are in flight: ``finish`` waits for them, cuts the file to size and fsyncs it.
+
+    Why split: the writer starts the next unit's shard (its requests queue behind this one's) before
+    finishing this one, so the disk's queue never drains between shards."""
+
+    def __init__(self, path: str, *, fd: int, nbytes: int, padded: bool, header_buf: torch.Tensor, disk: Disk) -> None:
+        self.path, self.nbytes = path, nbytes
+        self.records: list[TensorRecord] = []
+        self._fd, self._padded, self._disk = fd, padded, disk
+        self._header_buf = header_buf  # kept alive until its write is done
+        self._pending: list[Future] = []
+
+    def finish(self) -> tuple[int, list[TensorRecord]]:
+        """Wait for every write, truncate the page padding, fsync, close; (file bytes, records)."""
+        try:
+            for future in self._pending:
+                future.result()
+            if self._padded:
+                self._disk.truncate(self._fd, self.nbytes)
+            self._disk.at("shard_written")
+            self._disk.fsync(self._fd)
+            self._disk.at("shard_synced")
+        finally:
+            self.close()
+        return self.nbytes, self.records
+
+    def close(self) -> None:
+        """Close the file once no write is running on it (idempotent); used on every error path."""
+        if self._fd < 0:
+            return
+        for future in self._pending:  # never close the file under a write still running
+            future.exception()
+        os.close(self._fd)
+        self._fd = -1
+
+
+def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],
+                disk: Disk, writers: ThreadPoolExecutor, deadline_s: float) -> PendingShard:
+    """Create ``path`` and queue the writes of ``tensors``; returns once every tensor's CRC-32 is known.
 
     The tensors are views lying back to back from the start of ``buffer`` (a staging slot: uint8,
-    page-aligned, a whole number of pages). The header and the buffer go to disk as page-aligned
-    O_DIRECT writes of ``WRITE_CHUNK_BYTES`` on the ``writers`` threads (the last page padded, then
-    the file cut to size) while this thread computes each tensor's CRC-32 from the same bytes.
-    Raises ``TimeoutError`` once ``time.monotonic()`` passes ``deadline_s`` (checked between tensors).
+    page-aligned, a whole number of pages), which must stay unchanged until ``finish`` returns. The
+    header and the buffer go to disk as page-aligned O_DIRECT writes of ``WRITE_CHUNK_BYTES`` on the
+    ``writers`` threads (the last page padded; ``finish`` cuts the file to size) while this thread
+    computes each tensor's CRC-32 from the same bytes. Raises ``TimeoutError`` once
+    ``time.monotonic()`` passes ``deadline_s`` (checked between tensors).
     """
     file = os.path.basename(path)
     data_bytes = _data_bytes(tensors, buffer)
@@ -105,28 +145,28 @@ def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: t
     header_buf = aligned_empty(len(header))
     header_buf.numpy()[:] = np.frombuffer(header, dtype=np.uint8)
     fd = disk.open_new(path, direct=True)
-    pending: list[Future] = []
+    shard = PendingShard(path, fd=fd, nbytes=len(header) + data_bytes, padded=padded != data_bytes,
+                         header_buf=header_buf, disk=disk)
     try:
-        pending = _submit_writes(fd, memoryview(header_buf.numpy()), 0, disk=disk, writers=writers)
-        pending += _submit_writes(fd, memoryview(buffer[:padded].numpy()), len(header), disk=disk, writers=writers)
-        records = []
+        shard._pending += _submit_writes(fd, memoryview(header_buf.numpy()), 0, disk=disk, writers=writers)
+        shard._pending += _submit_writes(fd, memoryview(buffer[:padded].numpy()), len(header), disk=disk,
+                                         writers=writers)
         for name, t in tensors:
             if time.monotonic() > deadline_s:
                 raise TimeoutError(f"checkpoint timed out while writing {file}")
-            records.append(TensorRecord(name=name, file=file, dtype=_DTYPES[t.dtype], shape=tuple(t.shape),
-                                        nbytes=t.numel() * t.element_size(), crc32=crc32_of(t)))
-        for future in pending:
-            future.result()
-        if padded != data_bytes:
-            disk.truncate(fd, len(header) + data_bytes)
-        disk.at("shard_written")
-        disk.fsync(fd)
-        disk.at("shard_synced")
-    finally:
-        for future in pending:  # never close the file under a write still running
-            future.exception()
-        os.close(fd)
-    return len(header) + data_bytes, records
+            shard.records.append(TensorRecord(name=name, file=file, dtype=_DTYPES[t.dtype], shape=tuple(t.shape),
+                                              nbytes=t.numel() * t.element_size(), crc32=crc32_of(t)))
+    except BaseException:
+        shard.close()
+        raise
+    return shard
+
+
+def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],
+                disk: Disk, writers: ThreadPoolExecutor, deadline_s: float) -> tuple[int, list[TensorRecord]]:
+    """``start_shard`` then ``finish``: the shard written and fsynced; (file bytes, records)."""
+    return start_shard(path, tensors, buffer=buffer, metadata=metadata, disk=disk, writers=writers,
+                       deadline_s=deadline_s).finish()
 
 
 def read_tensor(path: str, name: str) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""The copier yields to the optimizer: with slow updates it waits while they run (and the optimizer
-copies the units it reaches first itself), and the snapshot is still exactly version S."""
+"""The copier yields to the optimizer only while the writer has a staged unit to write: with slow
+updates and a slow disk it waits while they run (and the optimizer copies the units it reaches first
+itself); with nothing staged it copies even while the optimizer runs, so the disk never idles for
+the yield. Either way the snapshot is exactly version S."""
 
 from __future__ import annotations
 
@@ -9,14 +11,19 @@ import pytest
 
 import horizon
 from horizon.checkpoint.commit import step_dir_name
-from ckpt_helpers import checkpoint_state, config, data, model, reference_states, states_equal
+from ckpt_helpers import SlowDisk, checkpoint_state, config, data, model, reference_states, states_equal
+
+
+@pytest.fixture(scope="module")
+def states():
+    return reference_states(4)[1]
 
 
 @pytest.mark.parametrize("yields", [True, False], ids=["yield", "control"])
-def test_copier_waits_while_the_optimizer_runs(tmp_path, yields):
-    _, states = reference_states(4)
+def test_copier_waits_while_the_optimizer_runs_and_the_writer_is_busy(tmp_path, states, yields):
     ckpt = horizon.CheckpointConfig(dir=tmp_path, final_save=False)
-    with horizon.Trainer(model(), config(ckpt), optimizer_delay_s=lambda: 0.03) as trainer:
+    with horizon.Trainer(model(), config(ckpt), optimizer_delay_s=lambda: 0.03,
+                         checkpoint_disk=SlowDisk(0.05)) as trainer:
         if not yields:
             trainer.checkpointer.optimizer_busy = None
         batches = data(4)
@@ -31,4 +38,18 @@ def test_copier_waits_while_the_optimizer_runs(tmp_path, yields):
         assert flight.snapshot.yielded_s >= 0.03
     else:
         assert flight.snapshot.yielded_s == 0.0
+    assert states_equal(checkpoint_state(os.path.join(tmp_path, step_dir_name(2))), states[2])
+
+
+def test_an_idle_writer_is_never_kept_waiting_by_the_yield(tmp_path, states):
+    """An optimizer that never goes idle: a copier that yielded regardless would leave every unit to the
+    optimizer's copy-on-write, and with no further step the checkpoint would time out."""
+    ckpt = horizon.CheckpointConfig(dir=tmp_path, final_save=False, timeout_s=20)
+    with horizon.Trainer(model(), config(ckpt)) as trainer:
+        trainer.checkpointer.optimizer_busy = lambda: True
+        for b in data(2):
+            trainer.step(b)
+        trainer.save()
+        flight = trainer.checkpointer.wait()
+    assert flight.error is None, flight.error
     assert states_equal(checkpoint_state(os.path.join(tmp_path, step_dir_name(2))), states[2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -95,3 +96,43 @@ def test_trainer_close_stops_the_writer_threads(tmp_path):
         trainer.save(wait=True)
         assert len(io_threads()) > before  # the pool did the writing
     assert len(io_threads()) == before
+
+
+def test_the_next_shard_is_queued_before_the_previous_one_is_fsynced(tmp_path):
+    """The disk's queue does not drain between shards: shard k+1's writes are submitted before shard k is
+    fsynced (asserted from shard 1 on; shard 1 may not be staged yet when shard 0 is queued)."""
+    import horizon
+    from ckpt_helpers import config, data, model
+
+    events, lock = [], threading.Lock()
+
+    class LoggingDisk(Disk):  # writes take 20 ms: the copier stages every unit while shard 0 is written
+        names: dict[int, str] = {}
+
+        def open_new(self, path, *, direct=False):
+            fd = super().open_new(path, direct=direct)
+            self.names[fd] = os.path.basename(path)
+            return fd
+
+        def write(self, fd, data, offset):  # logged when the request starts: it is in flight from here
+            with lock:
+                events.append(("write", self.names[fd]))
+            time.sleep(0.02)
+            super().write(fd, data, offset)
+
+        def fsync(self, fd):
+            with lock:
+                events.append(("fsync", self.names[fd]))
+            super().fsync(fd)
+
+    ckpt = horizon.CheckpointConfig(dir=tmp_path / "ckpt", final_save=False)
+    with horizon.Trainer(model(), config(ckpt), checkpoint_disk=LoggingDisk()) as trainer:
+        for b in data(2):
+            trainer.step(b)
+        trainer.updater.wait_all()
+        assert trainer.save(wait=True)
+    shards = sorted({name for _, name in events if name.startswith("shard-")})
+    assert len(shards) == 4
+    for k in (1, 2):
+        first_write_next = events.index(("write", shards[k + 1]))
+        assert first_write_next < events.index(("fsync", shards[k])), (k, events)
