@@ -40,7 +40,7 @@ def test_the_trainer_config_it_makes():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("[optimiser]\nlr = 1\n", "unknown key optimiser; RunConfig has data, model, optimizer, training"),
+    ("[optimiser]\nlr = 1\n", "unknown key optimiser; RunConfig has checkpoint, data, model, optimizer, training"),
     ("[optimizer]\nlearning_rate = 1\n", "unknown key optimizer.learning_rate; OptimizerSection has betas"),
     ("[data]\nseq_len = \"long\"\n", "data.seq_len must be int, got 'long'"),
     ("[training]\nsteps = true\n", "training.steps must be int, got True"),
