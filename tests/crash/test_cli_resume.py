@@ -84,6 +84,8 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys):
     _check_cursors(cursors, {**want_cursors, 7: {**want_cursors[6], "epoch": 1, "batch": 1}})
     assert main(_argv(tmp_path, "cut", STEPS, "--resume")) == 0
     assert "nothing to train" in capsys.readouterr().out
+    assert main(_argv(tmp_path, "cut", STEPS + 3, "--resume", "--seed", "1")) == 2  # another data order
+    assert "resume with the same files, tokenizer, seq_len, batch_size and seed" in capsys.readouterr().err
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
