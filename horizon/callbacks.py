@@ -18,7 +18,7 @@ import time
 
 from horizon.metrics import EvalMetrics, StepMetrics
 
-__all__ = ["Callback", "JsonlMetrics", "TensorBoardMetrics", "metrics_record", "HOOKS"]
+__all__ = ["Callback", "CallbackList", "JsonlMetrics", "TensorBoardMetrics", "metrics_record", "HOOKS"]
 
 HOOKS = ("on_step_end", "on_checkpoint", "on_eval")
 """The methods a callback may have."""
@@ -108,3 +108,29 @@ class TensorBoardMetrics(Callback):
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class CallbackList(list):
+    """The trainer's callbacks: the user's, then the sinks its config asks for (a JsonlMetrics for
+    ``metrics_jsonl``, a TensorBoardMetrics for ``tensorboard_dir``). A list, so it can be read and
+    extended as one; ``run`` calls one hook on every callback that has it, in order."""
+
+    def __init__(self, callbacks, *, metrics_jsonl: str | None = None, tensorboard_dir: str | None = None) -> None:
+        for callback in callbacks:
+            if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
+                raise ValueError(f"callback {callback!r} has none of {HOOKS}; subclass horizon.Callback")
+        sinks = [JsonlMetrics(metrics_jsonl)] if metrics_jsonl else []
+        sinks += [TensorBoardMetrics(tensorboard_dir)] if tensorboard_dir else []
+        super().__init__([*callbacks, *sinks])
+
+    def run(self, hook: str, trainer, *args) -> None:
+        assert hook in HOOKS, hook
+        for callback in self:
+            if hasattr(callback, hook):
+                getattr(callback, hook)(trainer, *args)
+
+    def close(self) -> None:
+        """Close the sinks that hold a file open (TensorBoard's event writer)."""
+        for callback in self:
+            if isinstance(callback, TensorBoardMetrics):
+                callback.close()

@@ -68,6 +68,7 @@ class ProgressBar(Callback):
         self.smoothed_loss = math.nan
         self._process = psutil.Process()
         self.tokens, self.seconds, self.updates = 0, 0.0, 0
+        self.start_step = 0
         self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, disable=rank != 0, file=file,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
@@ -85,11 +86,16 @@ class ProgressBar(Callback):
         self.smoothed_loss = metrics.loss if first else SMOOTHING * self.smoothed_loss + (1 - SMOOTHING) * metrics.loss
         self.tokens, self.seconds, self.updates = self.tokens + metrics.tokens, self.seconds + metrics.seconds, \
             self.updates + 1
-        eta_s = (self.total_steps - self.updates) * self.seconds / self.updates
+        eta_s = (self.total_steps - self.start_step - self.updates) * self.seconds / self.updates
         self.bar.set_postfix_str(format_postfix(loss=self.smoothed_loss, tokens_per_s=self.tokens_per_s, mfu=self.mfu,
                                                 memory=trainer.memory(), rss_bytes=self._process.memory_info().rss,
                                                 eta_s=eta_s), refresh=False)
         self.bar.update(1)
+
+    def start_at(self, step: int) -> None:
+        """A resumed run: the bar starts at ``step`` of ``total_steps``, and the ETA counts what is left."""
+        self.start_step = step
+        self.bar.update(step)
 
     def on_eval(self, trainer, metrics: EvalMetrics) -> None:
         if not self.bar.disable:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from horizon.batch import check_batch, check_extras
-from horizon.callbacks import HOOKS, JsonlMetrics, TensorBoardMetrics
+from horizon.callbacks import CallbackList
 from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
 from horizon.checkpoint.ranks import RankGroup
@@ -28,6 +28,7 @@ from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
 from horizon.estimate.preflight import applies as preflight_applies, preflight
 from horizon.engine.transfer import Transfer, make_transfer
+from horizon.evaluation import evaluate
 from horizon.metrics import EvalMetrics, MemoryReport, StepMetrics
 from horizon.models.adopt import check_trainable, init_fn, model_config_json
 from horizon.models.hf import is_hf_model
@@ -53,15 +54,6 @@ class _MicroBatches:
         self.count += 1
         self.loss_sum += loss_sum
         self.tokens += tokens
-
-
-def _callbacks(callbacks: Sequence, config: TrainConfig) -> list:
-    for callback in callbacks:
-        if not any(callable(getattr(callback, hook, None)) for hook in HOOKS):
-            raise ValueError(f"callback {callback!r} has none of {HOOKS}; subclass horizon.Callback")
-    sinks = [JsonlMetrics(config.metrics_jsonl)] if config.metrics_jsonl else []
-    sinks += [TensorBoardMetrics(config.tensorboard_dir)] if config.tensorboard_dir else []
-    return list(callbacks) + sinks
 
 
 def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
@@ -90,7 +82,8 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
-        self.callbacks = _callbacks(callbacks, config)
+        self.callbacks = CallbackList(callbacks, metrics_jsonl=config.metrics_jsonl,
+                                      tensorboard_dir=config.tensorboard_dir)
         specs = find_units(model, config.units)
         check_trainable(model)
         if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
@@ -141,7 +134,7 @@ class Trainer:
         if self.data_parallel is not None:
             self.data_parallel.broadcast_store(self.store)
         self.vocab_size = specs[0].module.num_embeddings
-        self._takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
+        self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
@@ -188,7 +181,7 @@ class Trainer:
         Under torchrun ``batch`` is this rank's share of the global batch, and the loss, tokens and
         update are those of the global batch (docs/distributed.md)."""
         input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size, num_classes=self.num_classes)
-        extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
+        extras = check_extras(batch, input_ids.shape, accepted=self.takes_extras)
         dp = self.data_parallel
         if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
             num_valid = dp.global_count(num_valid)
@@ -227,9 +220,7 @@ class Trainer:
                               updated=last and not skipped, checkpoint_errors=errors)
         if last:
             self._micro = _MicroBatches()
-            for callback in self.callbacks:
-                if hasattr(callback, "on_step_end"):
-                    callback.on_step_end(self, metrics)
+            self.callbacks.run("on_step_end", self, metrics)
         self.checkpoints.announce()
         return metrics
 
@@ -238,31 +229,7 @@ class Trainer:
         ``step``), on the device, without gradients: no gradient, weight or optimizer state changes.
         Each unit's pending update is waited for before its weights are read; dropout is off.
         Under torchrun every rank passes its own batches and gets the loss over all of them."""
-        from horizon.engine.evaluate import forward_loss_sum
-
-        start_s, loss_sum, tokens = time.perf_counter(), 0.0, 0
-        self.engine.set_training(False)
-        try:
-            for batch in batches:
-                input_ids, labels, num_valid = check_batch(batch, vocab_size=self.vocab_size,
-                                                           num_classes=self.num_classes)
-                extras = check_extras(batch, input_ids.shape, accepted=self._takes_extras)
-                loss_sum += float(forward_loss_sum(self.engine, input_ids.to(self.device), labels.to(self.device),
-                                                   load_after=self.updater.pending,
-                                                   extras={k: v.to(self.device) for k, v in extras.items()}))
-                tokens += num_valid
-        finally:
-            self.engine.set_training(self.model.training)
-        if self.data_parallel is not None:
-            loss_sum, tokens = self.data_parallel.global_sum(loss_sum), self.data_parallel.global_count(tokens)
-        if tokens == 0:
-            raise ValueError("evaluate() got no batches: pass a non-empty iterable of dict(input_ids=..., labels=...)")
-        metrics = EvalMetrics(step=self.global_step, loss=loss_sum / tokens, tokens=tokens,
-                              seconds=time.perf_counter() - start_s)
-        for callback in self.callbacks:
-            if hasattr(callback, "on_eval"):
-                callback.on_eval(self, metrics)
-        return metrics
+        return evaluate(self, batches)
 
     def _plan_auto(self, batch_size: int, seq_len: int) -> None:
         """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
@@ -390,9 +357,7 @@ class Trainer:
             error = self.checkpoints.finish()
         finally:
             self.checkpoints.close()
-            for sink in self.callbacks:
-                if isinstance(sink, TensorBoardMetrics):
-                    sink.close()
+            self.callbacks.close()
             self.updater.close()
             if self.ssd is not None:
                 self.ssd.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import horizon
 from horizon.models import PRESETS
 
-__all__ = ["RunConfig", "load_run_config", "to_toml", "parse_override"]
+__all__ = ["RunConfig", "CheckpointSection", "load_run_config", "to_toml", "parse_override"]
 
 
 def _positive(section: str, obj, names: tuple[str, ...]) -> None:
@@ -105,6 +105,8 @@ class TrainingSection:
     H100/H200/A100, else no MFU)."""
     preflight: bool = True
     """Check the estimate against this machine's memory before allocating (TrainConfig.preflight)."""
+    resume: bool = False
+    """Continue from the newest valid checkpoint in checkpoint.dir (if any) up to ``steps``; needs checkpoint.dir."""
 
     def __post_init__(self) -> None:
         _positive("training", self, ("steps", "eval_batches", "grad_accum_steps"))
@@ -116,6 +118,43 @@ class TrainingSection:
             raise ValueError(f"training.plan={self.plan!r}: use 'recompute' or 'keep'")
         if not (math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0):
             raise ValueError(f"training.grad_clip_norm must be >= 0 (0 = off), got {self.grad_clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    dir: str = ""
+    """Folder of the run's checkpoints, ``step-<N>`` each (path; created if missing); "" = no checkpoints."""
+    every_steps: int = 0
+    """Take a checkpoint after every this many updates (steps); 0 = only the final one, at the end of the run."""
+    keep_last: int = 2
+    """Committed checkpoints kept, newest first (count; at least 2)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, forever (steps; 0 = none)."""
+    on_busy: str = "wait"
+    """A checkpoint due while the previous one is still being written: "wait" for it, or "skip" this one."""
+    timeout_s: float = 1800.0
+    """Abort a checkpoint that is not durable this many seconds after it was requested (seconds)."""
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"checkpoint.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.keep_last < 2:
+            raise ValueError(f"checkpoint.keep_last must be >= 2, got {self.keep_last}: with one, a checkpoint "
+                             "damaged on disk leaves nothing to resume from")
+        if self.on_busy not in ("wait", "skip"):
+            raise ValueError(f"checkpoint.on_busy={self.on_busy!r}: use 'wait' or 'skip'")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"checkpoint.timeout_s must be a positive number of seconds, got {self.timeout_s}")
+        if self.dir and Path(self.dir).is_file():
+            raise ValueError(f"checkpoint.dir={self.dir!r} is a file: name a folder")
+
+    def checkpoint_config(self) -> horizon.CheckpointConfig | None:
+        if not self.dir:
+            return None
+        return horizon.CheckpointConfig(dir=self.dir, every_steps=self.every_steps or None, keep_last=self.keep_last,
+                                        keep_every=self.keep_every or None, on_busy=self.on_busy,
+                                        timeout_s=self.timeout_s)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,13 +186,20 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        if self.training.resume and not self.checkpoint.dir:
+            raise ValueError("training.resume needs checkpoint.dir (the folder to resume from), e.g. "
+                             "--set checkpoint.dir=ckpt")
 
     def train_config(self) -> horizon.TrainConfig:
         t = self.training
         return horizon.TrainConfig(device=t.device, plan=t.plan, grad_clip_norm=t.grad_clip_norm or None,
                                    grad_accum_steps=t.grad_accum_steps, optimizer=self.optimizer.adamw(),
                                    metrics_jsonl=t.metrics_jsonl or None, tensorboard_dir=t.tensorboard_dir or None,
-                                   hf_weights=self.model.hf_weights or None, preflight=t.preflight)
+                                   hf_weights=self.model.hf_weights or None, preflight=t.preflight,
+                                   checkpoint=self.checkpoint.checkpoint_config(), resume=t.resume)
 
 
 def _convert(key: str, value, annotation):

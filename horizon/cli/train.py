@@ -9,6 +9,12 @@ see ``horizon.cli.run_config``), with flags and ``--set section.key=value`` on t
 token stream is held out (``data.eval_fraction``); ``Trainer.evaluate`` measures it before, every
 ``training.eval_every_steps`` steps and after training, and the progress bar, the JSONL metrics and
 TensorBoard report it. The run exits non-zero if the held-out loss did not go down.
+
+The training part of the stream is a ``horizon.data.TokenizedText``: windows of ``data.seq_len``
+in an order that follows from ``training.seed``, with a cursor the trainer saves in every
+checkpoint (``[checkpoint]``). With ``training.resume`` / ``--resume`` the run continues from the
+newest valid checkpoint, weights, optimizer, RNG and cursor, to ``training.steps``: the updates
+it makes are those the uninterrupted run would have made, on the same batches.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ import builtins
 import math
 import sys
 import time
-from collections.abc import Iterator
-
 import torch
 
 import horizon
+from horizon.checkpoint.commit import committed_steps
 from horizon.cli.run_config import RunConfig, load_run_config, to_toml
 from horizon.cli.train_data import build_model, load_tokens
-from horizon.data.text import sample_batch, split, validation_batches
+from horizon.data.text import split, validation_batches
+from horizon.data.tokenized import TokenizedText
 from horizon.distributed.world import launch_from_env
 from horizon.flops import device_peak_flops, flops_per_token
 from horizon.models import PRESETS
@@ -40,12 +46,14 @@ _FLAGS = {"text": "data.text", "steps": "training.steps", "batch_size": "data.ba
           "seq_len": "data.seq_len", "preset": "model.preset", "lr": "optimizer.lr", "plan": "training.plan",
           "device": "training.device", "seed": "training.seed", "eval_every_steps": "training.eval_every_steps",
           "eval_batches": "training.eval_batches", "max_bytes": "data.max_bytes",
-          "metrics_jsonl": "training.metrics_jsonl"}
+          "metrics_jsonl": "training.metrics_jsonl", "resume": "training.resume",
+          "checkpoint_dir": "checkpoint.dir"}
 """Each flag is a shorthand for one key of the run file; a flag given overrides the file."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a TOML run file (path; sections model, data, training, optimizer); "
+    parser.add_argument("--config", help="a TOML run file (path; sections model, data, training, optimizer, "
+                                         "checkpoint); "
                                          "see --dump-config for every key and its default")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one key of the run file, e.g. --set optimizer.lr=3e-4 (repeatable)")
@@ -74,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-jsonl", metavar="PATH",
                         help="append one JSON line per update (step, loss, tokens, seconds, tokens_per_s, grad_norm, "
                              "lr) and per evaluation to this file (path; training.metrics_jsonl, default off)")
+    parser.add_argument("--checkpoint-dir", metavar="PATH",
+                        help="write checkpoints (step-<N> folders) here, every checkpoint.every_steps updates and at "
+                             "the end (path; checkpoint.dir, default off)")
+    parser.add_argument("--resume", action="store_true", default=None,
+                        help="continue from the newest valid checkpoint in checkpoint.dir, if any, up to "
+                             "training.steps (training.resume)")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -89,25 +103,31 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone): ranks draw their own batches, rank 0 alone prints."""
+def _launch() -> tuple[int, int]:
+    """(this process's rank, the number of ranks) under torchrun, (0, 1) alone: rank 0 alone prints."""
     launch = launch_from_env()
-    return launch.rank if launch else 0
+    return (launch.rank, launch.world_size) if launch else (0, 1)
 
 
-def train_batches(data: torch.Tensor, cfg: RunConfig) -> Iterator[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(cfg.training.seed + _rank())
-    for _ in range(cfg.training.steps * cfg.training.grad_accum_steps):
-        yield sample_batch(data, cfg.data.batch_size, cfg.data.seq_len, generator)
+def _rank() -> int:
+    return _launch()[0]
 
 
-def train(trainer: horizon.Trainer, train_data: torch.Tensor, eval_batches: list[dict[str, torch.Tensor]],
+def train_data(tokens: torch.Tensor, cfg: RunConfig) -> TokenizedText:
+    """The training windows in their seeded order; each rank takes its own share of every step's windows."""
+    rank, num_ranks = _launch()
+    return TokenizedText.from_tokens(tokens, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                     seed=cfg.training.seed, rank=rank, num_ranks=num_ranks)
+
+
+def train(trainer: horizon.Trainer, data: TokenizedText, eval_batches: list[dict[str, torch.Tensor]],
           cfg: RunConfig) -> tuple[float, float]:
-    """Run ``cfg.training.steps`` updates, evaluating every ``eval_every_steps``; (first, last training loss)."""
+    """Run the updates from ``trainer.global_step`` to ``cfg.training.steps``, evaluating every
+    ``eval_every_steps``; (first, last training loss)."""
     first_loss = last_loss = math.nan
     steps, every = cfg.training.steps, cfg.training.eval_every_steps
-    for batch in train_batches(train_data, cfg):
-        m = trainer.step(batch)
+    for _ in range((steps - trainer.global_step) * cfg.training.grad_accum_steps):
+        m = trainer.step(next(data))
         if not m.updated:
             continue
         first_loss = m.loss if math.isnan(first_loss) else first_loss
@@ -115,6 +135,14 @@ def train(trainer: horizon.Trainer, train_data: torch.Tensor, eval_batches: list
         if every and m.step % every == 0 and m.step < steps:
             trainer.evaluate(eval_batches)
     return first_loss, last_loss
+
+
+def _check_checkpoint_dir(cfg: RunConfig) -> None:
+    existing = committed_steps(cfg.checkpoint.dir) if cfg.checkpoint.dir else []
+    if existing and not cfg.training.resume:
+        raise ValueError(f"checkpoint.dir {cfg.checkpoint.dir} already holds checkpoints (newest: step "
+                         f"{existing[-1]}): pass --resume (training.resume = true) to continue from it, or "
+                         "name an empty checkpoint.dir")
 
 
 def _progress_bar(model: torch.nn.Module, cfg: RunConfig) -> ProgressBar:
@@ -132,20 +160,32 @@ def run(args: argparse.Namespace) -> int:
         return 0
     start_s = time.perf_counter()
     data_cfg, training = cfg.data, cfg.training
+    _check_checkpoint_dir(cfg)
     torch.manual_seed(training.seed)
 
     tokens, what = load_tokens(data_cfg)
     model, model_what = build_model(cfg.model, data_cfg)
-    train_data, eval_data = split(tokens, data_cfg.eval_fraction, data_cfg.seq_len)
+    train_tokens, eval_data = split(tokens, data_cfg.eval_fraction, data_cfg.seq_len)
+    data = train_data(train_tokens, cfg)
     eval_batches = validation_batches(eval_data, data_cfg.batch_size, data_cfg.seq_len, training.eval_batches)
-    print(f"text: {what}, {len(tokens):,} tokens ({len(train_data):,} train, {len(eval_data):,} held out)")
+    print(f"text: {what}, {len(tokens):,} tokens ({len(train_tokens):,} train, {len(eval_data):,} held out)")
     num_params = sum(p.numel() for p in model.parameters())
     bar = _progress_bar(model, cfg)
     with horizon.Trainer(model, cfg.train_config(), callbacks=[bar]) as trainer:
         print(f"model: {model_what}, {num_params / 1e6:.2f}M parameters; plan {training.plan} on "
               f"{training.device}; {training.steps} steps of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+        trainer.register_data(data)  # its cursor goes into each checkpoint; a resumed one is loaded into it
+        if trainer.global_step:
+            print(f"resumed from step {trainer.global_step} in {cfg.checkpoint.dir} (data epoch {data.epoch}, "
+                  f"batch {data.batch})")
+            bar.start_at(min(trainer.global_step, training.steps))
+        if trainer.global_step >= training.steps:
+            bar.close()
+            print(f"nothing to train: the checkpoint is at step {trainer.global_step}, training.steps is "
+                  f"{training.steps}")
+            return 0
         eval_before = trainer.evaluate(eval_batches).loss
-        first_loss, last_loss = train(trainer, train_data, eval_batches, cfg)
+        first_loss, last_loss = train(trainer, data, eval_batches, cfg)
         eval_after = trainer.evaluate(eval_batches).loss
         memory = trainer.memory()
     bar.close()

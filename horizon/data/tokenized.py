@@ -8,6 +8,8 @@ folder; nothing is downloaded), ended by the EOS token when there is one, and th
 concatenated and cut into non-overlapping windows of ``seq_len + 1`` tokens (inputs and labels
 shifted by one). Epoch ``e`` visits the windows in the permutation seeded by ``(seed, e)``, in
 batches of ``batch_size`` (an incomplete last batch is dropped). The cursor is just (epoch, batch).
+Under data parallelism every rank draws the same permutation and takes its own ``batch_size``
+windows of each group of ``num_ranks * batch_size``, so the cursor is the same on every rank.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ def tokenizer_vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rank" else 1):
+            raise ValueError(f"TokenizedText {name} must be an int >= {0 if name == 'rank' else 1}, got {value!r}")
+    if sizes["rank"] >= sizes["num_ranks"]:
+        raise ValueError(f"TokenizedText rank={sizes['rank']} must be below num_ranks={sizes['num_ranks']}")
+
+
 def _is_transformers(tokenizer) -> bool:
     return hasattr(tokenizer, "convert_tokens_to_ids")
 
@@ -77,26 +87,45 @@ class TokenizedText:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer=None, *, seq_len: int,
-                 batch_size: int, seed: int = 0, eos_token_id: int | None = None) -> None:
+                 batch_size: int, seed: int = 0, eos_token_id: int | None = None, rank: int = 0,
+                 num_ranks: int = 1) -> None:
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TokenizedText {name} must be an int >= 1, got {value!r}")
+        _check_sizes(seq_len=seq_len, batch_size=batch_size, rank=rank, num_ranks=num_ranks)
         missing = [os.fspath(p) for p in paths if not Path(p).is_file()]
         if not paths or missing:
             raise ValueError(f"TokenizedText needs text files; not files: {missing or 'none given'}")
         self.tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         eos = eos_token_id if eos_token_id is not None else _eos_id(self.tokenizer)
         ids: list[int] = []
         for path in paths:
             ids += encode(self.tokenizer, Path(path).read_text()) + ([eos] if eos is not None else [])
-        self.tokens = torch.tensor(ids, dtype=torch.int64)
-        self.num_windows = (len(ids) - 1) // seq_len
-        self.batches_per_epoch = self.num_windows // batch_size
+        self._pack(torch.tensor(ids, dtype=torch.int64), seq_len, batch_size, seed, rank, num_ranks)
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, *, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                    num_ranks: int = 1) -> "TokenizedText":
+        """The same windows, order and cursor over a stream tokenised already (a 1-D integer tensor),
+        e.g. the training part of a corpus whose end is held out (``horizon train``)."""
+        _check_sizes(seq_len=seq_len, batch_size=batch_size, rank=rank, num_ranks=num_ranks)
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"TokenizedText.from_tokens needs a 1-D integer tensor, got {tokens.dtype} "
+                             f"of shape {tuple(tokens.shape)}")
+        data = cls.__new__(cls)
+        data.tokenizer = None
+        data._pack(tokens.long(), seq_len, batch_size, seed, rank, num_ranks)
+        return data
+
+    def _pack(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int, rank: int,
+              num_ranks: int) -> None:
+        self.tokens = tokens
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.num_ranks = rank, num_ranks
+        self.num_windows = (len(tokens) - 1) // seq_len
+        self.batches_per_epoch = self.num_windows // (batch_size * num_ranks)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(ids)} tokens make {self.num_windows} windows of {seq_len} + 1, fewer than one "
-                             f"batch of {batch_size}: lower seq_len or batch_size, or add text")
+            raise ValueError(f"{len(tokens)} tokens make {self.num_windows} windows of {seq_len} + 1, fewer than one "
+                             f"batch of {batch_size} per rank for {num_ranks} rank(s): lower seq_len or batch_size, "
+                             "or add text")
         self.epoch, self.batch = 0, 0
         self._order = self._permutation(0)
 
@@ -115,14 +144,15 @@ class TokenizedText:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        picked = self._order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+        first = (self.batch * self.num_ranks + self.rank) * self.batch_size
+        picked = self._order[first:first + self.batch_size]
         windows = torch.stack([self.window(int(i)) for i in picked])
         self.batch += 1
         return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
 
     def _fingerprint(self) -> dict:
         return {"num_tokens": len(self.tokens), "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "seed": self.seed}
+                "seed": self.seed, "num_ranks": self.num_ranks}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, **self._fingerprint()}

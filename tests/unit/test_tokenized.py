@@ -137,3 +137,34 @@ def test_bad_input(corpus, tmp_path):
     state = TokenizedText(corpus, seq_len=16, batch_size=2).state_dict()
     with pytest.raises(ValueError, match="resume with the same files"):
         TokenizedText(corpus, seq_len=16, batch_size=4).load_state_dict(state)
+
+
+def test_ranks_split_each_step_of_the_one_rank_order():
+    """Two ranks of batch 3 see, step by step, the halves of one rank's batch of 6, across epoch ends,
+    and their cursors are the same (the checkpoint saves rank 0's)."""
+    tokens = torch.arange(1000) % 251
+    whole = TokenizedText.from_tokens(tokens, seq_len=10, batch_size=6, seed=2)
+    ranks = [TokenizedText.from_tokens(tokens, seq_len=10, batch_size=3, seed=2, rank=r, num_ranks=2) for r in (0, 1)]
+    assert whole.batches_per_epoch == ranks[0].batches_per_epoch == 99 // 6
+    for _ in range(2 * whole.batches_per_epoch + 1):
+        want = next(whole)
+        got = [next(r) for r in ranks]
+        for key in ("input_ids", "labels"):
+            assert torch.equal(torch.cat([g[key] for g in got]), want[key])
+    assert ranks[0].state_dict() == ranks[1].state_dict()
+    assert {k: v for k, v in ranks[0].state_dict().items() if k not in ("batch_size", "num_ranks")} == \
+        {k: v for k, v in whole.state_dict().items() if k not in ("batch_size", "num_ranks")}
+
+
+def test_from_tokens_equals_the_files_it_came_from(corpus):
+    files = TokenizedText(corpus, seq_len=16, batch_size=2, seed=5)
+    tokens = TokenizedText.from_tokens(files.tokens.clone(), seq_len=16, batch_size=2, seed=5)
+    for _ in range(files.batches_per_epoch + 2):
+        assert torch.equal(next(files)["input_ids"], next(tokens)["input_ids"])
+    assert files.state_dict() == tokens.state_dict()
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        TokenizedText.from_tokens(torch.zeros(100), seq_len=4, batch_size=2)
+    with pytest.raises(ValueError, match="rank=2 must be below num_ranks=2"):
+        TokenizedText.from_tokens(torch.arange(100), seq_len=4, batch_size=2, rank=2, num_ranks=2)
+    with pytest.raises(ValueError, match="fewer than one batch of 2 per rank for 8 rank"):
+        TokenizedText.from_tokens(torch.arange(50), seq_len=4, batch_size=2, num_ranks=8)
