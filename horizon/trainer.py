@@ -82,8 +82,6 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config must be a horizon.TrainConfig, got {type(config).__name__}")
         self.config, self.model = config, model
-        self.callbacks = CallbackList(callbacks, metrics_jsonl=config.metrics_jsonl,
-                                      tensorboard_dir=config.tensorboard_dir)
         specs = find_units(model, config.units)
         check_trainable(model)
         if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
@@ -92,6 +90,9 @@ class Trainer:
                              "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
+        rank0 = self.world is None or self.world.rank == 0  # one metrics file and one TensorBoard run, not W
+        self.callbacks = CallbackList(callbacks, metrics_jsonl=config.metrics_jsonl if rank0 else None,
+                                      tensorboard_dir=config.tensorboard_dir if rank0 else None)
         self.data_parallel = None if self.world is None else (
             ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
         sharded = isinstance(self.data_parallel, ShardedDataParallel)

@@ -32,8 +32,12 @@ def _train_two_ranks(argv) -> str:
 
 
 def _losses(path) -> dict[int, float]:
-    records = (json.loads(line) for line in path.read_text().splitlines())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "event" not in r}  # the last record of each step
+
+
+def _num_step_records(path) -> int:
+    return sum("event" not in json.loads(line) for line in path.read_text().splitlines())
 
 
 def test_resume_under_two_ranks_equals_the_uninterrupted_run(tmp_path):
@@ -53,3 +57,4 @@ def test_resume_under_two_ranks_equals_the_uninterrupted_run(tmp_path):
     assert "resumed from step 5" in _train_two_ranks(argv("cut", 12, "--resume"))
     want = _losses(tmp_path / "full.jsonl")
     assert sorted(want) == list(range(1, 13)) and _losses(tmp_path / "cut.jsonl") == want
+    assert _num_step_records(tmp_path / "full.jsonl") == 12  # rank 0 alone writes the metrics file
