@@ -112,7 +112,9 @@ def load_into(store, directory: str, manifest: dict, ssd=None) -> None:
         flat = getattr(store.units[index], record["role"])
         flat[record["offset"]:record["offset"] + t.numel()].copy_(t.view(-1))
     for index, unit in enumerate(store.units):
-        if index in store.ssd_units:
+        if index in store.streamed:
+            ssd.refresh_compute(index)  # the compute copy on SSD, from the loaded master
+        elif index in store.ssd_units:
             ssd.copy_state(index, {"master": unit.compute})
         else:
             unit.refresh_compute()
