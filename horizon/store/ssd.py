@@ -27,7 +27,7 @@ import torch
 from horizon.io import DirectFile, DirectIO, IOFuture, aligned_empty
 from horizon.store.layout import UnitLayout
 from horizon.store.ssd_config import SSDConfig
-from horizon.store.ssd_layout import STATE_ROLES, UnitExtents, state_bytes, unit_extents
+from horizon.store.ssd_layout import STATE_ROLES, UnitExtents, ssd_bytes_by_role, state_bytes, unit_extents
 
 __all__ = ["SSDTier", "ROLES", "state_bytes"]
 
@@ -91,11 +91,7 @@ class SSDTier:
     def bytes_by_role(self) -> dict[str, int]:
         """Bytes on SSD per role (4 KiB padding included): master, exp_avg, exp_avg_sq, and with
         streamed weights compute (bf16 and alike) and grad (spilled gradients)."""
-        out: dict[str, int] = {}
-        for extents in self.extents.values():
-            for role, _, _ in extents.roles:
-                out[role] = out.get(role, 0) + extents.role_bytes(role)
-        return out
+        return ssd_bytes_by_role(list(self.extents.values()))
 
     # -- slots --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import torch
 from horizon.io import ALIGN_BYTES
 from horizon.store.layout import UnitLayout
 
-__all__ = ["STATE_ROLES", "UnitExtents", "unit_extents", "state_bytes"]
+__all__ = ["STATE_ROLES", "UnitExtents", "unit_extents", "state_bytes", "ssd_bytes_by_role"]
 
 STATE_ROLES = ("master", "exp_avg", "exp_avg_sq")
 
@@ -75,3 +75,12 @@ def state_bytes(layout: UnitLayout, compute_dtype: torch.dtype = torch.float32, 
                 spill_grad: bool = False) -> int:
     """Bytes of one unit's extent on SSD and in an I/O slot (each role padded to 4 KiB)."""
     return unit_extents(layout, compute_dtype=compute_dtype, weights=weights, spill_grad=spill_grad).read_bytes
+
+
+def ssd_bytes_by_role(extents: list[UnitExtents]) -> dict[str, int]:
+    """Bytes on SSD per role over these units' extents (4 KiB padding included): the file's exact size in sum."""
+    out: dict[str, int] = {}
+    for unit in extents:
+        for role, _, _ in unit.roles:
+            out[role] = out.get(role, 0) + unit.role_bytes(role)
+    return out
