@@ -6,8 +6,9 @@ a few aligned buffers lets a model whose state is far larger than RAM train: RAM
 the compute copy, the gradient and ``io_buffers`` units' state.
 
 One file per trainer (created in ``SSDConfig.dir``, preallocated so a full disk fails at start,
-removed at close). Unit u's three roles sit back to back at ``offset[u]``, each padded to 4 KiB, so
-one request reads or writes all of them. The pool is one page-aligned allocation of ``io_buffers``
+removed at close). Unit u's roles sit back to back at ``offset[u]``, each padded to 4 KiB, so one
+request reads or writes all of them (horizon.store.ssd_layout: with ``SSDConfig(weights=True)`` a
+streamed unit's compute copy and spilled gradient follow its state). The pool is one page-aligned allocation of ``io_buffers``
 slots of the largest unit's state; nothing is allocated per step.
 
 The optimizer thread drives it: ``acquire(u)`` waits for u's state (read ahead by ``prefetch``), the
