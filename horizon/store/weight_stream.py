@@ -49,7 +49,9 @@ class WeightStream:
 
     def start(self, loads: list[tuple[int, int]], load_after: Callable[[int], concurrent.futures.Future | None]):
         """A new step: ``loads`` are the (position, unit) of its loads of streamed units, in order."""
-        assert not self._issued, "every read of the last step was taken"
+        for _, future in self._issued.values():  # a step that raised midway: its reads end before buffers are reused
+            future.exception()
+        self._issued.clear()
         self._loads, self._load_after, self._next = list(loads), load_after, 0
         self._index_of = {position: k for k, (position, _) in enumerate(self._loads)}
 
