@@ -25,7 +25,14 @@ RSS_SCRIPT = textwrap.dedent("""
     del block
     with torch.device("meta"):  # as a model larger than RAM is built: no parameter memory before the store
         model = Decoder(cfg)
-    baseline = psutil.Process().memory_info().rss
+
+    def status():  # resident kB by kind: anonymous (heap), file (libraries' pages), shared (the I/O pools)
+        lines = open("/proc/self/status").read().splitlines()
+        return {l.split(":")[0]: int(l.split()[1]) for l in lines if l.startswith(("RssAnon", "RssFile", "RssShmem"))}
+
+    # The high-water mark, not the current RSS: library pages the kernel dropped under memory pressure
+    # before this point and faulted back in later are not the trainer's growth.
+    baseline, before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, status()
     params = sum(p.numel() for p in model.parameters())
     budget = 16 * params // 2  # the whole 16 B/param state is twice the budget
     clip = sys.argv[2] == "clip"
@@ -40,7 +47,8 @@ RSS_SCRIPT = textwrap.dedent("""
     mem = trainer.memory()
     print(json.dumps({"params": params, "growth": peak - baseline, "host": mem.host_bytes, "ssd": mem.ssd_bytes,
                       "device": mem.device_peak_bytes, "budget": budget, "by_role": mem.host_bytes_by_role,
-                      "streamed": len(trainer.store.streamed), "losses": losses}))
+                      "streamed": len(trainer.store.streamed), "losses": losses, "rss_kb_before": before,
+                      "rss_kb_after": status()}))
     trainer.close()
 """)
 
