@@ -33,10 +33,10 @@ from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.adamw import decay_runs_by_name
 from horizon.optim.updater import Updater
+from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
 from horizon.store.ssd import SSDTier
-from horizon.store.grad_ring import GradRing
 from horizon.store.ssd_placement import choose_ssd_units, streamed_units
 from horizon.store.weight_stream import WeightStream
 

@@ -68,9 +68,9 @@ class Updater:
                  grads: GradRing | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.ssd = ssd
+        """Where the state of ``store.ssd_units`` lives; each of their updates reads it ahead and writes it back."""
         self.grads = grads
         """Where the gradients of ``store.streamed`` units land: consumed by the eager update, else spilled to SSD."""
-        """Where the state of ``store.ssd_units`` lives; each of their updates reads it ahead and writes it back."""
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
         self.reducer = reducer
