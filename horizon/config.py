@@ -148,6 +148,12 @@ class TrainConfig:
         if self.ssd.units == "auto" and budget is None:
             raise ValueError('SSDConfig(units="auto") needs TrainConfig(host_memory_budget_bytes=...): the RAM '
                              "the store may take decides how many units go to SSD")
+        if self.ssd.weights and self.grad_accum_steps > 1:
+            raise ValueError("SSDConfig(weights=True) is not combined with grad_accum_steps > 1 yet (the fp32 "
+                             "gradient sums would stay in RAM): use grad_accum_steps=1 or SSDConfig(weights=False)")
+        if self.ssd.weights and self.plan == "auto":
+            raise ValueError('SSDConfig(weights=True) is not combined with plan="auto" yet (the planner measures '
+                             'units from compute copies in RAM): give the plan ("recompute", a file or a horizon.Plan)')
 
     def _check_plan(self) -> None:
         budget = self.device_memory_budget_bytes

@@ -36,10 +36,12 @@ from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.adamw import decay_runs_by_name
 from horizon.optim.updater import Updater
+from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
 from horizon.store.ssd import SSDTier
-from horizon.store.ssd_placement import choose_ssd_units
+from horizon.store.ssd_placement import choose_ssd_units, streamed_units
+from horizon.store.weight_stream import WeightStream
 
 __all__ = ["Trainer"]
 
@@ -56,11 +58,14 @@ class _MicroBatches:
         self.tokens += tokens
 
 
-def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
+def _ssd_units(config: TrainConfig, layouts) -> tuple[frozenset[int], frozenset[int]]:
+    """(units whose optimizer state is on SSD, those of them whose weights are streamed too)."""
     if config.ssd is None:
-        return frozenset()
-    return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
-                            accumulate=config.grad_accum_steps > 1, host_budget_bytes=config.host_memory_budget_bytes)
+        return frozenset(), frozenset()
+    units = choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
+                             accumulate=config.grad_accum_steps > 1, host_budget_bytes=config.host_memory_budget_bytes,
+                             spill_grads=not config.eager_updates)
+    return units, streamed_units(layouts, units, weights=config.ssd.weights)
 
 
 class Trainer:
@@ -110,7 +115,7 @@ class Trainer:
                                  "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
         if preflight_applies(config, is_multi_rank()):
             preflight(model, config)  # the estimate against this machine, before the store exists
-        ssd_units = _ssd_units(config, layouts)
+        ssd_units, streamed = _ssd_units(config, layouts)
         if ssd_units and (self.data_parallel is not None or weights is not None):
             raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
                              "drop ssd=..., or train in one process from an initialised model")
@@ -121,9 +126,15 @@ class Trainer:
         else:
             self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
                                    pin=device.type == "cuda" and config.pin_memory,
-                                   accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units)
-        self.ssd = SSDTier(config.ssd, layouts, ssd_units) if ssd_units else None
+                                   accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units, streamed=streamed)
+        dtype = config.resolved_compute_dtype
+        self.ssd = SSDTier(config.ssd, layouts, ssd_units, compute_dtype=dtype, streamed=streamed,
+                           spill_grads=not config.eager_updates) if ssd_units else None
         """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
+        self.weight_stream = WeightStream(self.ssd, dtype=dtype, num_buffers=config.ssd.weight_buffers,
+                                          io_backend=config.ssd.io_backend) if streamed else None
+        self.grad_ring = GradRing(layouts, streamed, dtype) if streamed else None
+        """With SSDConfig(weights=True): the read-ahead window of streamed compute copies and their gradients' ring."""
         sources = {"ssd": self.ssd} if self.ssd is not None else {}
         if sharded:
             sources["weights"] = weights  # each rank reads its own slices
@@ -138,7 +149,8 @@ class Trainer:
         self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
-        self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
+        self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,
+                             weights=self.weight_stream, grads=self.grad_ring)
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
         ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
@@ -151,7 +163,7 @@ class Trainer:
             decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
         self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
                                before_update=self.checkpointer.before_update if self.checkpointer else None,
-                               reducer=self.data_parallel, ssd=self.ssd)
+                               reducer=self.data_parallel, ssd=self.ssd, grads=self.grad_ring)
         if self.checkpointer is not None:
             self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
         self.device = device
@@ -272,10 +284,13 @@ class Trainer:
         self._micro = _MicroBatches()
 
     def param_names(self) -> list[list[str]]:
-        """Per unit, the model's names of its own parameters in store order."""
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
-        return [[name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
-                for unit in self.store.units]
+        """Per unit, the model's names of its own parameters in store order (a streamed unit's parameters are
+        placeholders on the meta device: found by identity)."""
+        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters() if not p.is_meta}
+        name_of_param = {id(p): n for n, p in self.model.named_parameters()}
+        return [[name_of_param[id(self.store.parameters[index][slot.local_name])] if index in self.store.streamed
+                 else name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
+                for index, unit in enumerate(self.store.units)]
 
     # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
 
@@ -306,7 +321,12 @@ class Trainer:
         self.updater.wait_all()
         state = self.model.state_dict()
         if self.ssd is not None:
-            self.ssd.put_masters(state, self.store)
+            keys: dict[int, list[str]] = {}
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                keys.setdefault(id(p), []).append(name)
+            by_unit = [{local: keys.get(id(p), []) for local, p in params.items()}
+                       for params in self.store.parameters]
+            self.ssd.put_masters(state, self.store, by_unit)
         if isinstance(self.data_parallel, ShardedDataParallel):
             self.data_parallel.put_masters(state, self.store)
         return state
@@ -323,17 +343,16 @@ class Trainer:
         a collective, call it on every rank)."""
         self.updater.wait_all()
         whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
-        for index, (unit, step) in enumerate(zip(self.store.units, self.updater.steps)):
+        for index, (unit, step, names) in enumerate(zip(self.store.units, self.updater.steps, self.param_names())):
             if index in self.store.ssd_units:
                 state_of = self.ssd.read_state(index)
                 m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
             else:
                 m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
-            for local_name, master in unit.views(unit.weights).items():
-                state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
-                                                     "exp_avg_sq": v[local_name]}
+            for slot, name in zip(unit.layout.own, names):
+                state[name] = {"step": step.clone(), "exp_avg": m[slot.local_name],
+                               "exp_avg_sq": v[slot.local_name]}
         opt = self.config.optimizer
         return {"state": state, "param_groups": [{"lr": opt.lr, "betas": opt.betas, "eps": opt.eps,
                                                   "weight_decay": opt.weight_decay}]}
@@ -347,6 +366,9 @@ class Trainer:
             peak = self.engine.ledger.peak_bytes
         if self.ssd is not None:
             by_role["ssd_io_pool"] = self.ssd.pool_bytes
+        if self.weight_stream is not None:
+            by_role["ssd_weight_window"] = self.weight_stream.pool_bytes
+            by_role["ssd_grad_ring"] = self.grad_ring.pool_bytes
         return MemoryReport(device_peak_bytes=peak, host_bytes=sum(by_role.values()), host_bytes_by_role=by_role,
                             slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots,
                             ssd_bytes_by_role=self.ssd.bytes_by_role if self.ssd is not None else {})
@@ -360,6 +382,8 @@ class Trainer:
             self.checkpoints.close()
             self.callbacks.close()
             self.updater.close()
+            if self.weight_stream is not None:
+                self.weight_stream.close()
             if self.ssd is not None:
                 self.ssd.close()
             self.transfer.close()

@@ -115,7 +115,7 @@ def _held(store, index: int) -> tuple[int, int]:
     """The elements [lo, hi) of unit ``index`` whose master, m and v this process holds (its shard, or all)."""
     unit = store.units[index]
     lo = getattr(unit, "shard_start", 0)
-    return lo, min(lo + unit.master.numel(), unit.layout.numel)
+    return lo, min(lo + unit.held_numel, unit.layout.numel)
 
 
 def load_into(store, directory: str, manifest: dict, ssd=None) -> None:
@@ -141,7 +141,9 @@ def load_into(store, directory: str, manifest: dict, ssd=None) -> None:
         a, b = max(start, lo), min(end, hi)
         getattr(store.units[index], record["role"])[a - lo:b - lo].copy_(flat[a - start:b - start])
     for index, unit in enumerate(store.units):
-        if index in store.ssd_units:
+        if index in store.streamed:
+            ssd.refresh_compute(index)  # the compute copy on SSD, from the loaded master
+        elif index in store.ssd_units:
             ssd.copy_state(index, {"master": unit.compute})
         else:
             unit.refresh_compute()

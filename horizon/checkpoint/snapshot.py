@@ -61,6 +61,8 @@ class Snapshot:
         self.blocked_s = 0.0
         """Seconds the optimizer spent in ``before_update`` for this version (waits and its own copies)."""
         self.yielded_s = 0.0
+        self.copier_error: str | None = None
+        """Why the copier thread stopped early, if it failed."""
         """Seconds the copier waited for the optimizer to go idle before starting a unit."""
 
     def staged_slot(self, unit: int) -> torch.Tensor:
@@ -70,7 +72,7 @@ class Snapshot:
     def staged_view(self, unit: int, role: str) -> torch.Tensor:
         """The staged copy of ``unit``'s ``role`` (fp32, flat), valid while the unit is STAGED.
         As long as the store's buffer: the whole unit, or this rank's shard of it."""
-        numel = self.store.units[unit].master.numel()
+        numel = self.store.units[unit].held_numel
         k = ROLES.index(role)
         return self.staged_slot(unit)[k * numel * 4:(k + 1) * numel * 4].view(torch.float32)
 
@@ -121,15 +123,21 @@ class Snapshot:
         self.yielded_s += time.perf_counter() - start
 
     def run_copier(self) -> None:
-        for unit in self.order:
-            if self.stop.is_set():
-                return
-            after = self._after.get(unit)
-            if after is not None:
-                after.exception()  # wait for the unit's update of this step (an error is the optimizer's to raise)
-            self._yield_to_optimizer()
-            if self._claim(unit):
-                self._copy(unit)
+        """The copier thread's body. A failure aborts this version (every barrier released, the writer
+        told why) instead of leaving a unit COPYING for the optimizer and the writer to wait on forever."""
+        try:
+            for unit in self.order:
+                if self.stop.is_set():
+                    return
+                after = self._after.get(unit)
+                if after is not None:
+                    after.exception()  # wait for the unit's update of this step (an error is the optimizer's to raise)
+                self._yield_to_optimizer()
+                if self._claim(unit):
+                    self._copy(unit)
+        except Exception as e:
+            self.copier_error = f"{type(e).__name__}: {e}"
+            self.abort()
 
     def before_update(self, unit: int) -> None:
         """Called by the optimizer before it changes ``unit``: returns once version S of it is safe.
@@ -153,7 +161,8 @@ class Snapshot:
         with self._cond:
             while self._state[unit] is not UnitState.STAGED:
                 if self.stop.is_set():
-                    raise RuntimeError("checkpoint aborted")
+                    raise RuntimeError("checkpoint aborted" + (f": the copier failed: {self.copier_error}"
+                                                               if self.copier_error else ""))
                 if time.monotonic() > deadline_s:
                     raise TimeoutError(f"checkpoint of step {self.step} timed out waiting for unit {unit}'s copy")
                 self._cond.wait(timeout=0.1)

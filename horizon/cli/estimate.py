@@ -50,11 +50,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", dest="check_machine",
                         help="also compare with this machine: available RAM within the cgroup limit, "
                              "locked-memory limit, free GPU memory, free disk at --ssd-path")
-    parser.add_argument("--ssd-path", default=".", help="directory whose free disk --check reads (path)")
+    parser.add_argument("--ssd-path", default=".",
+                        help="directory on the SSD: whose free disk --check reads, where the tier would live (path)")
+    parser.add_argument("--ssd-units", type=_ssd_units,
+                        help="put these units' optimizer state on SSD: all, auto (as few as --host-ram allows) "
+                             "or indices like 0,3,5 (0 = the embedding)")
+    parser.add_argument("--ssd-weights", action="store_true",
+                        help="with --ssd-units: stream their compute copies and gradients from SSD too")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
+def _ssd_units(text: str) -> str | tuple[int, ...]:
+    if text in ("all", "auto"):
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write all, auto or unit indices like 0,3,5") from None
+
+
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.ssd_units == "auto" and args.host_ram is None:
+        parser.error("--ssd-units auto places units by the RAM budget: give --host-ram too")
+    if args.ssd_weights and args.ssd_units is None:
+        parser.error("--ssd-weights streams the weights of the units on SSD: give --ssd-units too")
     for name in ("seq_len", "batch_size", "grad_accum_steps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -81,6 +100,7 @@ def _report(args, spec, estimate: MemoryEstimate, budget, short, deepest) -> dic
         "pinned_bytes": estimate.pinned_bytes, "ram_needed_bytes": ram_needed_bytes(estimate, args.device),
         "device_peak_bytes": estimate.device_peak_bytes, "device_bytes_at_peak": estimate.device_bytes_at_peak,
         "slot_bytes": estimate.slot_bytes, "num_slots": estimate.num_slots, "ssd_bytes": estimate.ssd_bytes,
+        "ssd_bytes_by_role": estimate.ssd_bytes_by_role, "ssd_units": list(estimate.ssd_units),
         "derivation": estimate.derivation(),
         "budget": None if budget is None else {k: v for k, v in vars(budget).items()},
         "fits": None if budget is None else not short, "shortfalls": short,
@@ -104,7 +124,9 @@ def _print_table(r: dict, args) -> None:
     for part, n in r["device_bytes_at_peak"].items():
         print(row.format(part, format_bytes(n)))
     print(row.format("total", format_bytes(r["device_peak_bytes"])))
-    print(f"SSD {format_bytes(r['ssd_bytes'])}")
+    print(f"SSD {format_bytes(r['ssd_bytes'])}" + (f" (units {r['ssd_units']})" if r["ssd_units"] else ""))
+    for role, n in r["ssd_bytes_by_role"].items():
+        print(row.format(role, format_bytes(n)))
     if args.device == "cpu":
         print(f"RAM needed on CPU (host + device): {format_bytes(r['ram_needed_bytes'])}")
     print("derived as:")
@@ -148,8 +170,11 @@ def _memlock_warning(estimate: MemoryEstimate, budget: Budget | None) -> str | N
 def run(args: argparse.Namespace) -> int:
     """Print the estimate; 1 when a budget is short, else 0."""
     spec = resolve_model(args.model)
+    ssd = None if args.ssd_units is None else horizon.SSDConfig(dir=args.ssd_path, units=args.ssd_units,
+                                                                  weights=args.ssd_weights)
     config = horizon.TrainConfig(device=args.device, plan=horizon.Plan.uniform(args.plan, num_slots=args.slots),
-                                 grad_accum_steps=args.grad_accum_steps)
+                                 grad_accum_steps=args.grad_accum_steps, ssd=ssd,
+                                 host_memory_budget_bytes=args.host_ram if ssd is not None else None)
     estimate = estimate_memory(spec.build(spec.num_layers), config, batch_size=args.batch_size,
                                seq_len=args.seq_len)
     budget = _budget(args)

@@ -31,7 +31,9 @@ from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.transfer import DONE, Handle, Transfer
 from horizon.models.units import UnitKind, UnitSpec
+from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore
+from horizon.store.weight_stream import WeightStream
 
 __all__ = ["Engine"]
 
@@ -78,8 +80,11 @@ class Engine:
     """Executes a ``Plan`` for a chain of units whose state lives in a ``HostStore``."""
 
     def __init__(self, specs: list[UnitSpec], store: HostStore, *, plan: Plan, device: torch.device,
-                 transfer: Transfer) -> None:
+                 transfer: Transfer, weights: WeightStream | None = None, grads: GradRing | None = None) -> None:
         self.specs, self.store, self.plan = specs, store, plan
+        self.weights, self.grads = weights, grads
+        """For ``store.streamed`` units (SSDConfig(weights=True)): where their compute copies are read from
+        and where their gradients land, instead of the store's buffers."""
         self.device, self.transfer = device, transfer
         self.layouts = [unit.layout for unit in store.units]
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
@@ -118,6 +123,9 @@ class Engine:
                        load_after=load_after, grads_landed=grads_landed, extras=extras or {})
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.weights is not None:
+            self.weights.start([(p, u) for p, (u, use) in enumerate(zip(order, sweep.uses))
+                                if use.load and u in self.store.streamed], load_after)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
             self._issue_weights(sweep, position)
@@ -143,7 +151,7 @@ class Engine:
 
     def _issue_weights(self, sweep: _Sweep, position: int) -> None:
         unit, use = sweep.order[position], sweep.uses[position]
-        handle = self._load_weights(sweep, unit, use.slot) if use.load else DONE
+        handle = self._load_weights(sweep, unit, use.slot, position) if use.load else DONE
         sweep.ready.setdefault(position, []).append(handle)
 
     def _issue_restores(self, sweep: _Sweep, position: int, *, until: int) -> None:
@@ -172,17 +180,22 @@ class Engine:
                 sweep.ready.setdefault(sweep.next_restore, []).append(handle)
             sweep.next_restore += 1
 
-    def _load_weights(self, sweep: _Sweep, unit: int, slot: int) -> Handle:
+    def _load_weights(self, sweep: _Sweep, unit: int, slot: int, position: int) -> Handle:
         layout, buffers = self.layouts[unit], self.store.units[unit]
         flat = self.pool.slots[slot]
-        dsts, srcs, owners = [flat[:layout.numel]], [buffers.compute], [unit]
+        streamed = unit in self.store.streamed
+        src, read = self.weights.take(position) if streamed else (buffers.compute, None)
+        dsts, srcs, owners = [flat[:layout.numel]], [src], [] if streamed else [unit]
         for b in layout.borrowed:
             owner = self.store.units[b.owner].compute
             dsts.append(flat[b.offset:b.offset + b.owner_slot.numel])
             srcs.append(owner[b.owner_slot.offset:b.owner_slot.offset + b.owner_slot.numel])
             owners.append(b.owner)
-        after = [f for f in map(sweep.load_after, owners) if f is not None]
-        return self.transfer.h2d(dsts, srcs, after)
+        after = [f for f in map(sweep.load_after, owners) if f is not None] + ([read] if streamed else [])
+        handle = self.transfer.h2d(dsts, srcs, after)
+        if streamed:
+            self.weights.copying(position, handle, src)
+        return handle
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -314,7 +327,9 @@ class Engine:
             sweep.norm_sq += torch.stack(torch._foreach_norm(own, 2.0, dtype=torch.float32)).square().sum()
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
-        dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())
+        buffers = self.store.units[unit]
+        flat = self.grads.take(unit) if unit in self.store.streamed else buffers.grad
+        dsts = list(buffers.views(flat).values())
         sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
         self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
 

@@ -49,6 +49,16 @@ class Handle:
             self._event.synchronize()
         self._keep = ()
 
+    def wait_copied(self) -> None:
+        """Block until the copy itself is done, from any thread; releases nothing (the consumer's
+        ``wait_*`` does). ``_resolve`` sets the event before it drops the future, so this sees one."""
+        future, event = self._future, self._event
+        if future is not None:
+            result = future.result()
+            event = result if result is not None else event
+        if event is not None:
+            event.synchronize()
+
 
 DONE = Handle()
 """A handle for work that needed no copy."""

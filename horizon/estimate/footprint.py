@@ -25,8 +25,10 @@ from horizon.engine.plan import ActivationPolicy
 from horizon.engine.slots import _structure_key
 from horizon.estimate.device_peak import replay_device_peak
 from horizon.models.units import UnitKind, UnitSpec, find_units
-from horizon.store.host_store import _PCIE_ROLES, store_bytes_by_role
+from horizon.store.host_store import _PCIE_ROLES
 from horizon.store.layout import plan_layouts
+from horizon.store.ssd_layout import ssd_bytes_by_role, unit_extents
+from horizon.store.ssd_placement import choose_ssd_units, ram_bytes_by_role, streamed_units
 
 __all__ = ["MemoryEstimate", "estimate_memory"]
 
@@ -37,7 +39,8 @@ class MemoryEstimate:
     """Parameters of the model (a tied weight counted once)."""
     host_bytes_by_role: dict[str, int]
     """The host store by role (master, exp_avg, exp_avg_sq, grad, compute, grad_accum) plus
-    ``activations``: the host buffers for RECOMPUTE blocks' inputs."""
+    ``activations``: the host buffers for RECOMPUTE blocks' inputs, and with an SSD tier its buffers
+    (``ssd_io_pool``; with streamed weights ``ssd_weight_window`` and ``ssd_grad_ring``)."""
     pinned_bytes: int
     """Of the host bytes, those page-locked for DMA (compute copy, gradients, activations; CUDA only)."""
     device_peak_bytes: int
@@ -48,14 +51,21 @@ class MemoryEstimate:
     slot_bytes: int
     """One device slot: the largest unit (own plus tied parameters) in the compute dtype."""
     num_slots: int
-    ssd_bytes: int = 0
-    """Bytes on SSD: 0 until a plan places optimizer state there."""
+    ssd_bytes_by_role: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Bytes on SSD by role (master, exp_avg, exp_avg_sq; compute and grad with streamed weights):
+    the size of the SSD tier's file, exactly; empty without TrainConfig.ssd."""
+    ssd_units: tuple[int, ...] = ()
+    """The units placed on SSD (SSDConfig.units resolved; "auto" against host_memory_budget_bytes)."""
     plan: str
     """The plan assumed, in words."""
 
     @property
     def host_bytes(self) -> int:
         return sum(self.host_bytes_by_role.values())
+
+    @property
+    def ssd_bytes(self) -> int:
+        return sum(self.ssd_bytes_by_role.values())
 
     @property
     def ram_bytes_on_cpu(self) -> int:
@@ -72,7 +82,13 @@ class MemoryEstimate:
             "pinned": "compute copy + gradient buffers + activations, when the device is CUDA and pinning is on",
             "device peak": "a replay of the engine's ledger over one step's unit order "
                            "(horizon.estimate.device_peak); KEEP graphs measured under FakeTensorMode",
-            "ssd": "no SSD tier in this plan",
+            "ssd buffers": "SSDConfig.io_buffers x the largest SSD unit's extent; with weights=True also "
+                           "weight_buffers x its compute copy and 3 x its gradient "
+                           "(horizon.store.ssd_placement.ram_bytes_by_role)",
+            "ssd": "per SSD unit, master + exp_avg + exp_avg_sq in fp32 (+ the compute copy, and the gradient "
+                   "when clipping spills it, with SSDConfig(weights=True)), each padded to 4096 bytes "
+                   "(horizon.store.ssd_layout, the layout of the tier's file)" if self.ssd_bytes_by_role
+                   else "no SSD tier in this plan",
         }
 
 
@@ -114,6 +130,22 @@ def _kept_bytes(spec: UnitSpec, hidden_shape: tuple[int, ...], dtype: torch.dtyp
     return total
 
 
+def _ssd_units(config: TrainConfig, layouts) -> frozenset[int]:
+    """The units TrainConfig.ssd places on SSD; with "auto" and a budget even all of them miss, all of them
+    (the estimate then shows the shortfall instead of failing)."""
+    if config.ssd is None:
+        return frozenset()
+    kwargs = dict(accumulate=config.grad_accum_steps > 1, spill_grads=not config.eager_updates)
+    try:
+        return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype,
+                                host_budget_bytes=config.host_memory_budget_bytes, **kwargs)
+    except ValueError:
+        if config.ssd.units != "auto":
+            return choose_ssd_units(config.ssd, layouts, config.resolved_compute_dtype, host_budget_bytes=None,
+                                    **kwargs)
+        return frozenset(range(len(layouts)))
+
+
 def _check_shape(batch_size: int, seq_len: int) -> None:
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -134,7 +166,17 @@ def estimate_memory(model: nn.Module, config: TrainConfig | None = None, *, batc
     hidden_shape = (batch_size, seq_len, specs[0].module.embedding_dim)
     hidden_bytes = batch_size * seq_len * hidden_shape[-1] * itemsize
 
-    by_role = store_bytes_by_role(layouts, dtype, accumulate=config.grad_accum_steps > 1)
+    accumulate = config.grad_accum_steps > 1
+    ssd_units = _ssd_units(config, layouts)
+    ssd, spill = config.ssd, not config.eager_updates
+    by_role = ram_bytes_by_role(layouts, dtype, accumulate=accumulate, ssd_units=ssd_units,
+                                io_buffers=ssd.io_buffers if ssd else 0, weights=bool(ssd and ssd.weights),
+                                weight_buffers=ssd.weight_buffers if ssd else 0, spill_grads=spill)
+    if not ssd_units:
+        del by_role["ssd_io_pool"]
+    streamed = streamed_units(layouts, ssd_units, weights=bool(ssd and ssd.weights))
+    on_ssd = ssd_bytes_by_role([unit_extents(layouts[u], compute_dtype=dtype, weights=u in streamed, spill_grad=spill)
+                                for u in sorted(ssd_units)])
     num_recompute = sum(p is ActivationPolicy.RECOMPUTE for p in policies)
     by_role["activations"] = num_recompute * hidden_bytes
     pinned = 0
@@ -157,4 +199,5 @@ def estimate_memory(model: nn.Module, config: TrainConfig | None = None, *, batc
         num_params=sum(layout.numel for layout in layouts), host_bytes_by_role=by_role, pinned_bytes=pinned,
         device_peak_bytes=peak.peak_bytes, device_bytes_at_peak=peak.bytes_by_part_at_peak,
         slot_bytes=max(layout.device_numel for layout in layouts) * itemsize, num_slots=plan.num_slots,
+        ssd_bytes_by_role=on_ssd, ssd_units=tuple(sorted(ssd_units)),
         plan=f"{plan.num_slots} slots; blocks: {words}; {dtype} compute on {config.device}")

@@ -33,6 +33,7 @@ import torch
 
 from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
 from horizon.optim.clip import clip_scale
+from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore, UnitBuffers
 from horizon.store.ssd import SSDTier
 
@@ -63,10 +64,13 @@ class Updater:
     def __init__(self, store: HostStore, optimizer: AdamW, *, decay_runs: list[list[tuple[int, int, float]]],
                  delay_s: Callable[[], float] | None = None,
                  before_update: Callable[[int], None] | None = None,
-                 reducer: GradientReducer | None = None, ssd: SSDTier | None = None) -> None:
+                 reducer: GradientReducer | None = None, ssd: SSDTier | None = None,
+                 grads: GradRing | None = None) -> None:
         self.store, self.optimizer, self.delay_s = store, optimizer, delay_s
         self.ssd = ssd
         """Where the state of ``store.ssd_units`` lives; each of their updates reads it ahead and writes it back."""
+        self.grads = grads
+        """Where the gradients of ``store.streamed`` units land: consumed by the eager update, else spilled to SSD."""
         self.before_update = before_update
         """Called with a unit's index before its update changes anything (the checkpoint barrier)."""
         self.reducer = reducer
@@ -97,7 +101,7 @@ class Updater:
             self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
 
     def _update(self, unit: int, lr: float, grad_scale: float | None, descending: bool,
-                reduce: bool = False) -> None:
+                reduce: bool = False, grad: torch.Tensor | None = None) -> None:
         self._maybe_delay()
         if reduce:
             self._reduce(unit)
@@ -107,10 +111,14 @@ class Updater:
         buffers = self.store.units[unit]
         on_ssd = unit in self.store.ssd_units
         if on_ssd:  # the state read ahead into an I/O slot; the next SSD unit's read starts now
-            buffers = dataclasses.replace(buffers, **self.ssd.acquire(unit))
+            views = self.ssd.acquire(unit)
+            spilled = views.pop("grad", None)  # a streamed unit's gradient, read back with its state
+            grad = grad if grad is not None else spilled
+            buffers = dataclasses.replace(buffers, **views)
             self.ssd.prefetch(self.ssd.next_unit(unit, descending=descending))
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
-            adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
+            adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr,
+                            grad=grad if grad is not None else self._source(unit),
                             grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
         if on_ssd:
             self.ssd.release(unit)
@@ -135,7 +143,11 @@ class Updater:
                norm_on_device: bool = False) -> None:
         """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once.
 
-        ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
+        ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here.
+        A streamed unit's gradient (in ``grads``) goes to its eager update, or else to SSD until ``finish``."""
+        if unit in self.store.streamed:
+            self._landed_streamed(unit, eager_lr)
+            return
         if eager_lr is not None:
             self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, True)  # last unit first
             return
@@ -146,11 +158,21 @@ class Updater:
         if last_micro:
             self._norms[unit] = future
 
+    def _landed_streamed(self, unit: int, eager_lr: float | None) -> None:
+        if eager_lr is not None:
+            future = self._pool.submit(self._update, unit, eager_lr, None, True, False, self.grads.held(unit))
+            self._pending[unit] = future
+        else:  # the deferred schedule takes the norm on the device (no accumulation with streamed weights)
+            future = self.ssd.spill_grad(unit, self.grads.padded(unit))
+        self.grads.hand_on(unit, future)
+
     def finish(self, *, lr: float, divisor: int, clip_norm: float | None, on_nonfinite: str,
                grad_norm: torch.Tensor | None = None) -> Outcome:
         """After the last micro-batch: check, clip and submit every unit's update in forward order.
 
         ``grad_norm``: the global norm (a 0-d fp32 CPU tensor) when the engine took it on the device."""
+        if self.grads is not None:
+            self.grads.drain()  # spilled gradients are on SSD before an update reads them back
         if grad_norm is None:
             norms = [self._norms.pop(unit).result() for unit in sorted(self._norms)]
             grad_norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)

@@ -49,10 +49,13 @@ def _has_own_compute_copy(compute_dtype: torch.dtype) -> bool:
 
 
 def _region_bytes(layouts: list[UnitLayout], roles, compute_dtype: torch.dtype,
-                  ssd_units: frozenset[int] = frozenset()) -> int:
-    """Bytes of ``roles`` in RAM; a unit on SSD keeps no master, m or v here but its own compute copy."""
+                  ssd_units: frozenset[int] = frozenset(), streamed: frozenset[int] = frozenset()) -> int:
+    """Bytes of ``roles`` in RAM; a unit on SSD keeps no master, m or v here but its own compute copy,
+    a streamed unit nothing at all (horizon.store.weight_stream and grad_ring hold a window of them)."""
     total = 0
     for index, layout in enumerate(layouts):
+        if index in streamed:
+            continue
         on_ssd = index in ssd_units
         for role in roles:
             if on_ssd and role in _CPU_ROLES:
@@ -66,17 +69,20 @@ def _cpu_roles(accumulate: bool) -> tuple[Role, ...]:
 
 
 def store_bytes_by_role(layouts: list[UnitLayout], compute_dtype: torch.dtype, *,
-                        accumulate: bool = False, ssd_units: frozenset[int] = frozenset()) -> dict[str, int]:
+                        accumulate: bool = False, ssd_units: frozenset[int] = frozenset(),
+                        streamed: frozenset[int] = frozenset()) -> dict[str, int]:
     """Exact bytes the store allocates in RAM per role, page alignment included (nothing allocated).
 
-    Units in ``ssd_units`` keep master, m and v on SSD (horizon.store.ssd) and their own compute copy here."""
+    Units in ``ssd_units`` keep master, m and v on SSD (horizon.store.ssd) and their own compute copy here;
+    units in ``streamed`` (a subset, SSDConfig(weights=True)) keep nothing here."""
     out = {}
     for role in Role:
         absent = (role is Role.COMPUTE and not _has_own_compute_copy(compute_dtype)) or (
             role is Role.GRAD_ACCUM and not accumulate)
-        out[role.value] = 0 if absent else _region_bytes(layouts, (role,), compute_dtype, ssd_units)
+        out[role.value] = 0 if absent else _region_bytes(layouts, (role,), compute_dtype, ssd_units, streamed)
     if not _has_own_compute_copy(compute_dtype):
-        out[Role.COMPUTE.value] = sum(_aligned(layouts[i].numel * compute_dtype.itemsize) for i in ssd_units)
+        out[Role.COMPUTE.value] = sum(_aligned(layouts[i].numel * compute_dtype.itemsize)
+                                      for i in ssd_units - streamed)
     return out
 
 
@@ -85,11 +91,11 @@ class UnitBuffers:
     """One unit's flat buffers; ``compute`` aliases ``master`` when computing in fp32."""
 
     layout: UnitLayout
-    master: torch.Tensor
+    master: torch.Tensor | None   # None when the unit is streamed from SSD (weights and all)
     exp_avg: torch.Tensor | None  # None when the unit's optimizer state is on SSD
     exp_avg_sq: torch.Tensor | None
-    grad: torch.Tensor
-    compute: torch.Tensor
+    grad: torch.Tensor | None     # None when streamed: the gradient lands in horizon.store.grad_ring
+    compute: torch.Tensor | None
     grad_accum: torch.Tensor | None = None
 
     @property
@@ -97,12 +103,18 @@ class UnitBuffers:
         """The fp32 buffer the model's parameters are views of."""
         return self.master
 
+    @property
+    def held_numel(self) -> int:
+        """Elements of master, m and v this process holds: a sharded store's shard (padded to the same
+        size on every rank), else the whole unit (in RAM, or on SSD when streamed)."""
+        return self.master.numel() if self.master is not None else self.layout.numel
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p.local_name: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.layout.own}
 
     def refresh_compute(self) -> None:
-        """Write the compute copy from the master (a no-op when they are the same buffer)."""
-        if self.compute.data_ptr() != self.master.data_ptr():
+        """Write the compute copy from the master (a no-op when they are the same buffer, or streamed)."""
+        if self.compute is not None and self.compute.data_ptr() != self.master.data_ptr():
             self.compute.copy_(self.master)
 
 
@@ -126,14 +138,22 @@ class _Carver:
 class HostStore:
     """Flat host buffers for a chain of units, plus the pinning of what crosses PCIe."""
 
+    streamed: frozenset[int] = frozenset()
+
     def __init__(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
-                 accumulate: bool = False, ssd_units: frozenset[int] = frozenset()) -> None:
+                 accumulate: bool = False, ssd_units: frozenset[int] = frozenset(),
+                 streamed: frozenset[int] = frozenset()) -> None:
+        assert streamed <= ssd_units
         self.ssd_units = ssd_units
+        self.streamed = streamed
+        """Units whose compute copy and gradient are not here either (SSDConfig(weights=True)): every buffer
+        is None, and the model's parameters of them are placeholders on the meta device."""
         """Units whose master, m and v live on SSD (horizon.store.ssd); their ``exp_avg``/``exp_avg_sq``
         are None and ``master`` is the compute copy (bit for bit the master in fp32, rounded in bf16)."""
-        by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate, ssd_units=ssd_units)
+        by_role = store_bytes_by_role(layouts, compute_dtype, accumulate=accumulate, ssd_units=ssd_units,
+                                      streamed=streamed)
         pcie_bytes = by_role[Role.COMPUTE.value] + by_role[Role.GRAD.value]
-        cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype, ssd_units)
+        cpu_bytes = _region_bytes(layouts, _cpu_roles(accumulate), compute_dtype, ssd_units, streamed)
         assert pcie_bytes + cpu_bytes == sum(by_role.values())
         can_pin = check_host_budget(required_bytes=pcie_bytes + cpu_bytes, pinned_bytes=pcie_bytes if pin else 0,
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units")
@@ -141,7 +161,11 @@ class HostStore:
         self.bytes_by_role = by_role
         self._pcie = _Carver(pcie_bytes)
         self._cpu = _Carver(cpu_bytes)
-        self.units = [self._carve(layout, i in ssd_units) for i, layout in enumerate(layouts)]
+        self.parameters: list[dict[str, nn.Parameter]] = [{} for _ in layouts]
+        """Per unit, the model's parameter of each own local name once ``adopt`` ran (names by identity:
+        streamed units' placeholders share no storage)."""
+        self.units = [UnitBuffers(layout=layout, master=None, exp_avg=None, exp_avg_sq=None, grad=None, compute=None)
+                      if i in streamed else self._carve(layout, i in ssd_units) for i, layout in enumerate(layouts)]
         self.pinned = pin and can_pin
         # The whole allocation is registered (torch asks the storage's start whether it is pinned).
         self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
@@ -165,7 +189,7 @@ class HostStore:
         """Byte offsets in the PCIe allocation where each unit's extents begin: no copy crosses one."""
         base = self._pcie.raw.data_ptr()
         first = [u.compute if _has_own_compute_copy(self.compute_dtype) or i in self.ssd_units else u.grad
-                 for i, u in enumerate(self.units)]
+                 for i, u in enumerate(self.units) if i not in self.streamed]
         return [t.data_ptr() - base for t in first]
 
     @staticmethod
@@ -193,7 +217,13 @@ class HostStore:
         ``init_fn`` (the model's ``init_weights`` or each module's ``reset_parameters``).
         Units in ``ssd_units`` (``ssd``: their horizon.store.ssd.SSDTier) have their parameters
         viewed in the compute copy; their fp32 values are staged in an I/O slot and written to SSD.
+        With streamed units (SSDConfig(weights=True)) horizon.store.streamed_adopt does it unit by unit.
         """
+        if self.streamed:
+            from horizon.store.streamed_adopt import adopt_unit_by_unit
+
+            adopt_unit_by_unit(self, modules, init_fn=init_fn, ssd=ssd)
+            return
         replacement: dict[int, nn.Parameter] = {}
         meta_units = set()
         for index, (unit, module) in enumerate(zip(self.units, modules)):
@@ -208,6 +238,7 @@ class HostStore:
                     with torch.no_grad():
                         sources.get(local_name, view).copy_(old.detach())
                 replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
+                self.parameters[index][local_name] = replacement[id(old)]
             del params
             _replace_parameters(module, replacement)
             if staged is not None:

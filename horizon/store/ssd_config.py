@@ -1,4 +1,5 @@
-"""``SSDConfig``: which units keep their optimizer state (fp32 master, Adam m and v) on an SSD."""
+"""``SSDConfig``: which units keep their optimizer state (fp32 master, Adam m and v), and optionally their
+compute copy and gradient, on an SSD."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class SSDConfig:
     while this one updates); more lets writes drain longer before a buffer is reused."""
     io_backend: str = "auto"
     """horizon.io.DirectIO backend: "auto", "io_uring", "threads" (native) or "python"."""
+    weights: bool = False
+    """Also keep the compute copy of these units on SSD, streamed in ahead of the engine through
+    ``weight_buffers`` aligned buffers, and their gradients in a ring of a few buffers (spilled to SSD
+    when clipping needs them all): host RAM then holds a window of units, not the model. A unit whose
+    parameters another unit shares (a tied embedding) keeps its compute copy in RAM."""
+    weight_buffers: int = 3
+    """With ``weights``: compute copies held in RAM at once, the engine's read-ahead window (>= 2)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.dir, (str, os.PathLike)) or not os.fspath(self.dir):
@@ -39,5 +47,10 @@ class SSDConfig:
                              f"got {self.units!r}")
         if isinstance(self.io_buffers, bool) or not isinstance(self.io_buffers, int) or self.io_buffers < 2:
             raise ValueError(f"SSDConfig.io_buffers must be an int >= 2 (double buffering), got {self.io_buffers!r}")
+        if not isinstance(self.weights, bool):
+            raise ValueError(f"SSDConfig.weights must be True or False, got {self.weights!r}")
+        if isinstance(self.weight_buffers, bool) or not isinstance(self.weight_buffers, int) or self.weight_buffers < 2:
+            raise ValueError(f"SSDConfig.weight_buffers must be an int >= 2 (read the next unit while one is "
+                             f"copied), got {self.weight_buffers!r}")
         if self.io_backend not in _IO_BACKENDS:
             raise ValueError(f"SSDConfig.io_backend must be one of {_IO_BACKENDS}, got {self.io_backend!r}")

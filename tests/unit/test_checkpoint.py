@@ -298,3 +298,31 @@ def test_staging_too_small_and_resume_without_dir_are_refused_before_allocating(
     with pytest.raises(ValueError, match="resume"):
         horizon.TrainConfig(resume=True)
     assert not os.listdir(tmp_path)
+
+
+def test_a_failing_copier_aborts_that_checkpoint_only(tmp_path, monkeypatch):
+    """An exception in the copier thread must not leave a unit half-claimed (the optimizer and the writer
+    would wait for it forever): that checkpoint fails with the copier's error, training is unchanged,
+    and the next checkpoint commits."""
+    from horizon.checkpoint.snapshot import Snapshot
+
+    losses, states = reference_states(4)
+    real_copy, calls = Snapshot._copy, []
+
+    def copy_failing_once(self, unit):
+        calls.append(unit)
+        if len(calls) == 2:
+            raise OSError("injected copy failure")
+        return real_copy(self, unit)
+
+    monkeypatch.setattr(Snapshot, "_copy", copy_failing_once)
+    ckpt = horizon.CheckpointConfig(dir=tmp_path, every_steps=2, timeout_s=30)
+    with horizon.Trainer(model(), config(ckpt)) as trainer:
+        got = [trainer.step(b).loss for b in data(2)]
+        flight = trainer.checkpointer.wait()
+        assert flight.path is None and "the copier failed: OSError: injected copy failure" in flight.error
+        got += [trainer.step(b).loss for b in data(4)[2:]]
+        trainer.checkpointer.wait()
+        final = unit_state(trainer)
+    assert got == losses and states_equal(final, states[4])
+    assert committed_steps(str(tmp_path)) == [4]
