@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -28,19 +30,20 @@ FORMAT = "horizon-plan/1"
 
 def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | None = None) -> Plan:
     per_unit = {profile.units[u].name: p for u, p in solution.policies.items()}
-    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, num_slots=solution.num_slots,
-                loss_chunk_tokens=loss_chunk_tokens)
+    fractions = {profile.units[u].name: f for u, f in solution.fractions.items()}
+    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, fractions=fractions,
+                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
               "loss_chunk_tokens": plan.loss_chunk_tokens,
-              "per_unit": {name: p.value for name, p in plan.per_unit.items()},
+              "per_unit": {name: p.value for name, p in plan.per_unit.items()}, "fractions": dict(plan.fractions),
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
-        sim = simulate(profile, solution.policies, solution.num_slots)
+        sim = simulate(profile, solution.choices, solution.num_slots)
         record["prediction"] = {"model_step_s": solution.step_s, "simulated_step_s": sim.step_s,
                                 "peak_bytes": solution.peak_bytes, "optimal": solution.optimal,
                                 "solve_s": solution.solve_s}
@@ -62,25 +65,40 @@ def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, num_slots)."""
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, fractions, num_slots)."""
     record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
     bad = {k: v for k, v in per_unit.items() if v not in words}
     if bad:
         raise ValueError(f"{path}: per_unit policies must be one of {sorted(words)}, got {bad}")
+    fractions = record.get("fractions", {})
+    if not isinstance(fractions, dict):
+        raise ValueError(f"{path}: fractions must be an object of unit name to row fraction, got {fractions!r}")
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
-                per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
+                per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()}, fractions=fractions,
                 num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
 
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-              batch_size: int, seq_len: int, budget_bytes: int) -> tuple[Plan, Profile, Solution]:
-    """Measure, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute."""
+              batch_size: int, seq_len: int, budget_bytes: int,
+              recompute_step_s: Callable[[], float] | None = None) -> tuple[Plan, Profile, Solution]:
+    """Measure, calibrate, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute.
+
+    ``recompute_step_s()``: the measured seconds of one real step of the all-RECOMPUTE, 2-slot plan;
+    when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does."""
+    from horizon.planner.calibrate import calibrate
     from horizon.planner.measure import measure_profile
 
     profile = measure_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
                               seq_len=seq_len)
+    if recompute_step_s is not None:
+        recompute = {u: ActivationPolicy.RECOMPUTE for u in profile.blocks}
+        try:
+            profile = calibrate(profile, [(recompute, 2, recompute_step_s())])
+        except ValueError as e:  # a step far from its units' sum: plan from the units alone, and say so
+            warnings.warn(f"plan='auto' could not calibrate the profile ({e}); planning from the uncalibrated "
+                          "unit timings", stacklevel=3)
     try:
         import pulp  # noqa: F401
         solve = solve_mip

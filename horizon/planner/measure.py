@@ -4,8 +4,10 @@ Why measured, not estimated: the plan trades compute against link time against d
 and all three depend on the machine, the dtype and the batch shape. Each distinct block
 structure is timed once (identical blocks share it): forward without autograd, forward with
 autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
-bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, and the link
-is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
+bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, also for each
+row fraction the engine can execute at this batch (a copy of the first f·B rows under the hooks,
+as the engine runs it); the link is timed through the engine's own transfer (throttled on CPU, a
+copy stream on CUDA).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from horizon.models.units import UnitKind, UnitSpec
 from horizon.planner.profile import Profile, UnitCost, UnitRole
 from horizon.store.host_store import HostStore
 
-__all__ = ["measure_profile", "median_profile"]
+__all__ = ["measure_profile", "median_profile", "FRACTIONS"]
+
+FRACTIONS = (0.25, 0.5, 0.75)
+"""Row fractions offered to the planner where they are whole rows of the batch."""
 
 _ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
 
@@ -52,15 +57,20 @@ def _median_s(fn, **kwargs) -> float:
 
 
 def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-                    batch_size: int, seq_len: int, reps: int = 5, warmup: int = 3) -> Profile:
+                    batch_size: int, seq_len: int, reps: int = 5, warmup: int = 3,
+                    fractions: tuple[float, ...] = FRACTIONS) -> Profile:
     """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations.
 
     Each time is the median of ``reps`` runs after ``warmup`` untimed ones (first calls pay for
-    kernel selection and page faults; on a shared machine, more of both is steadier)."""
+    kernel selection and page faults; on a shared machine, more of both is steadier). Of
+    ``fractions`` the profile keeps those that are whole rows of ``batch_size`` (none for 1 row)."""
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"measure_profile needs a positive batch shape, got {batch_size} × {seq_len}")
     if reps < 1 or warmup < 0:
         raise ValueError(f"measure_profile needs reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    if any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"measure_profile: fractions must each be in (0, 1), got {fractions}")
+    levels = tuple(sorted({f for f in fractions if abs(f * batch_size - round(f * batch_size)) < 1e-9}))
     median_s = functools.partial(_median_s, device=device, reps=reps, warmup=warmup)
     medians_s = functools.partial(_medians_s, device=device, reps=reps, warmup=warmup)
     layouts = [u.layout for u in store.units]
@@ -90,6 +100,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
                 timed[key] = _time_block(run, hidden, params, slot, median_s, medians_s)
+                timed[key].update(_part_bytes(run, hidden, params, slot, levels))
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -105,7 +116,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                                                         for b in layout.borrowed), **times))
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
-                   duplex=device.type == "cuda", tokens=batch_size * seq_len)
+                   duplex=device.type == "cuda", tokens=batch_size * seq_len, fractions=levels)
 
 
 def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
@@ -134,6 +145,21 @@ def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
     swapped.forward(run, hidden, params)
     return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes,
             "swap_bytes": swapped.nbytes}
+
+
+def _part_bytes(run, hidden, params, slot, levels: tuple[float, ...]) -> dict:
+    """KEEP and SWAP bytes of the first f·B rows, for each level f, run as the engine runs them."""
+    keep, swap = [], []
+    for f in levels:
+        part = hidden[:round(f * hidden.shape[0])].clone()
+        kept = KeptGraph(slot)
+        with torch.enable_grad(), kept.hooks():
+            run(part.detach().requires_grad_())
+        swapped = SwappedGraph(slot)
+        swapped.forward(run, part, params)
+        keep.append(kept.saved_bytes)
+        swap.append(swapped.nbytes)
+    return {"keep_bytes_at": tuple(keep), "swap_bytes_at": tuple(swap)}
 
 
 def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:

@@ -2,10 +2,12 @@
 
 Why a MIP: per block, KEEP costs device bytes until backward, SWAP costs link time (and the
 bytes in flight), RECOMPUTE costs a second forward; the link is shared with the weights and
-gradients, so one block's choice changes what the others can hide. Variables: x[u, p] ∈ {0, 1},
-one policy per block; τ_t ≥ 0, the length of position t of the step. Constraints:
+gradients, so one block's choice changes what the others can hide. Variables: x[u, c] ∈ {0, 1},
+one choice per block (KEEP, SWAP, RECOMPUTE, and KEEP or SWAP of each of the profile's row
+fractions, the other rows recomputed: ``choice.py``); τ_t ≥ 0, the length of position t of the
+step. Every cost is a constant per choice, so fractions add columns, not nonlinearity. Constraints:
 
-- [Constraint] one policy per block: Σ_p x[u, p] = 1;
+- [Constraint] one choice per block: Σ_c x[u, c] = 1;
 - [Constraint] τ_t ≥ compute of position t (forward, recompute, backward, by policy);
 - [Constraint] τ_t ≥ link time of the copies issued at t (weights ahead, restores, offloads, gradients);
   one row for the shared queue on CPU, one per direction on CUDA;
@@ -27,6 +29,7 @@ import time
 import warnings
 
 from horizon.engine.plan import ActivationPolicy as P
+from horizon.planner.choice import Choice, as_choice, choices, host_bytes_of
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import value
 from horizon.planner.simulate import intervals, memory_rows, model_step_s, peak_bytes
@@ -51,6 +54,8 @@ class PlanInfeasible(ValueError):
 class Solution:
     policies: dict[int, P]
     """The policy of each block, by unit index."""
+    fractions: dict[int, float]
+    """The row fraction of each block whose KEEP or SWAP covers only some rows (the rest recomputed)."""
     num_slots: int
     step_s: float
     """The model's step time (``model_step_s``) for this plan."""
@@ -61,10 +66,21 @@ class Solution:
     solve_s: float
 
 
-def host_bytes(profile: Profile, policies: dict[int, P]) -> int:
-    """Host staging the plan needs for activations (SWAP bytes and RECOMPUTE inputs)."""
-    return sum(profile.units[u].swap_bytes if p is P.SWAP else profile.hidden_bytes if p is P.RECOMPUTE else 0
-               for u, p in policies.items())
+    @property
+    def choices(self) -> dict[int, Choice]:
+        return {u: Choice(p, self.fractions.get(u, 1.0)) for u, p in self.policies.items()}
+
+
+def solution(profile: Profile, chosen: dict[int, Choice], num_slots: int, optimal: bool) -> Solution:
+    """A ``Solution`` for these choices, with its model step time and peak (``solve_s`` left 0)."""
+    return Solution({u: c.policy for u, c in chosen.items()},
+                    {u: c.fraction for u, c in chosen.items() if c.fraction < 1}, num_slots,
+                    model_step_s(profile, chosen, num_slots), peak_bytes(profile, chosen, num_slots), optimal, 0.0)
+
+
+def host_bytes(profile: Profile, policies: dict[int, P | Choice]) -> int:
+    """Host staging the plan needs for activations (swapped bytes and the inputs of recomputed rows)."""
+    return sum(host_bytes_of(profile, u, as_choice(p)) for u, p in policies.items())
 
 
 def _check_options(budget_bytes: int, host_budget_bytes: int | None, num_slots: tuple[int, ...]) -> None:
@@ -98,10 +114,12 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
     import pulp
 
     m = pulp.LpProblem(f"plan_S{num_slots}", pulp.LpMinimize)
-    x = {(u, p): pulp.LpVariable(f"x_{u}_{p.value}", cat=pulp.LpBinary) for u in profile.blocks for p in POLICIES}
-    choose = lambda u, p: x[(u, p)]  # noqa: E731
+    options = choices(profile)
+    x = {(u, c): pulp.LpVariable(f"x_{u}_{c.policy.value}_{i}", cat=pulp.LpBinary)
+         for u in profile.blocks for i, c in enumerate(options)}
+    choose = lambda u, c: x[(u, c)]  # noqa: E731
     for u in profile.blocks:
-        m += pulp.lpSum(x[(u, p)] for p in POLICIES) == 1
+        m += pulp.lpSum(x[(u, c)] for c in options) == 1
     rows = [value(row, choose) / _MIB for row in memory_rows(profile, num_slots)]
     if budget_bytes is None:
         peak = pulp.LpVariable("peak_mib", 0)
@@ -116,8 +134,7 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
             continue
         m += row <= budget_bytes / _MIB
     if host_budget_bytes is not None:
-        m += pulp.lpSum(x[(u, P.SWAP)] * profile.units[u].swap_bytes / _MIB
-                        + x[(u, P.RECOMPUTE)] * profile.hidden_bytes / _MIB for u in profile.blocks) \
+        m += pulp.lpSum(x[(u, c)] * host_bytes_of(profile, u, c) / _MIB for u in profile.blocks for c in options) \
             <= host_budget_bytes / _MIB
     bw_ms = profile.link_bytes_per_s * _MS
     taus, link = [], []
@@ -137,15 +154,18 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
     return m, x, (step_ms, pulp.lpSum(link))
 
 
-def _policies(x, profile: Profile) -> dict[int, P]:
-    return {u: max(POLICIES, key=lambda p: x[(u, p)].value() or 0.0) for u in profile.blocks}
+def _policies(x, profile: Profile) -> dict[int, Choice]:
+    return {u: max(choices(profile), key=lambda c: x[(u, c)].value() or 0.0) for u in profile.blocks}
 
+
+_TIGHTEN_TRIES = 3
+"""Solves per slot count when the rounded plan lands over the budget by the solver's tolerance."""
 
 _TIE_BREAK_S = 1.0
 """Time limit of the second solve: a tie-break, so its best plan so far is good enough."""
 
 
-def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float) -> dict[int, P]:
+def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float) -> dict[int, Choice]:
     """Second solve: the plan with the least link time among those no slower than the one ``m`` holds.
 
     Warm-started from that plan; if the time-limited solve ends without one, the first plan stands."""
@@ -180,16 +200,22 @@ def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...]
     _check_options(budget_bytes, host_budget_bytes, num_slots)
     start, best = time.perf_counter(), None
     for slots in num_slots:
-        m, x, objective = _build(profile, slots, budget_bytes, host_budget_bytes)
-        if m is None:
+        candidate, target = None, budget_bytes
+        for _ in range(_TIGHTEN_TRIES):
+            m, x, objective = _build(profile, slots, target, host_budget_bytes)
+            if m is None:
+                break
+            m.solve(_solver(time_limit_s, gap))
+            if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+                break
+            optimal = m.sol_status == pulp.LpSolutionOptimal
+            candidate = solution(profile, _least_link(m, x, objective, profile, slots, gap), slots, optimal)
+            if candidate.peak_bytes <= budget_bytes:
+                break
+            # Within its integrality tolerance the solver may pass a plan a few bytes over: ask again, tighter.
+            target, candidate = target - (candidate.peak_bytes - budget_bytes), None
+        if candidate is None:
             continue
-        m.solve(_solver(time_limit_s, gap))
-        if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            continue
-        optimal = m.sol_status == pulp.LpSolutionOptimal
-        policies = _least_link(m, x, objective, profile, slots, gap)
-        candidate = Solution(policies, slots, model_step_s(profile, policies, slots),
-                             peak_bytes(profile, policies, slots), optimal, 0.0)
         if best is None or candidate.step_s < best.step_s:
             best = candidate
     if best is None:
