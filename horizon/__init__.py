@@ -10,7 +10,7 @@ from horizon.checkpoint import CheckpointConfig
 from horizon.checkpoint.export import export_hf
 from horizon.config import TrainConfig
 from horizon.distributed import DistributedConfig, PeerFailure
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import ActivationPolicy, Plan, RowSplit
 from horizon.metrics import MemoryReport, StepMetrics
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
@@ -20,5 +20,5 @@ from horizon.store.ssd_config import SSDConfig
 from horizon.trainer import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "SSDConfig", "AdamW",
-           "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics",
+           "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "RowSplit", "ActivationPolicy", "Units", "StepMetrics",
            "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics"]

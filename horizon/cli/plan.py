@@ -2,7 +2,7 @@
 
 Why offline: solving needs only the measured costs (``horizon profile``), not the machine, so a
 plan can be chosen, read and reviewed before a run, for as many budgets as you like. Prints per
-block the policy, the fraction of the batch's rows it covers (the rest recomputed), the device bytes it holds until its backward and the predicted seconds of its
+block the fractions of its rows kept, swapped and recomputed, the device bytes it holds until its backward and the predicted seconds of its
 positions in the step, then the predicted step time and peak against all-RECOMPUTE and all-KEEP;
 ``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
 """
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
-              "units": [{"unit": profile.units[u].name, "policy": choices[u].policy.value,
-                         "fraction": choices[u].fraction, "device_bytes": kept_bytes(profile, u, choices[u]),
+              "units": [{"unit": profile.units[u].name, "keep": choices[u].keep, "swap": choices[u].swap,
+                         "recompute": choices[u].recompute, "device_bytes": kept_bytes(profile, u, choices[u]),
                          "host_bytes": host_bytes_of(profile, u, choices[u]),
                          "predicted_s": seconds[u]} for u in profile.blocks],
               "baselines": baselines}
@@ -97,12 +97,13 @@ def _print_table(r: dict) -> None:
     print(f"budget {format_bytes(r['budget_bytes'])}; {r['solver']} plan, {r['num_slots']} slots "
           f"({'optimal' if r['optimal'] or r['solver'] == 'greedy' else 'time limit reached'}, "
           f"{r['solve_s']:.2f} s to solve)")
-    row = "  {:<16} {:<10} {:>8} {:>12} {:>12} {:>12}"
-    print(row.format("unit", "policy", "fraction", "device", "host", "predicted"))
+    row = "  {:<16} {:>6} {:>6} {:>9} {:>12} {:>12} {:>12}"
+    print("  fractions of the block's rows kept, swapped and recomputed; device bytes held until its backward")
+    print(row.format("unit", "keep", "swap", "recompute", "device", "host", "predicted"))
     for u in r["units"]:
-        fraction = "-" if u["policy"] == P.RECOMPUTE.value else f"{u['fraction']:g}"
-        print(row.format(u["unit"], u["policy"], fraction, format_bytes(u["device_bytes"]),
-                         format_bytes(u["host_bytes"]), f"{u['predicted_s'] * 1e3:.1f} ms"))
+        print(row.format(u["unit"], f"{u['keep']:g}", f"{u['swap']:g}", f"{u['recompute']:g}",
+                         format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
+                         f"{u['predicted_s'] * 1e3:.1f} ms"))
     print(f"predicted step {r['simulated_step_s']:.4f} s, peak {format_bytes(r['peak_bytes'])}")
     for name, b in r["baselines"].items():
         ratio = r["simulated_step_s"] / b["simulated_step_s"]

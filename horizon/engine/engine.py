@@ -5,10 +5,11 @@ forward sweep runs each unit without autograd (or, for KEEP blocks, with a graph
 are slot references); the loss head runs forward and backward in chunks; the backward sweep
 walks the units in reverse, recomputing from the saved input (RECOMPUTE) or replaying the kept
 graph (KEEP), and ``torch.autograd.grad`` yields the gradient of the unit input and parameters.
-A block with a fraction f < 1 (MEMO-style) splits the batch by rows: the first f·B rows run
-under its KEEP or SWAP graph, the others keep only their input and are recomputed, and backward
-joins the two (input gradients by rows, parameter gradients summed): the gradient of the whole
-batch, with another summation order. Rows, not token chunks, because attention mixes a row's tokens.
+A block with a ``RowSplit`` (MEMO-style) divides the batch by rows: the first rows run under a
+KEEP graph, the next under a SWAP graph, the rest keep only their input and are recomputed, and
+backward joins the parts (input gradients by rows, parameter gradients summed): the gradient of
+the whole batch, with another summation order. Rows, not token chunks, because attention mixes
+a row's tokens.
 Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
 leave for the host store as soon as a unit's backward is done.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -30,7 +32,7 @@ from torch import nn
 from horizon.engine.activations import HostActivations, KeptGraph
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import Plan
 from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.transfer import DONE, Handle, Transfer
@@ -66,7 +68,7 @@ class _Sweep:
     kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
     swapped: dict[int, SwappedGraph] = dataclasses.field(default_factory=dict)
     rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
-    rows_held: dict[int, int] = dataclasses.field(default_factory=dict)   # by block: rows under KEEP/SWAP
+    rows: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # by block: (KEEP, SWAP) rows
     pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
     offloads: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)  # by unit, in issue order
     next_restore: int = 0                                               # next backward position to restore
@@ -93,10 +95,9 @@ class Engine:
         self.ledger = DeviceLedger()
         for slot in range(self.pool.num_slots):
             self.ledger.hold(("slot", slot), self.pool.slot_bytes)
-        self.policies = [plan.policy(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
+        splits = [plan.split(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
         # Blocks with rows to recompute: their inputs get host buffers.
-        self._recompute_blocks = [u for u, (s, p) in enumerate(zip(specs, self.policies))
-                                  if p is ActivationPolicy.RECOMPUTE or (p is not None and plan.fraction(s.name) < 1)]
+        self._recompute_blocks = [u for u, split in enumerate(splits) if split is not None and split.recompute > 0]
         self._stochastic = [_is_stochastic(s.module) for s in specs]
         self.host_activations = HostActivations(pin=store.pinned)
         self.vocab_size = specs[-1].module.head.out_features
@@ -119,12 +120,12 @@ class Engine:
         tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
         """
         num_units = len(self.specs)
-        rows_held = {u: self.plan.rows_held(s.name, input_ids.shape[0])  # a ValueError before anything runs
-                     for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
+        rows = {u: self.plan.rows(s.name, input_ids.shape[0])  # a ValueError before anything runs
+                for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed, extras=extras or {}, rows_held=rows_held)
+                       load_after=load_after, grads_landed=grads_landed, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         depth = self.pool.num_slots - 1
@@ -220,44 +221,45 @@ class Engine:
             self.ledger.hold(("hidden", id(hidden)), _nbytes(hidden))
 
     def _forward_block(self, sweep: _Sweep, unit: int, slot: int) -> None:
-        """Rows [0, k) under the block's KEEP or SWAP graph, rows [k, B) recomputed (their input to the host)."""
-        x, k = sweep.hidden, sweep.rows_held[unit]
-        rows = x.shape[0]
-        template = self.pool.template(slot, unit)
+        """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (input to the host)."""
+        x, (k, s) = sweep.hidden, sweep.rows[unit]
+        rows, template = x.shape[0], self.pool.template(slot, unit)
         handles, moved, outputs = [], 0, []
-        if k < rows:  # the input of the recomputed rows leaves for the host while the unit computes
+        if k + s < rows:  # the input of the recomputed rows leaves for the host while the unit computes
             if sweep.checkpoints is None:
                 buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
                 sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
-            host = sweep.checkpoints[unit] = sweep.checkpoints[unit][:rows - k]
-            handles.append(self.transfer.d2h([host], [x[k:]]))
+            host = sweep.checkpoints[unit] = sweep.checkpoints[unit][:rows - k - s]
+            handles.append(self.transfer.d2h([host], [x[k + s:] if k + s else x]))
             moved += _nbytes(host)
-        if k > 0:
-            # A part of the batch is copied out, so that its graph holds its own rows, not the whole batch.
-            held = x if k == rows else x[:k].clone()
-            call = lambda h: self._call(sweep, unit, template, h, rows=slice(0, k))  # noqa: E731
-            if self.policies[unit] is ActivationPolicy.KEEP:
-                kept = sweep.kept[unit] = KeptGraph(self.pool.slots[slot])
-                kept.params = self.pool.params(slot, unit)
-                kept.x = held.detach().requires_grad_()
-                with torch.enable_grad(), kept.hooks():
-                    kept.y = call(kept.x)
-                self.ledger.hold(("kept", unit), kept.saved_bytes)
-                outputs.append(kept.y.detach())
-            else:
-                graph = sweep.swapped[unit] = SwappedGraph(self.pool.slots[slot])
-                outputs.append(graph.forward(call, held, self.pool.params(slot, unit)))
-                handles.append(graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes)))
-                moved += graph.nbytes
-        if k < rows:
+        if k:
+            kept = sweep.kept[unit] = KeptGraph(self.pool.slots[slot])
+            kept.params = self.pool.params(slot, unit)
+            kept.x = self._part(x, 0, k).detach().requires_grad_()
+            with torch.enable_grad(), kept.hooks():
+                kept.y = self._call(sweep, unit, template, kept.x, rows=slice(0, k))
+            self.ledger.hold(("kept", unit), kept.saved_bytes)
+            outputs.append(kept.y.detach())
+        if s:
+            graph = sweep.swapped[unit] = SwappedGraph(self.pool.slots[slot])
+            call = lambda h: self._call(sweep, unit, template, h, rows=slice(k, k + s))  # noqa: E731
+            outputs.append(graph.forward(call, self._part(x, k, k + s), self.pool.params(slot, unit)))
+            handles.append(graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes)))
+            moved += graph.nbytes
+        if k + s < rows:
             self._save_rng(sweep, unit)
             with torch.no_grad():
-                outputs.append(self._call(sweep, unit, template, x[k:] if k else x, rows=slice(k, rows)))
+                outputs.append(self._call(sweep, unit, template, x[k + s:] if k + s else x, rows=slice(k + s, rows)))
         # The offloaded tensors outlive their role until their copies are done (the handles hold them).
         if handles:
             self.ledger.hold(("offloading", unit), moved)
             sweep.offloads[unit] = handles
         self._set_hidden(sweep, outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+
+    @staticmethod
+    def _part(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of ``x``; a part of the batch is copied out, so a graph holds its rows, not the batch."""
+        return x if (start, end) == (0, x.shape[0]) else x[start:end].clone()
 
     def _wait_offload(self, sweep: _Sweep, unit: int) -> None:
         for handle in sweep.offloads.pop(unit):
@@ -286,19 +288,20 @@ class Engine:
             self._set_hidden(sweep, None)
             self._land_grads(sweep, unit, list(grads))
             return
-        k, rows = sweep.rows_held[unit], grad_y.shape[0]
+        (k, s), rows = sweep.rows[unit], grad_y.shape[0]
+        rows_of = lambda start, end: grad_y if (start, end) == (0, rows) else grad_y[start:end]  # noqa: E731
         parts = []
-        if k > 0:
-            graph = sweep.kept.pop(unit, None) or sweep.swapped.pop(unit)
-            parts.append(graph.backward(grad_y if k == rows else grad_y[:k], self.pool.slots[slot]))
-        if k < rows:
-            parts.append(self._recompute_backward(sweep, unit, slot, grad_y[k:] if k else grad_y, slice(k, rows)))
-        if self.policies[unit] is ActivationPolicy.KEEP:
+        if k:
+            parts.append(sweep.kept.pop(unit).backward(rows_of(0, k), self.pool.slots[slot]))
             self.ledger.release(("kept", unit))
-        if k < rows or self.policies[unit] is ActivationPolicy.SWAP:
+        if s:
+            parts.append(sweep.swapped.pop(unit).backward(rows_of(k, k + s), self.pool.slots[slot]))
+        if k + s < rows:
+            parts.append(self._recompute_backward(sweep, unit, slot, rows_of(k + s, rows), slice(k + s, rows)))
+        if s or k + s < rows:
             self.ledger.release(("input", unit))
-        grads = parts[0] if len(parts) == 1 else \
-            [torch.cat([parts[0][0], parts[1][0]])] + [a + b for a, b in zip(parts[0][1:], parts[1][1:])]
+        grads = parts[0] if len(parts) == 1 else [torch.cat([p[0] for p in parts])] + \
+            [functools.reduce(torch.add, g) for g in zip(*(p[1:] for p in parts))]
         self._set_hidden(sweep, grads[0])
         self._land_grads(sweep, unit, list(grads[1:]))
 

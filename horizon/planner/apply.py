@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import ActivationPolicy, Plan, RowSplit
 from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitSpec
 from horizon.planner.mip import Solution, solve_mip
@@ -29,9 +29,11 @@ FORMAT = "horizon-plan/1"
 
 
 def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | None = None) -> Plan:
-    per_unit = {profile.units[u].name: p for u, p in solution.policies.items()}
-    fractions = {profile.units[u].name: f for u, f in solution.fractions.items()}
-    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, fractions=fractions,
+    """The plan for ``solution``: a policy per block, a ``RowSplit`` for the blocks that split their rows."""
+    whole = {RowSplit.of(p): p for p in ActivationPolicy}
+    per_unit = {profile.units[u].name: whole[c] for u, c in solution.choices.items() if c in whole}
+    splits = {profile.units[u].name: c for u, c in solution.choices.items() if c not in whole}
+    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, splits=splits,
                 num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens)
 
 
@@ -39,7 +41,8 @@ def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = 
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
               "loss_chunk_tokens": plan.loss_chunk_tokens,
-              "per_unit": {name: p.value for name, p in plan.per_unit.items()}, "fractions": dict(plan.fractions),
+              "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
+              "splits": {name: {"keep": c.keep, "swap": c.swap} for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
@@ -65,18 +68,21 @@ def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, fractions, num_slots)."""
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots)."""
     record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
     bad = {k: v for k, v in per_unit.items() if v not in words}
     if bad:
         raise ValueError(f"{path}: per_unit policies must be one of {sorted(words)}, got {bad}")
-    fractions = record.get("fractions", {})
-    if not isinstance(fractions, dict):
-        raise ValueError(f"{path}: fractions must be an object of unit name to row fraction, got {fractions!r}")
+    splits = record.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and set(v) <= {"keep", "swap"}
+                                               for v in splits.values()):
+        raise ValueError(f"{path}: splits must map unit names to {{\"keep\": fraction, \"swap\": fraction}} "
+                         f"(the rest of the rows recomputed), got {splits!r}")
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
-                per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()}, fractions=fractions,
+                per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
+                splits={k: RowSplit(**v) for k, v in splits.items()},
                 num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
 
 

@@ -2,7 +2,7 @@
 
 Why: a MIP solver is an optional dependency at heart and can time out; a greedy plan is always
 there. Start with every block KEEP (the fastest plan); while the device peak is over budget,
-make the single move of one block to another choice (policy and row fraction) that frees the
+make the single move of one block to another choice (a split of its rows between KEEP, SWAP and RECOMPUTE) that frees the
 most peak bytes per second it adds to the model step time (LoHan/Capuchin's bytes-per-second
 ranking). Every move lowers the peak, so it ends. Peaks
 and times are evaluated incrementally on the same ledger rows and intervals as the MIP, as
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from horizon.engine.plan import ActivationPolicy as P
-from horizon.planner.choice import Choice, choices
+from horizon.planner.choice import Choice, as_choice, choices
 from horizon.planner.mip import PlanInfeasible, Solution, _check_options, host_bytes, solution
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term
@@ -64,7 +64,7 @@ def _greedy(profile: Profile, budget_bytes: int, num_slots: int,
             host_budget_bytes: int | None) -> dict[int, Choice] | None:
     ev = _Evaluator(profile, num_slots)
     options = choices(profile)
-    policies = {u: Choice(P.KEEP) for u in profile.blocks}
+    policies = {u: as_choice(P.KEEP) for u in profile.blocks}
     rows, comp, h2d, d2h = (lin.at(policies) for lin in (ev.memory, ev.compute, ev.h2d, ev.d2h))
     while rows.max() > budget_bytes:
         base_peak, base_s, best = rows.max(), ev.step_s(comp, h2d, d2h), None

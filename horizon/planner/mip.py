@@ -3,8 +3,8 @@
 Why a MIP: per block, KEEP costs device bytes until backward, SWAP costs link time (and the
 bytes in flight), RECOMPUTE costs a second forward; the link is shared with the weights and
 gradients, so one block's choice changes what the others can hide. Variables: x[u, c] ∈ {0, 1},
-one choice per block (KEEP, SWAP, RECOMPUTE, and KEEP or SWAP of each of the profile's row
-fractions, the other rows recomputed: ``choice.py``); τ_t ≥ 0, the length of position t of the
+one choice per block (KEEP, SWAP, RECOMPUTE, or a split of its batch rows between them at the
+profile's fractions: ``choice.py``); τ_t ≥ 0, the length of position t of the
 step. Every cost is a constant per choice, so fractions add columns, not nonlinearity. Constraints:
 
 - [Constraint] one choice per block: Σ_c x[u, c] = 1;
@@ -52,10 +52,8 @@ class PlanInfeasible(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
-    policies: dict[int, P]
-    """The policy of each block, by unit index."""
-    fractions: dict[int, float]
-    """The row fraction of each block whose KEEP or SWAP covers only some rows (the rest recomputed)."""
+    choices: dict[int, Choice]
+    """The rows each block keeps, swaps and recomputes (a ``RowSplit``), by unit index."""
     num_slots: int
     step_s: float
     """The model's step time (``model_step_s``) for this plan."""
@@ -66,16 +64,12 @@ class Solution:
     solve_s: float
 
 
-    @property
-    def choices(self) -> dict[int, Choice]:
-        return {u: Choice(p, self.fractions.get(u, 1.0)) for u, p in self.policies.items()}
 
 
 def solution(profile: Profile, chosen: dict[int, Choice], num_slots: int, optimal: bool) -> Solution:
     """A ``Solution`` for these choices, with its model step time and peak (``solve_s`` left 0)."""
-    return Solution({u: c.policy for u, c in chosen.items()},
-                    {u: c.fraction for u, c in chosen.items() if c.fraction < 1}, num_slots,
-                    model_step_s(profile, chosen, num_slots), peak_bytes(profile, chosen, num_slots), optimal, 0.0)
+    return Solution(dict(chosen), num_slots, model_step_s(profile, chosen, num_slots),
+                    peak_bytes(profile, chosen, num_slots), optimal, 0.0)
 
 
 def host_bytes(profile: Profile, policies: dict[int, P | Choice]) -> int:
@@ -115,7 +109,7 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
 
     m = pulp.LpProblem(f"plan_S{num_slots}", pulp.LpMinimize)
     options = choices(profile)
-    x = {(u, c): pulp.LpVariable(f"x_{u}_{c.policy.value}_{i}", cat=pulp.LpBinary)
+    x = {(u, c): pulp.LpVariable(f"x_{u}_{i}", cat=pulp.LpBinary)
          for u in profile.blocks for i, c in enumerate(options)}
     choose = lambda u, c: x[(u, c)]  # noqa: E731
     for u in profile.blocks:

@@ -93,7 +93,7 @@ def _dedupe(rows: list[Term]) -> list[Term]:
         merged: dict[tuple, float] = {}
         for c, unit, policy in row:
             merged[(unit, policy)] = merged.get((unit, policy), 0.0) + c
-        key = tuple(sorted(((u if u is not None else -1, (p.policy.value, p.fraction) if p else ("", 0.0)), c)
+        key = tuple(sorted(((u if u is not None else -1, (p.keep, p.swap) if p else (-1.0, -1.0)), c)
                            for (u, p), c in merged.items() if c))
         if key not in seen:
             seen.add(key)

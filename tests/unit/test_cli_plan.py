@@ -10,7 +10,7 @@ from horizon.cli.main import main
 from horizon.cli.plan import unit_seconds
 from horizon.cli.profile import load_profile
 from horizon.planner import model_step_s, simulate
-from horizon.planner.choice import Choice
+from horizon.engine.plan import RowSplit
 from horizon.planner.simulate import chooser, intervals
 from horizon.planner.schedule import value
 
@@ -54,7 +54,7 @@ def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profil
     rc, r = _plan_json(capsys, ["plan", "--profile", str(profile_path), "--budget", str(budget), "--out", str(out)])
     assert rc == 0 and r["peak_bytes"] <= budget < r["baselines"]["keep"]["peak_bytes"]
     assert r["baselines"]["recompute"]["fits"] and not r["baselines"]["keep"]["fits"]
-    policies = {u: Choice(P(row["policy"]), row["fraction"]) for u, row in zip(profile.blocks, r["units"])}
+    policies = {u: RowSplit(row["keep"], row["swap"]) for u, row in zip(profile.blocks, r["units"])}
     assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"]), rel=1e-9)
     # Per-unit seconds plus the prologue (weights issued before the first unit) are the step.
     prologue = intervals(profile, r["num_slots"])[0]
@@ -64,8 +64,7 @@ def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profil
         r["model_step_s"], rel=1e-9)
     with horizon.Trainer(tiny_decoder(num_layers=LAYERS), horizon.TrainConfig(plan=str(out))) as t:
         assert t.engine.plan.num_slots == r["num_slots"]
-        assert [(t.engine.plan.policy(row["unit"]).value, t.engine.plan.fraction(row["unit"])) for row in r["units"]] \
-            == [(row["policy"], row["fraction"]) for row in r["units"]]
+        assert [t.engine.plan.split(row["unit"]) for row in r["units"]] == list(policies.values())
         t.step(batches(1, batch=BATCH, seq=SEQ)[0])
         assert t.memory().device_peak_bytes == r["peak_bytes"]
 
