@@ -19,8 +19,9 @@ activations' budget; solve_s_80_units <= 5.
 The shape is chosen for a PCIe-like balance (docs/planner.md, "The benchmark's setup"): 12 blocks
 and a 1024-token vocabulary, so that the loss head, which no plan changes, is a few percent of the
 step as in the LLMs this targets (with 6 blocks and vocab 4096 it was ~15%, which capped all-KEEP
-at 0.85x all-RECOMPUTE); the printed link_vs_compute is the all-KEEP step's weight and gradient
-link time over its compute, the number to compare with a GPU's (PCIe bytes / bandwidth) / (6·N·T / FLOP/s).
+at 0.85x all-RECOMPUTE), and a 0.5 GB/s link, so that a block's weight traffic and its swap
+traffic per second of its compute are those of an H100 over PCIe (printed as "link s per compute
+s"; at 1 GB/s swapping was 2-4x cheaper than there).
 
     python bench/planner.py [--steps 5 --warmup 2 --dim 256 --layers 6 --link-gbps 1.0 ...]
 Writes bench/results/planner.json.
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--link-gbps", type=float, default=1.0, help="throttled link, GB/s")
+    p.add_argument("--link-gbps", type=float, default=0.5,
+                   help="throttled link, GB/s (0.5: a PCIe-like balance for the default shape on a 2-core CPU)")
     p.add_argument("--budget-frac", type=float, default=0.5,
                    help="device budget between all-RECOMPUTE's peak (0) and all-KEEP's (1)")
     p.add_argument("--out", default=str(RESULTS_DIR / "planner.json"))
@@ -92,11 +94,15 @@ def _whole_blocks(profile: Profile) -> Profile:
         dataclasses.replace(u, keep_bytes_at=(), swap_bytes_at=()) for u in profile.units))
 
 
-def _link_vs_compute(profile: Profile) -> float:
-    """All-KEEP: seconds of weight and gradient traffic on the link per second of compute."""
-    link_bytes = sum(2 * u.weight_bytes + u.grad_bytes for u in profile.units)
-    compute_s = sum(u.fwd_s + u.bwd_s + u.fwd_grad_s for u in profile.units)
-    return link_bytes / profile.link_bytes_per_s / compute_s
+def _balance(profile: Profile) -> dict[str, float]:
+    """Per block, seconds on the link per second of KEEP compute (forward with autograd + backward):
+    ``weights`` for its weights (there and back) and gradients, ``swap`` for its saved activations
+    (out and in). On an H100 over PCIe (~400 TFLOP/s sustained, ~25 GB/s) in bf16 these are
+    about 16000 / tokens per step and about F / (B * dim): 0.25-1 and 2-4 for 7B-70B models."""
+    block = profile.units[1]
+    compute_s = block.fwd_grad_s + block.bwd_s
+    return {"weights": (2 * block.weight_bytes + block.grad_bytes) / profile.link_bytes_per_s / compute_s,
+            "swap": 2 * block.swap_bytes / profile.link_bytes_per_s / compute_s}
 
 
 def main(argv=None) -> None:
@@ -157,8 +163,9 @@ def main(argv=None) -> None:
         print(f"{name:11s} measured {results[name]:.3f} s/step  simulated {predicted[name]:.3f} s "
               f"({errors[name]:+.0%}; uncalibrated {raw_errors[name]:+.0%})  peak {peaks[name]:,} B  "
               f"{' '.join(str(v) for v in plans[name][1].values())}")
-    link_vs_compute = _link_vs_compute(during)
-    print(f"compute scale {fitted.compute_scale:.3f}; budget {budget:,} B; link_vs_compute {link_vs_compute:.2f}")
+    balance = _balance(during)
+    print(f"compute scale {fitted.compute_scale:.3f}; budget {budget:,} B; link s per compute s: weights "
+          f"{balance['weights']:.2f}, swap {balance['swap']:.2f} (PCIe-like: 0.25-1 and 2-4)")
     print("ratios " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(f"MIP solve, 80 blocks, slots 2 and 3, {_solver_name()}: {solve_s:.2f} s (optimal={solve_optimal})")
     print(f"other processes used {load['other_cpu_s']} CPU-s during {load['wall_s']} s")
@@ -168,7 +175,7 @@ def main(argv=None) -> None:
                            compute_scale=fitted.compute_scale, device_peak_bytes=peaks,
                            solver={"name": _solver_name(), "optimal_80_units": solve_optimal},
                            plans={n: {str(k): str(v) for k, v in plans[n][1].items()} for n in plans},
-                           load=load, config={**vars(a), "budget_bytes": budget, "link_vs_compute": link_vs_compute,
+                           load=load, config={**vars(a), "budget_bytes": budget, "link_per_compute_s": balance,
                                               "profile": profile.to_dict()})
     print("wrote", write_json(a.out, record))
 

@@ -75,15 +75,23 @@ def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction
 
 
 def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
-    """The ledger right after each hold, as terms: a plan's peak is the largest row's value."""
+    """The ledger at each of its local maxima, as terms: a plan's peak is the largest row's value.
+
+    Every amount is bytes (coefficients >= 0), so the ledger after a hold that another hold follows
+    is at most the ledger after that one, for every plan: only the row before each release counts."""
     held: dict[object, Term] = {}
     rows: list[Term] = []
+    rising = False
     for e in events(profile, num_slots):
         if e.kind == "hold":
-            held[e.key] = e.amount
-            rows.append(tuple(t for term in held.values() for t in term))
+            held[e.key], rising = e.amount, True
         elif e.kind == "release":
+            if rising:
+                rows.append(tuple(t for term in held.values() for t in term))
             held.pop(e.key)
+            rising = False
+    if rising:
+        rows.append(tuple(t for term in held.values() for t in term))
     return _dedupe(rows)
 
 
@@ -93,8 +101,7 @@ def _dedupe(rows: list[Term]) -> list[Term]:
         merged: dict[tuple, float] = {}
         for c, unit, policy in row:
             merged[(unit, policy)] = merged.get((unit, policy), 0.0) + c
-        key = tuple(sorted(((u if u is not None else -1, (p.keep, p.swap) if p else (-1.0, -1.0)), c)
-                           for (u, p), c in merged.items() if c))
+        key = frozenset((k, c) for k, c in merged.items() if c)
         if key not in seen:
             seen.add(key)
             out.append(tuple((c, u, p) for (u, p), c in merged.items() if c))
@@ -135,5 +142,5 @@ def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
 
 
 def peak_bytes(profile: Profile, policies: Policies, num_slots: int) -> int:
-    choose = chooser(policies)
-    return int(round(max(value(row, choose) for row in memory_rows(profile, num_slots))))
+    """The plan's device peak: the largest ``memory_rows`` value, which the replay tracks as it goes."""
+    return simulate(profile, policies, num_slots).peak_bytes
