@@ -127,7 +127,7 @@ def main(argv=None) -> None:
              "mip_whole": (to_plan(whole, mip_whole), mip_whole.choices, mip_whole.num_slots),
              "greedy": (to_plan(profile, greedy), greedy.choices, greedy.num_slots)}
     for name, policy in (("recompute", P.RECOMPUTE), ("keep_floor", P.KEEP)):
-        plans[name] = (horizon.Plan.uniform(policy), {u: policy for u in profile.blocks}, 2)
+        plans[name] = (horizon.Plan.uniform(policy), {u: horizon.RowSplit.of(policy) for u in profile.blocks}, 2)
     trainers = {name: horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link, plan=plan))
                 for name, (plan, _, _) in plans.items()}
     data, times, profiles = _batches(a, a.warmup + a.steps), {name: [] for name in plans}, []
