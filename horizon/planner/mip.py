@@ -25,7 +25,6 @@ slot count is enumerated outside the MIP (its index sets depend on it); the best
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import warnings
 
@@ -105,23 +104,51 @@ def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budg
         return _build_model(profile, num_slots, budget_bytes, host_budget_bytes)
 
 
-def _expression(x, term: Term, unit_scale: float):
-    """``term / unit_scale`` over the 0/1 variables ``x[(unit, choice)]``: a number if no choice moves it.
+class _Expressions:
+    """Terms as linear expressions over the 0/1 variables ``x[(unit, choice)]``, kept sparse.
 
-    Built from a coefficient dict in one step: summing PuLP expressions term by term copies them, which
-    is quadratic in the terms (80 blocks: a minute instead of a fraction of a second)."""
-    import pulp
+    A block's part of a term is a vector over its choices (its kept bytes, say), and the same
+    vector recurs in every ledger row while the block's activations are held. Each distinct
+    vector becomes one continuous variable, defined once (``y = Σ_c v_c · x[u, c]``), so a row has
+    one entry per block instead of one per choice: with 15 choices HiGHS solves 80 blocks several
+    times faster. Expressions are built from coefficient dicts in one step: summing PuLP
+    expressions term by term copies them, which is quadratic in the terms."""
 
-    coefs, const = {}, 0.0
-    for c, unit, choice in term:
-        if unit is None:
-            const += c
-        else:
-            var = x[(unit, choice)]
-            coefs[var] = coefs.get(var, 0.0) + c
-    if not coefs:
-        return const / unit_scale
-    return pulp.LpAffineExpression([(v, c / unit_scale) for v, c in coefs.items()], constant=const / unit_scale)
+    def __init__(self, m, x, profile: Profile) -> None:
+        self.m, self.x, self.options = m, x, choices(profile)
+        self._defined: dict[tuple, object] = {}
+
+    def __call__(self, term: Term, unit_scale: float):
+        """``term / unit_scale``; a number if no choice moves it."""
+        import pulp
+
+        const, by_unit = 0.0, {}
+        for c, unit, choice in term:
+            if unit is None:
+                const += c
+            else:
+                vector = by_unit.setdefault(unit, {})
+                vector[choice] = vector.get(choice, 0.0) + c
+        coefs = {}
+        for unit, vector in by_unit.items():
+            var, coef = self._variable(unit, vector, unit_scale)
+            coefs[var] = coefs.get(var, 0.0) + coef
+        if not coefs:
+            return const / unit_scale
+        return pulp.LpAffineExpression(list(coefs.items()), constant=const / unit_scale)
+
+    def _variable(self, unit: int, vector: dict, unit_scale: float):
+        """(variable, coefficient) standing for ``Σ_c vector[c] · x[unit, c] / unit_scale``."""
+        import pulp
+
+        nonzero = [(c, a / unit_scale) for c, a in vector.items() if a]
+        if len(nonzero) == 1:
+            return self.x[(unit, nonzero[0][0])], nonzero[0][1]
+        key = (unit, unit_scale, tuple(vector.get(c, 0.0) for c in self.options))
+        if key not in self._defined:
+            y = self._defined[key] = pulp.LpVariable(f"y_{unit}_{len(self._defined)}")
+            self.m += y == pulp.LpAffineExpression([(self.x[(unit, c)], a) for c, a in nonzero])
+        return self._defined[key], 1.0
 
 
 def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
@@ -131,7 +158,7 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
     options = choices(profile)
     x = {(u, c): pulp.LpVariable(f"x_{u}_{i}", cat=pulp.LpBinary)
          for u in profile.blocks for i, c in enumerate(options)}
-    expr = functools.partial(_expression, x)
+    expr = _Expressions(m, x, profile)
     for u in profile.blocks:
         m += pulp.lpSum(x[(u, c)] for c in options) == 1
     rows = [expr(row, _MIB) for row in memory_rows(profile, num_slots)]
