@@ -91,7 +91,8 @@ def _solve_80(profile: Profile) -> tuple[float, bool]:
 def _whole_blocks(profile: Profile) -> Profile:
     """``profile`` without row fractions: the planner's choices are whole-block policies."""
     return dataclasses.replace(profile, fractions=(), units=tuple(
-        dataclasses.replace(u, keep_bytes_at=(), swap_bytes_at=()) for u in profile.units))
+        dataclasses.replace(u, keep_bytes_at=(), swap_bytes_at=(), fwd_s_at=(), fwd_grad_s_at=(), bwd_s_at=())
+        for u in profile.units))
 
 
 def _balance(profile: Profile) -> dict[str, float]:

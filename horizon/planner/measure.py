@@ -5,8 +5,8 @@ and all three depend on the machine, the dtype and the batch shape. Each distinc
 structure is timed once (identical blocks share it): forward without autograd, forward with
 autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
 bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, also for each
-row fraction the engine can execute at this batch (a copy of the first f·B rows under the hooks,
-as the engine runs it); the link is timed through the engine's own transfer (throttled on CPU, a
+row fraction the engine can execute at this batch (a copy of the first f·B rows, as the engine
+runs it), and so are the seconds of such a part; the link is timed through the engine's own transfer (throttled on CPU, a
 copy stream on CUDA).
 """
 
@@ -100,7 +100,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
                 timed[key] = _time_block(run, hidden, params, slot, median_s, medians_s)
-                timed[key].update(_part_bytes(run, hidden, params, slot, levels))
+                timed[key].update(_time_parts(run, hidden, params, slot, median_s, medians_s, levels))
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -147,19 +147,13 @@ def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
             "swap_bytes": swapped.nbytes}
 
 
-def _part_bytes(run, hidden, params, slot, levels: tuple[float, ...]) -> dict:
-    """KEEP and SWAP bytes of the first f·B rows, for each level f, run as the engine runs them."""
-    keep, swap = [], []
-    for f in levels:
-        part = hidden[:round(f * hidden.shape[0])].clone()
-        kept = KeptGraph(slot)
-        with torch.enable_grad(), kept.hooks():
-            run(part.detach().requires_grad_())
-        swapped = SwappedGraph(slot)
-        swapped.forward(run, part, params)
-        keep.append(kept.saved_bytes)
-        swap.append(swapped.nbytes)
-    return {"keep_bytes_at": tuple(keep), "swap_bytes_at": tuple(swap)}
+def _time_parts(run, hidden, params, slot, median_s, medians_s, levels: tuple[float, ...]) -> dict:
+    """Every cost of ``_time_block`` for the first f·B rows, copied out as the engine does, per level f:
+    small parts run less efficiently than a share of the whole, and not every saved tensor is per row."""
+    parts = [_time_block(run, hidden[:round(f * hidden.shape[0])].clone(), params, slot, median_s, medians_s)
+             for f in levels]
+    return {f"{name}_at": tuple(p[name] for p in parts)
+            for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
 
 
 def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
@@ -195,8 +189,12 @@ def median_profile(profiles: list[Profile]) -> Profile:
     first = profiles[0]
     if any(len(p.units) != len(first.units) or p.tokens != first.tokens for p in profiles):
         raise ValueError("median_profile: profiles of different models or batch shapes cannot be combined")
-    units = tuple(dataclasses.replace(u, **{f: statistics.median(getattr(p.units[i], f) for p in profiles)
-                                            for f in ("fwd_s", "fwd_grad_s", "bwd_s")})
+    def median(i: int, f: str):
+        values = [getattr(p.units[i], f) for p in profiles]
+        return tuple(map(statistics.median, zip(*values))) if f.endswith("_at") else statistics.median(values)
+
+    units = tuple(dataclasses.replace(u, **{f: median(i, f) for f in ("fwd_s", "fwd_grad_s", "bwd_s", "fwd_s_at",
+                                                                        "fwd_grad_s_at", "bwd_s_at")})
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
                                link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles))
