@@ -102,5 +102,11 @@ def test_bad_plan_configs_are_value_errors(tmp_path):
     bad.write_text('{"format": "horizon-plan/1", "per_unit": {"layers.0": "sometimes"}}')
     with pytest.raises(ValueError, match="per_unit policies"):
         load_plan(bad)
+    bad.write_text('{"format": "horizon-plan/1", "splits": {"layers.0": 0.5}}')
+    with pytest.raises(ValueError, match="splits must map unit names"):
+        load_plan(bad)
+    bad.write_text('{"format": "horizon-plan/1", "splits": {"layers.0": {"keep": 0.75, "swap": 0.5}}}')
+    with pytest.raises(ValueError, match="at most 1"):
+        load_plan(bad)
     with pytest.raises(ValueError, match="two weight slots"):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=1000))
