@@ -10,7 +10,7 @@ from horizon.checkpoint import CheckpointConfig
 from horizon.checkpoint.export import export_hf
 from horizon.config import TrainConfig
 from horizon.distributed import DistributedConfig, PeerFailure
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import ActivationPolicy, Plan, RowSplit
 from horizon.metrics import EvalMetrics, MemoryReport, StepMetrics
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
@@ -21,6 +21,6 @@ from horizon.store.ssd_config import SSDConfig
 from horizon.trainer import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "CheckpointConfig", "DistributedConfig", "PeerFailure", "SSDConfig", "AdamW",
-           "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "ActivationPolicy", "Units", "StepMetrics",
-           "EvalMetrics", "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback", "JsonlMetrics",
-           "TensorBoardMetrics", "ProgressBar"]
+           "ConstantLR", "WarmupCosine", "WarmupLinear", "Plan", "RowSplit", "ActivationPolicy", "Units",
+           "StepMetrics", "EvalMetrics", "MemoryReport", "NonFiniteGradientError", "export_hf", "Callback",
+           "JsonlMetrics", "TensorBoardMetrics", "ProgressBar"]

@@ -169,6 +169,8 @@ class Trainer:
         self.device = device
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
+        self.plan_profile = None
+        """For plan="auto": the calibrated ``Profile`` the plan was solved from."""
         if config.plan == "auto" and config.device_memory_budget_bytes < 2 * self.engine.pool.slot_bytes:
             raise ValueError(f"device_memory_budget_bytes={config.device_memory_budget_bytes:,} cannot hold two "
                              f"weight slots of {self.engine.pool.slot_bytes:,} bytes; raise it")
@@ -199,7 +201,7 @@ class Trainer:
         if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
             num_valid = dp.global_count(num_valid)
         if self.config.plan == "auto" and self.plan_solution is None:
-            self._plan_auto(*input_ids.shape)
+            self._plan_auto(input_ids, labels, extras)
         start_s = time.perf_counter()
         cfg, micro = self.config, self._micro
         first, last = micro.count == 0, micro.count == cfg.grad_accum_steps - 1
@@ -244,14 +246,30 @@ class Trainer:
         Under torchrun every rank passes its own batches and gets the loss over all of them."""
         return evaluate(self, batches)
 
-    def _plan_auto(self, batch_size: int, seq_len: int) -> None:
-        """Measure the units at this batch shape, solve the plan, and rebuild the engine to execute it."""
+    def _plan_auto(self, input_ids: torch.Tensor, labels: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        """Measure the units at this batch shape, calibrate on two forward-backward passes of the starting
+        all-RECOMPUTE engine (the first a warm-up; gradients are overwritten by the step that follows, the
+        RNG is left as it was), solve the plan, and rebuild the engine to execute it."""
         from horizon.planner.apply import auto_plan
 
+        batch = [t.to(self.device) for t in (input_ids, labels)]
+        extras = {k: v.to(self.device) for k, v in extras.items()}
+
+        def recompute_step_s() -> float:
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                for _ in range(2):
+                    start_s = time.perf_counter()
+                    self.engine.forward_backward(*batch, max(1, int((labels != -100).sum())), extras=extras)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+            return time.perf_counter() - start_s
+
         specs = self.engine.specs
-        plan, _, self.plan_solution = auto_plan(specs, self.store, device=self.device, transfer=self.transfer,
-                                                batch_size=batch_size, seq_len=seq_len,
-                                                budget_bytes=self.config.device_memory_budget_bytes)
+        plan, self.plan_profile, self.plan_solution = auto_plan(
+            specs, self.store, device=self.device, transfer=self.transfer, batch_size=input_ids.shape[0],
+            seq_len=input_ids.shape[1], budget_bytes=self.config.device_memory_budget_bytes,
+            recompute_step_s=recompute_step_s)
         self.engine.close()
         self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer)
         if self.device.type == "cuda":

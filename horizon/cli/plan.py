@@ -2,7 +2,7 @@
 
 Why offline: solving needs only the measured costs (``horizon profile``), not the machine, so a
 plan can be chosen, read and reviewed before a run, for as many budgets as you like. Prints per
-block the policy, the device bytes it holds until its backward and the predicted seconds of its
+block the fractions of its rows kept, swapped and recomputed, the device bytes it holds until its backward and the predicted seconds of its
 positions in the step, then the predicted step time and peak against all-RECOMPUTE and all-KEEP;
 ``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
 """
@@ -16,9 +16,10 @@ from horizon.cli.estimate import parse_bytes
 from horizon.cli.profile import load_profile
 from horizon.engine.plan import ActivationPolicy as P
 from horizon.planner import Profile, simulate, solve_greedy, solve_mip
+from horizon.planner.choice import Choice, host_bytes_of, kept_bytes
 from horizon.planner.apply import save_plan, to_plan
 from horizon.planner.schedule import value
-from horizon.planner.simulate import intervals
+from horizon.planner.simulate import chooser, intervals
 from horizon.store import format_bytes
 
 __all__ = ["add_arguments", "check_arguments", "run", "unit_seconds"]
@@ -48,22 +49,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
 
 
-def unit_seconds(profile: Profile, policies: dict[int, P], num_slots: int) -> dict[int, float]:
+def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int) -> dict[int, float]:
     """Per unit, the model's seconds of the positions it computes in (forward and backward)."""
     n = len(profile.units)
     order = list(range(n)) + list(range(n - 2, -1, -1))
-    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    choose = chooser(policies)
     bw, out = profile.link_bytes_per_s, {u: 0.0 for u in range(n)}
     for unit, iv in zip(order, intervals(profile, num_slots)[1:]):  # [0] is the prologue
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
         link = max(h2d, d2h) if profile.duplex else h2d + d2h
         out[unit] += max(value(iv.compute, choose), link)
     return out
-
-
-def _device_bytes(profile: Profile, unit: int, policy: P) -> int:
-    cost = profile.units[unit]
-    return {P.KEEP: cost.keep_bytes, P.SWAP: 0, P.RECOMPUTE: 0}[policy]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,15 +72,15 @@ def run(args: argparse.Namespace) -> int:
         sim = simulate(profile, policies, 2)
         baselines[name] = {"simulated_step_s": sim.step_s, "peak_bytes": sim.peak_bytes,
                            "fits": sim.peak_bytes <= args.budget}
-    chosen = simulate(profile, solution.policies, solution.num_slots)
-    seconds = unit_seconds(profile, solution.policies, solution.num_slots)
+    choices = solution.choices
+    chosen = simulate(profile, choices, solution.num_slots)
+    seconds = unit_seconds(profile, choices, solution.num_slots)
     report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
-              "units": [{"unit": profile.units[u].name, "policy": solution.policies[u].value,
-                         "device_bytes": _device_bytes(profile, u, solution.policies[u]),
-                         "host_bytes": {P.KEEP: 0, P.SWAP: profile.units[u].swap_bytes,
-                                        P.RECOMPUTE: profile.hidden_bytes}[solution.policies[u]],
+              "units": [{"unit": profile.units[u].name, "keep": choices[u].keep, "swap": choices[u].swap,
+                         "recompute": choices[u].recompute, "device_bytes": kept_bytes(profile, u, choices[u]),
+                         "host_bytes": host_bytes_of(profile, u, choices[u]),
                          "predicted_s": seconds[u]} for u in profile.blocks],
               "baselines": baselines}
     if args.out:
@@ -101,10 +97,12 @@ def _print_table(r: dict) -> None:
     print(f"budget {format_bytes(r['budget_bytes'])}; {r['solver']} plan, {r['num_slots']} slots "
           f"({'optimal' if r['optimal'] or r['solver'] == 'greedy' else 'time limit reached'}, "
           f"{r['solve_s']:.2f} s to solve)")
-    row = "  {:<16} {:<10} {:>12} {:>12} {:>12}"
-    print(row.format("unit", "policy", "device", "host", "predicted"))
+    row = "  {:<16} {:>6} {:>6} {:>9} {:>12} {:>12} {:>12}"
+    print("  fractions of the block's rows kept, swapped and recomputed; device bytes held until its backward")
+    print(row.format("unit", "keep", "swap", "recompute", "device", "host", "predicted"))
     for u in r["units"]:
-        print(row.format(u["unit"], u["policy"], format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
+        print(row.format(u["unit"], f"{u['keep']:g}", f"{u['swap']:g}", f"{u['recompute']:g}",
+                         format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
                          f"{u['predicted_s'] * 1e3:.1f} ms"))
     print(f"predicted step {r['simulated_step_s']:.4f} s, peak {format_bytes(r['peak_bytes'])}")
     for name, b in r["baselines"].items():

@@ -5,6 +5,11 @@ forward sweep runs each unit without autograd (or, for KEEP blocks, with a graph
 are slot references); the loss head runs forward and backward in chunks; the backward sweep
 walks the units in reverse, recomputing from the saved input (RECOMPUTE) or replaying the kept
 graph (KEEP), and ``torch.autograd.grad`` yields the gradient of the unit input and parameters.
+A block with a ``RowSplit`` (MEMO-style) divides the batch by rows: the first rows run under a
+KEEP graph, the next under a SWAP graph, the rest keep only their input and are recomputed, and
+backward joins the parts (input gradients by rows, parameter gradients summed): the gradient of
+the whole batch, with another summation order. Rows, not token chunks, because attention mixes
+a row's tokens.
 Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
 leave for the host store as soon as a unit's backward is done.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -26,7 +32,7 @@ from torch import nn
 from horizon.engine.activations import HostActivations, KeptGraph
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import Plan
 from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.transfer import DONE, Handle, Transfer
@@ -64,8 +70,9 @@ class _Sweep:
     kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
     swapped: dict[int, SwappedGraph] = dataclasses.field(default_factory=dict)
     rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    rows: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # by block: (KEEP, SWAP) rows
     pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
-    offloads: dict[int, Handle] = dataclasses.field(default_factory=dict)   # by unit, in issue order
+    offloads: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)  # by unit, in issue order
     next_restore: int = 0                                               # next backward position to restore
     grads: collections.deque = dataclasses.field(default_factory=collections.deque)
     hidden: torch.Tensor | None = None
@@ -93,8 +100,9 @@ class Engine:
         self.ledger = DeviceLedger()
         for slot in range(self.pool.num_slots):
             self.ledger.hold(("slot", slot), self.pool.slot_bytes)
-        self.policies = [plan.policy(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
-        self._recompute_blocks = [u for u, p in enumerate(self.policies) if p is ActivationPolicy.RECOMPUTE]
+        splits = [plan.split(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
+        # Blocks with rows to recompute: their inputs get host buffers.
+        self._recompute_blocks = [u for u, split in enumerate(splits) if split is not None and split.recompute > 0]
         self._stochastic = [_is_stochastic(s.module) for s in specs]
         self.host_activations = HostActivations(pin=store.pinned)
         self.vocab_size = specs[-1].module.head.out_features
@@ -117,10 +125,12 @@ class Engine:
         tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
         """
         num_units = len(self.specs)
+        rows = {u: self.plan.rows(s.name, input_ids.shape[0])  # a ValueError before anything runs
+                for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed, extras=extras or {})
+                       load_after=load_after, grads_landed=grads_landed, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.weights is not None:
@@ -166,18 +176,20 @@ class Engine:
                 return
             if unit in sweep.offloads:
                 self._wait_offload(sweep, unit)
-            if self.policies[unit] is ActivationPolicy.SWAP:
+            handles, nbytes = [], 0
+            if unit in sweep.swapped:
                 graph = sweep.swapped[unit]
-                self.ledger.hold(("input", unit), graph.nbytes)
-                handle = graph.restore(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes))
-                sweep.ready.setdefault(sweep.next_restore, []).append(handle)
-            if self.policies[unit] is ActivationPolicy.RECOMPUTE:
-                host = sweep.checkpoints[unit]
+                nbytes += graph.nbytes
+                handles.append(graph.restore(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes)))
+            if sweep.checkpoints is not None and unit in sweep.checkpoints:
+                host = sweep.checkpoints.pop(unit)
                 device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-                self.ledger.hold(("input", unit), _nbytes(device_input))
+                nbytes += _nbytes(device_input)
                 sweep.restored[unit] = device_input
-                handle = self.transfer.h2d([device_input], [host])
-                sweep.ready.setdefault(sweep.next_restore, []).append(handle)
+                handles.append(self.transfer.h2d([device_input], [host]))
+            if handles:
+                self.ledger.hold(("input", unit), nbytes)
+                sweep.ready.setdefault(sweep.next_restore, []).extend(handles)
             sweep.next_restore += 1
 
     def _load_weights(self, sweep: _Sweep, unit: int, slot: int, position: int) -> Handle:
@@ -208,12 +220,8 @@ class Engine:
             return
         if spec.kind is UnitKind.HEAD:
             self._loss_head(sweep, unit, slot)
-        elif self.policies[unit] is ActivationPolicy.KEEP:
-            self._forward_keep(sweep, unit, slot)
-        elif self.policies[unit] is ActivationPolicy.SWAP:
-            self._forward_swap(sweep, unit, slot)
         else:
-            self._forward_recompute(sweep, unit, slot)
+            self._forward_block(sweep, unit, slot)
         # The previous block's offload drains during this unit (two rotating buffers, as MEMO).
         for earlier in [u for u in sweep.offloads if u < unit]:
             self._wait_offload(sweep, earlier)
@@ -225,43 +233,51 @@ class Engine:
         if hidden is not None:
             self.ledger.hold(("hidden", id(hidden)), _nbytes(hidden))
 
-    def _forward_recompute(self, sweep: _Sweep, unit: int, slot: int) -> None:
-        x = sweep.hidden
-        if sweep.checkpoints is None:
-            buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
-            sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
-        handle = self.transfer.d2h([sweep.checkpoints[unit]], [x])
-        self._save_rng(sweep, unit)
-        with torch.no_grad():
-            y = self._call(sweep, unit, self.pool.template(slot, unit), x)
-        # x outlives its role as the hidden state until its offload is done (its handle holds it).
-        self.ledger.hold(("offloading", unit), _nbytes(x))
-        self._set_hidden(sweep, y)
-        sweep.offloads[unit] = handle
+    def _forward_block(self, sweep: _Sweep, unit: int, slot: int) -> None:
+        """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (input to the host)."""
+        x, (k, s) = sweep.hidden, sweep.rows[unit]
+        rows, template = x.shape[0], self.pool.template(slot, unit)
+        handles, moved, outputs = [], 0, []
+        if k + s < rows:  # the input of the recomputed rows leaves for the host while the unit computes
+            if sweep.checkpoints is None:
+                buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
+                sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
+            host = sweep.checkpoints[unit] = sweep.checkpoints[unit][:rows - k - s]
+            handles.append(self.transfer.d2h([host], [x[k + s:] if k + s else x]))
+            moved += _nbytes(host)
+        if k:
+            kept = sweep.kept[unit] = KeptGraph(self.pool.slots[slot])
+            kept.params = self.pool.params(slot, unit)
+            kept.x = self._part(x, 0, k).detach().requires_grad_()
+            with torch.enable_grad(), kept.hooks():
+                kept.y = self._call(sweep, unit, template, kept.x, rows=slice(0, k))
+            self.ledger.hold(("kept", unit), kept.saved_bytes)
+            outputs.append(kept.y.detach())
+        if s:
+            graph = sweep.swapped[unit] = SwappedGraph(self.pool.slots[slot])
+            call = lambda h: self._call(sweep, unit, template, h, rows=slice(k, k + s))  # noqa: E731
+            outputs.append(graph.forward(call, self._part(x, k, k + s), self.pool.params(slot, unit)))
+            handles.append(graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes)))
+            moved += graph.nbytes
+        if k + s < rows:
+            self._save_rng(sweep, unit)
+            with torch.no_grad():
+                outputs.append(self._call(sweep, unit, template, x[k + s:] if k + s else x, rows=slice(k + s, rows)))
+        # The offloaded tensors outlive their role until their copies are done (the handles hold them).
+        if handles:
+            self.ledger.hold(("offloading", unit), moved)
+            sweep.offloads[unit] = handles
+        self._set_hidden(sweep, outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 
-    def _forward_swap(self, sweep: _Sweep, unit: int, slot: int) -> None:
-        graph = SwappedGraph(self.pool.slots[slot])
-        y = graph.forward(lambda x: self._call(sweep, unit, self.pool.template(slot, unit), x), sweep.hidden,
-                          self.pool.params(slot, unit))
-        handle = graph.offload(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes))
-        sweep.swapped[unit] = graph
-        self.ledger.hold(("offloading", unit), graph.nbytes)
-        self._set_hidden(sweep, y)
-        sweep.offloads[unit] = handle
+    @staticmethod
+    def _part(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of ``x``; a part of the batch is copied out, so a graph holds its rows, not the batch."""
+        return x if (start, end) == (0, x.shape[0]) else x[start:end].clone()
 
     def _wait_offload(self, sweep: _Sweep, unit: int) -> None:
-        sweep.offloads.pop(unit).wait_host()
+        for handle in sweep.offloads.pop(unit):
+            handle.wait_host()
         self.ledger.release(("offloading", unit))
-
-    def _forward_keep(self, sweep: _Sweep, unit: int, slot: int) -> None:
-        kept = KeptGraph(self.pool.slots[slot])
-        kept.params = self.pool.params(slot, unit)
-        kept.x = sweep.hidden.detach().requires_grad_()
-        with torch.enable_grad(), kept.hooks():
-            kept.y = self._call(sweep, unit, self.pool.template(slot, unit), kept.x)
-        sweep.kept[unit] = kept
-        self.ledger.hold(("kept", unit), kept.saved_bytes)
-        self._set_hidden(sweep, kept.y.detach())
 
     def _loss_head(self, sweep: _Sweep, unit: int, slot: int) -> None:
         template = self.pool.template(slot, unit)
@@ -285,31 +301,38 @@ class Engine:
             self._set_hidden(sweep, None)
             self._land_grads(sweep, unit, list(grads))
             return
-        if self.policies[unit] is ActivationPolicy.KEEP:
-            grads = sweep.kept.pop(unit).backward(grad_y, self.pool.slots[slot])
+        (k, s), rows = sweep.rows[unit], grad_y.shape[0]
+        rows_of = lambda start, end: grad_y if (start, end) == (0, rows) else grad_y[start:end]  # noqa: E731
+        parts = []
+        if k:
+            parts.append(sweep.kept.pop(unit).backward(rows_of(0, k), self.pool.slots[slot]))
             self.ledger.release(("kept", unit))
-        elif self.policies[unit] is ActivationPolicy.SWAP:
-            grads = sweep.swapped.pop(unit).backward(grad_y, self.pool.slots[slot])
+        if s:
+            parts.append(sweep.swapped.pop(unit).backward(rows_of(k, k + s), self.pool.slots[slot]))
+        if k + s < rows:
+            parts.append(self._recompute_backward(sweep, unit, slot, rows_of(k + s, rows), slice(k + s, rows)))
+        if s or k + s < rows:
             self.ledger.release(("input", unit))
-        else:
-            grads = self._recompute_backward(sweep, unit, slot, grad_y)
+        grads = parts[0] if len(parts) == 1 else [torch.cat([p[0] for p in parts])] + \
+            [functools.reduce(torch.add, g) for g in zip(*(p[1:] for p in parts))]
         self._set_hidden(sweep, grads[0])
         self._land_grads(sweep, unit, list(grads[1:]))
 
-    def _recompute_backward(self, sweep: _Sweep, unit: int, slot: int, grad_y: torch.Tensor):
+    def _recompute_backward(self, sweep: _Sweep, unit: int, slot: int, grad_y: torch.Tensor, rows: slice):
         x = sweep.restored.pop(unit).requires_grad_()
         params = self.pool.params(slot, unit)
         with self._replayed_rng(sweep, unit), torch.enable_grad():
-            y = self._call(sweep, unit, self.pool.template(slot, unit), x)
-            grads = torch.autograd.grad(y, [x, *params], grad_y)
-        self.ledger.release(("input", unit))
-        return grads
+            y = self._call(sweep, unit, self.pool.template(slot, unit), x, rows=rows)
+            return torch.autograd.grad(y, [x, *params], grad_y)
 
-    def _call(self, sweep: _Sweep, unit: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A unit's call; embeddings and blocks also get the batch's extras (the head never needs them)."""
+    def _call(self, sweep: _Sweep, unit: int, module: nn.Module, x: torch.Tensor,
+              rows: slice | None = None) -> torch.Tensor:
+        """A unit's call; embeddings and blocks also get the batch's extras (the head never needs them),
+        sliced to ``rows`` of the batch when a block runs on a part of it."""
         spec = self.specs[unit]
         if sweep.extras and spec.kind is not UnitKind.HEAD:
-            return spec.call(module, x, **sweep.extras)
+            extras = sweep.extras if rows is None else {k: v[rows] for k, v in sweep.extras.items()}
+            return spec.call(module, x, **extras)
         return spec.call(module, x)
 
     def _land_grads(self, sweep: _Sweep, unit: int, grads: list[torch.Tensor]) -> None:

@@ -1,8 +1,9 @@
 """What the engine executes: per unit, where activations live between forward and backward.
 
 Why a plan object: the engine carries out decisions and never makes them. ``Plan`` is what the
-planner (or a user, by hand) hands it: an activation policy per block, the number of device
-slots and the loss-head chunk size. The engine validates it against the model before a step.
+planner (or a user, by hand) hands it: an activation policy per block, or, MEMO-style, a split
+of the block's batch rows between KEEP, SWAP and RECOMPUTE; the number of device slots and the
+loss-head chunk size. The engine validates it against the model before a step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 
-__all__ = ["ActivationPolicy", "Plan"]
+__all__ = ["ActivationPolicy", "Plan", "RowSplit"]
 
 
 class ActivationPolicy(enum.Enum):
@@ -20,12 +21,44 @@ class ActivationPolicy(enum.Enum):
     SWAP = "swap"            # copy the block's saved activations to host after forward, back before backward
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSplit:
+    """A block's batch rows by policy: the first ``keep`` of them KEEP, the next ``swap`` SWAP, the rest
+    RECOMPUTE (fractions of the batch's rows; the engine needs each to be whole rows of the batch)."""
+
+    keep: float = 0.0
+    swap: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("keep", "swap"):
+            f = getattr(self, name)
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+                raise ValueError(f"RowSplit.{name} must be a fraction of the rows in [0, 1], got {f!r}")
+        if self.keep + self.swap > 1 + 1e-9:
+            raise ValueError(f"RowSplit keep + swap must be at most 1 (the rest is recomputed), got "
+                             f"{self.keep} + {self.swap}")
+
+    @classmethod
+    def of(cls, policy: ActivationPolicy) -> "RowSplit":
+        return cls(keep=float(policy is ActivationPolicy.KEEP), swap=float(policy is ActivationPolicy.SWAP))
+
+    @property
+    def recompute(self) -> float:
+        return max(0.0, 1.0 - self.keep - self.swap)
+
+    def __str__(self) -> str:
+        whole = {(1.0, 0.0): "keep", (0.0, 1.0): "swap", (0.0, 0.0): "recompute"}.get((self.keep, self.swap))
+        return whole or f"keep {self.keep:g} swap {self.swap:g} recompute {self.recompute:g}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
     default: ActivationPolicy = ActivationPolicy.RECOMPUTE
     """Policy of every block not named in ``per_unit``."""
     per_unit: Mapping[str, ActivationPolicy] = dataclasses.field(default_factory=dict)
     """Policy by unit name (``layers.3``), overriding ``default``."""
+    splits: Mapping[str, RowSplit] = dataclasses.field(default_factory=dict)
+    """By unit name: the block's rows split between KEEP, SWAP and RECOMPUTE, overriding its policy."""
     num_slots: int = 2
     """Device buffers for unit weights: 2 = double buffering, more = deeper prefetch."""
     loss_chunk_tokens: int | None = None
@@ -37,6 +70,9 @@ class Plan:
         bad = {k: v for k, v in self.per_unit.items() if not isinstance(v, ActivationPolicy)}
         if bad:
             raise ValueError(f"Plan.per_unit values must be ActivationPolicy members, got {bad}")
+        bad = {k: v for k, v in self.splits.items() if not isinstance(v, RowSplit)}
+        if bad:
+            raise ValueError(f"Plan.splits values must be RowSplit(keep=..., swap=...), got {bad}")
         if self.num_slots < 2:
             raise ValueError(f"Plan.num_slots must be at least 2 (double buffering), got {self.num_slots}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
@@ -49,8 +85,22 @@ class Plan:
     def policy(self, unit_name: str) -> ActivationPolicy:
         return self.per_unit.get(unit_name, self.default)
 
+    def split(self, unit_name: str) -> RowSplit:
+        return self.splits.get(unit_name) or RowSplit.of(self.policy(unit_name))
+
+    def rows(self, unit_name: str, batch_rows: int) -> tuple[int, int]:
+        """(KEEP rows, SWAP rows) of a ``batch_rows`` batch for the block; the rest are recomputed."""
+        out = []
+        for f in (self.split(unit_name).keep, self.split(unit_name).swap):
+            rows = round(f * batch_rows)
+            if abs(f * batch_rows - rows) > 1e-9:
+                raise ValueError(f"Plan.splits[{unit_name!r}]: {f} of a batch of {batch_rows} rows is not a whole "
+                                 f"number of rows; use multiples of 1/{batch_rows} (splits divide the batch by rows)")
+            out.append(rows)
+        return out[0], out[1]
+
     def check_names(self, block_names: list[str]) -> None:
-        unknown = sorted(set(self.per_unit) - set(block_names))
+        unknown = sorted((set(self.per_unit) | set(self.splits)) - set(block_names))
         if unknown:
             raise ValueError(f"Plan names units the model does not have as blocks: {unknown}; "
                              f"blocks are {block_names[0]} … {block_names[-1]}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
-from horizon.engine.plan import ActivationPolicy, Plan
+from horizon.engine.plan import ActivationPolicy, Plan, RowSplit
 from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitSpec
 from horizon.planner.mip import Solution, solve_mip
@@ -27,20 +29,24 @@ FORMAT = "horizon-plan/1"
 
 
 def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | None = None) -> Plan:
-    per_unit = {profile.units[u].name: p for u, p in solution.policies.items()}
-    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, num_slots=solution.num_slots,
-                loss_chunk_tokens=loss_chunk_tokens)
+    """The plan for ``solution``: a policy per block, a ``RowSplit`` for the blocks that split their rows."""
+    whole = {RowSplit.of(p): p for p in ActivationPolicy}
+    per_unit = {profile.units[u].name: whole[c] for u, c in solution.choices.items() if c in whole}
+    splits = {profile.units[u].name: c for u, c in solution.choices.items() if c not in whole}
+    return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, splits=splits,
+                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
               "loss_chunk_tokens": plan.loss_chunk_tokens,
-              "per_unit": {name: p.value for name, p in plan.per_unit.items()},
+              "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
+              "splits": {name: {"keep": c.keep, "swap": c.swap} for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
-        sim = simulate(profile, solution.policies, solution.num_slots)
+        sim = simulate(profile, solution.choices, solution.num_slots)
         record["prediction"] = {"model_step_s": solution.step_s, "simulated_step_s": sim.step_s,
                                 "peak_bytes": solution.peak_bytes, "optimal": solution.optimal,
                                 "solve_s": solution.solve_s}
@@ -62,25 +68,43 @@ def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, num_slots)."""
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots)."""
     record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
     bad = {k: v for k, v in per_unit.items() if v not in words}
     if bad:
         raise ValueError(f"{path}: per_unit policies must be one of {sorted(words)}, got {bad}")
+    splits = record.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and set(v) <= {"keep", "swap"}
+                                               for v in splits.values()):
+        raise ValueError(f"{path}: splits must map unit names to {{\"keep\": fraction, \"swap\": fraction}} "
+                         f"(the rest of the rows recomputed), got {splits!r}")
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
                 per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
+                splits={k: RowSplit(**v) for k, v in splits.items()},
                 num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
 
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-              batch_size: int, seq_len: int, budget_bytes: int) -> tuple[Plan, Profile, Solution]:
-    """Measure, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute."""
+              batch_size: int, seq_len: int, budget_bytes: int,
+              recompute_step_s: Callable[[], float] | None = None) -> tuple[Plan, Profile, Solution]:
+    """Measure, calibrate, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute.
+
+    ``recompute_step_s()``: the measured seconds of one real step of the all-RECOMPUTE, 2-slot plan;
+    when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does."""
+    from horizon.planner.calibrate import calibrate
     from horizon.planner.measure import measure_profile
 
     profile = measure_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
                               seq_len=seq_len)
+    if recompute_step_s is not None:
+        recompute = {u: ActivationPolicy.RECOMPUTE for u in profile.blocks}
+        try:
+            profile = calibrate(profile, [(recompute, 2, recompute_step_s())])
+        except ValueError as e:  # a step far from its units' sum: plan from the units alone, and say so
+            warnings.warn(f"plan='auto' could not calibrate the profile ({e}); planning from the uncalibrated "
+                          "unit timings", stacklevel=3)
     try:
         import pulp  # noqa: F401
         solve = solve_mip

@@ -2,8 +2,9 @@
 
 Why: a MIP solver is an optional dependency at heart and can time out; a greedy plan is always
 there. Start with every block KEEP (the fastest plan); while the device peak is over budget,
-make the single move (KEEP→SWAP, KEEP→RECOMPUTE, SWAP→RECOMPUTE) that frees the most peak bytes
-per second it adds to the model step time (LoHan/Capuchin's bytes-per-second ranking). Peaks
+make the single move of one block to another choice (a split of its rows between KEEP, SWAP and RECOMPUTE) that frees the
+most peak bytes per second it adds to the model step time (LoHan/Capuchin's bytes-per-second
+ranking). Every move lowers the peak, so it ends. Peaks
 and times are evaluated incrementally on the same ledger rows and intervals as the MIP, as
 matrices, so a move costs one pass over the rows.
 """
@@ -16,21 +17,19 @@ import time
 import numpy as np
 
 from horizon.engine.plan import ActivationPolicy as P
-from horizon.planner.mip import POLICIES, PlanInfeasible, Solution, _check_options, host_bytes
+from horizon.planner.choice import Choice, as_choice, choices
+from horizon.planner.mip import PlanInfeasible, Solution, _check_options, host_bytes, solution
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term
-from horizon.planner.simulate import intervals, memory_rows, model_step_s, peak_bytes
+from horizon.planner.simulate import intervals, memory_rows, peak_bytes
 
 __all__ = ["solve_greedy"]
 
-_MOVES = ((P.KEEP, P.SWAP), (P.KEEP, P.RECOMPUTE), (P.SWAP, P.RECOMPUTE))
-
-
 class _Linear:
-    """Terms as ``const + coef @ x`` over one 0/1 column per (block, policy)."""
+    """Terms as ``const + coef @ x`` over one 0/1 column per (block, choice)."""
 
     def __init__(self, terms: list[Term], profile: Profile) -> None:
-        self.column = {(u, p): j for j, (u, p) in enumerate((u, p) for u in profile.blocks for p in POLICIES)}
+        self.column = {(u, c): j for j, (u, c) in enumerate((u, c) for u in profile.blocks for c in choices(profile))}
         self.const = np.zeros(len(terms))
         self.coef = np.zeros((len(terms), len(self.column)))
         for i, term in enumerate(terms):
@@ -40,10 +39,10 @@ class _Linear:
                 else:
                     self.coef[i, self.column[(unit, policy)]] += c
 
-    def at(self, policies: dict[int, P]) -> np.ndarray:
+    def at(self, policies: dict[int, Choice]) -> np.ndarray:
         return self.const + self.coef[:, [self.column[(u, p)] for u, p in policies.items()]].sum(axis=1)
 
-    def delta(self, unit: int, old: P, new: P) -> np.ndarray:
+    def delta(self, unit: int, old: Choice, new: Choice) -> np.ndarray:
         return self.coef[:, self.column[(unit, new)]] - self.coef[:, self.column[(unit, old)]]
 
 
@@ -61,15 +60,18 @@ class _Evaluator:
         return float(np.maximum(compute, link / self.bw).sum())
 
 
-def _greedy(profile: Profile, budget_bytes: int, num_slots: int, host_budget_bytes: int | None) -> dict[int, P] | None:
+def _greedy(profile: Profile, budget_bytes: int, num_slots: int,
+            host_budget_bytes: int | None) -> dict[int, Choice] | None:
     ev = _Evaluator(profile, num_slots)
-    policies = {u: P.KEEP for u in profile.blocks}
+    options = choices(profile)
+    policies = {u: as_choice(P.KEEP) for u in profile.blocks}
     rows, comp, h2d, d2h = (lin.at(policies) for lin in (ev.memory, ev.compute, ev.h2d, ev.d2h))
     while rows.max() > budget_bytes:
         base_peak, base_s, best = rows.max(), ev.step_s(comp, h2d, d2h), None
         for u in profile.blocks:
-            for old, new in _MOVES:
-                if policies[u] is not old:
+            old = policies[u]
+            for new in options:
+                if new == old:
                     continue
                 trial = [v + lin.delta(u, old, new) for v, lin in ((rows, ev.memory), (comp, ev.compute),
                                                                    (h2d, ev.h2d), (d2h, ev.d2h))]
@@ -97,8 +99,7 @@ def solve_greedy(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, .
         policies = _greedy(profile, budget_bytes, slots, host_budget_bytes)
         if policies is None:
             continue
-        candidate = Solution(policies, slots, model_step_s(profile, policies, slots),
-                             peak_bytes(profile, policies, slots), False, 0.0)
+        candidate = solution(profile, policies, slots, False)
         if best is None or candidate.step_s < best.step_s:
             best = candidate
     if best is None:

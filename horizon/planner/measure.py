@@ -4,8 +4,10 @@ Why measured, not estimated: the plan trades compute against link time against d
 and all three depend on the machine, the dtype and the batch shape. Each distinct block
 structure is timed once (identical blocks share it): forward without autograd, forward with
 autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
-bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, and the link
-is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
+bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, also for each
+row fraction the engine can execute at this batch (a copy of the first f·B rows, as the engine
+runs it), and so are the seconds of such a part; the link is timed through the engine's own transfer (throttled on CPU, a
+copy stream on CUDA).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from horizon.models.units import UnitKind, UnitSpec
 from horizon.planner.profile import Profile, UnitCost, UnitRole
 from horizon.store.host_store import HostStore
 
-__all__ = ["measure_profile", "median_profile"]
+__all__ = ["measure_profile", "median_profile", "FRACTIONS"]
+
+FRACTIONS = (0.25, 0.5, 0.75)
+"""Row fractions offered to the planner where they are whole rows of the batch."""
 
 _ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
 
@@ -52,15 +57,20 @@ def _median_s(fn, **kwargs) -> float:
 
 
 def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
-                    batch_size: int, seq_len: int, reps: int = 5, warmup: int = 3) -> Profile:
+                    batch_size: int, seq_len: int, reps: int = 5, warmup: int = 3,
+                    fractions: tuple[float, ...] = FRACTIONS) -> Profile:
     """Costs of every unit at ``batch_size × seq_len`` tokens; allocates one slot and a few activations.
 
     Each time is the median of ``reps`` runs after ``warmup`` untimed ones (first calls pay for
-    kernel selection and page faults; on a shared machine, more of both is steadier)."""
+    kernel selection and page faults; on a shared machine, more of both is steadier). Of
+    ``fractions`` the profile keeps those that are whole rows of ``batch_size`` (none for 1 row)."""
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"measure_profile needs a positive batch shape, got {batch_size} × {seq_len}")
     if reps < 1 or warmup < 0:
         raise ValueError(f"measure_profile needs reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+    if any(not 0 < f < 1 for f in fractions):
+        raise ValueError(f"measure_profile: fractions must each be in (0, 1), got {fractions}")
+    levels = tuple(sorted({f for f in fractions if abs(f * batch_size - round(f * batch_size)) < 1e-9}))
     median_s = functools.partial(_median_s, device=device, reps=reps, warmup=warmup)
     medians_s = functools.partial(_medians_s, device=device, reps=reps, warmup=warmup)
     layouts = [u.layout for u in store.units]
@@ -90,6 +100,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
                 timed[key] = _time_block(run, hidden, params, slot, median_s, medians_s)
+                timed[key].update(_time_parts(run, hidden, params, slot, median_s, medians_s, levels))
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -105,7 +116,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                                                         for b in layout.borrowed), **times))
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
-                   duplex=device.type == "cuda", tokens=batch_size * seq_len)
+                   duplex=device.type == "cuda", tokens=batch_size * seq_len, fractions=levels)
 
 
 def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
@@ -134,6 +145,15 @@ def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
     swapped.forward(run, hidden, params)
     return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes,
             "swap_bytes": swapped.nbytes}
+
+
+def _time_parts(run, hidden, params, slot, median_s, medians_s, levels: tuple[float, ...]) -> dict:
+    """Every cost of ``_time_block`` for the first f·B rows, copied out as the engine does, per level f:
+    small parts run less efficiently than a share of the whole, and not every saved tensor is per row."""
+    parts = [_time_block(run, hidden[:round(f * hidden.shape[0])].clone(), params, slot, median_s, medians_s)
+             for f in levels]
+    return {f"{name}_at": tuple(p[name] for p in parts)
+            for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
 
 
 def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
@@ -169,8 +189,12 @@ def median_profile(profiles: list[Profile]) -> Profile:
     first = profiles[0]
     if any(len(p.units) != len(first.units) or p.tokens != first.tokens for p in profiles):
         raise ValueError("median_profile: profiles of different models or batch shapes cannot be combined")
-    units = tuple(dataclasses.replace(u, **{f: statistics.median(getattr(p.units[i], f) for p in profiles)
-                                            for f in ("fwd_s", "fwd_grad_s", "bwd_s")})
+    def median(i: int, f: str):
+        values = [getattr(p.units[i], f) for p in profiles]
+        return tuple(map(statistics.median, zip(*values))) if f.endswith("_at") else statistics.median(values)
+
+    units = tuple(dataclasses.replace(u, **{f: median(i, f) for f in ("fwd_s", "fwd_grad_s", "bwd_s", "fwd_s_at",
+                                                                        "fwd_grad_s_at", "bwd_s_at")})
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
                                link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles))

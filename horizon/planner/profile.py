@@ -12,6 +12,9 @@ import enum
 
 __all__ = ["UnitRole", "UnitCost", "Profile"]
 
+_AT_FIELDS = ("fwd_s_at", "fwd_grad_s_at", "bwd_s_at", "keep_bytes_at", "swap_bytes_at")
+"""UnitCost's costs of a part of the rows, one entry per ``Profile.fractions``."""
+
 
 class UnitRole(enum.Enum):
     EMBEDDING = "embedding"
@@ -40,11 +43,24 @@ class UnitCost:
     """Device bytes a KEEP block's saved activations hold until its backward."""
     swap_bytes: int = 0
     """Bytes a SWAP block copies to the host and back (its saved storages, aligned)."""
+    fwd_s_at: tuple[float, ...] = ()
+    """``fwd_s`` of the first ``Profile.fractions[i]`` of the rows alone (a part of a row split)."""
+    fwd_grad_s_at: tuple[float, ...] = ()
+    """``fwd_grad_s`` of such a part."""
+    bwd_s_at: tuple[float, ...] = ()
+    """``bwd_s`` of such a part."""
+    keep_bytes_at: tuple[int, ...] = ()
+    """``keep_bytes`` when the block holds only ``Profile.fractions[i]`` of the rows."""
+    swap_bytes_at: tuple[int, ...] = ()
+    """``swap_bytes`` when the block swaps only ``Profile.fractions[i]`` of the rows."""
 
     def __post_init__(self) -> None:
         for field in ("weight_bytes", "grad_bytes", "keep_bytes", "swap_bytes"):
             if getattr(self, field) < 0:
                 raise ValueError(f"UnitCost.{field} must be >= 0, got {getattr(self, field)}")
+        if any(not b >= 0 for b in self.keep_bytes_at + self.swap_bytes_at + self.fwd_s_at + self.fwd_grad_s_at
+               + self.bwd_s_at):
+            raise ValueError("UnitCost's per-fraction bytes and seconds (the *_at fields) must be >= 0")
         for field in ("fwd_s", "fwd_grad_s", "bwd_s"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"UnitCost.{field} must be >= 0 seconds, got {getattr(self, field)}")
@@ -68,6 +84,9 @@ class Profile:
     compute_scale: float = 1.0
     """Seconds of compute in a real step per second measured alone (``calibrate.py``): cache misses,
     the optimizer and transfer threads sharing the cores, per-unit overhead. 1.0 = not calibrated."""
+    fractions: tuple[float, ...] = ()
+    """Row fractions in (0, 1) a KEEP or SWAP block may hold, the rest recomputed (multiples of
+    1/batch rows, increasing); their bytes are each block's ``keep_bytes_at`` / ``swap_bytes_at``."""
 
     def __post_init__(self) -> None:
         roles = [u.role for u in self.units]
@@ -78,6 +97,13 @@ class Profile:
             raise ValueError(f"Profile.link_bytes_per_s must be positive, got {self.link_bytes_per_s}")
         if self.hidden_bytes <= 0 or self.slot_bytes <= 0:
             raise ValueError("Profile.hidden_bytes and slot_bytes must be positive")
+        if any(not 0 < f < 1 for f in self.fractions) or list(self.fractions) != sorted(set(self.fractions)):
+            raise ValueError(f"Profile.fractions must be increasing, each in (0, 1), got {self.fractions}")
+        for u in self.units[1:-1]:
+            lengths = {len(getattr(u, f)) for f in _AT_FIELDS}
+            if lengths != {len(self.fractions)}:
+                raise ValueError(f"{u.name}: each of {', '.join(_AT_FIELDS)} needs one entry per Profile.fractions "
+                                 f"({len(self.fractions)}), got lengths {sorted(lengths)}")
         if not self.compute_scale > 0:
             raise ValueError(f"Profile.compute_scale must be positive, got {self.compute_scale}")
 
@@ -96,6 +122,7 @@ class Profile:
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
         units = tuple(UnitCost(**{**u, "role": UnitRole(u["role"]),
-                                  "borrowed_grad_bytes": tuple(tuple(x) for x in u["borrowed_grad_bytes"])})
+                                  "borrowed_grad_bytes": tuple(tuple(x) for x in u["borrowed_grad_bytes"]),
+                                  **{f: tuple(u.get(f, ())) for f in _AT_FIELDS}})
                       for u in d["units"])
-        return cls(**{**d, "units": units})
+        return cls(**{**d, "units": units, "fractions": tuple(d.get("fractions", ()))})

@@ -5,8 +5,9 @@ agree with the engine, and with each other, about what is copied, computed, held
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
 positions ahead, restores as far ahead, each block's offload drained during the next unit,
 at most two units of gradients in flight. Every amount is a ``Term``: a sum of coefficients,
-each counted always (unit None) or only when the named block has the named policy. Evaluated
-for one plan a term is a number; over the MIP's 0/1 variables it is a linear expression.
+each counted always (unit None) or only when the named block has the named ``Choice`` (a
+policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a number; over the
+MIP's 0/1 variables it is a linear expression.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from horizon.engine.plan import ActivationPolicy as P
 from horizon.engine.slots import assign_slots
+from horizon.planner import choice as C
+from horizon.planner.choice import Choice
 from horizon.planner.profile import Profile
 
 __all__ = ["Term", "Event", "events", "value"]
 
-Term = tuple[tuple[float, int | None, P | None], ...]
-"""((coefficient, unit, policy), ...): coefficients count when ``unit`` is None or has ``policy``."""
+Term = tuple[tuple[float, int | None, Choice | None], ...]
+"""((coefficient, unit, choice), ...): coefficients count when ``unit`` is None or has ``choice``."""
 
 _GRADS_IN_FLIGHT = 2  # as the engine's
 
@@ -34,7 +36,7 @@ class Event:
     direction: str = ""  # copies: "h2d" or "d2h"
 
 
-def value(term: Term, choose: Callable[[int, P], object]) -> object:
+def value(term: Term, choose: Callable[[int, Choice], object]) -> object:
     """``term`` for one plan (``choose`` returns 0/1) or as an expression (``choose`` returns variables)."""
     return sum((c if unit is None else c * choose(unit, policy) for c, unit, policy in term), 0)
 
@@ -63,6 +65,7 @@ class _Walk:
         self.offload_copy: dict[int, tuple[int, int]] = {}
         self.next_restore = n
         self.num_slots = num_slots
+        self.choices = C.choices(profile)
 
     def emit(self, kind: str, key=None, amount: Term = (), direction: str = "") -> None:
         if kind == "compute":
@@ -74,9 +77,13 @@ class _Walk:
         self.emit("copy", self.copies, amount, direction)
         return self.copies
 
+    def per_choice(self, unit: int, amount: Callable[[Choice], float]) -> Term:
+        """``amount(choice)`` for each of the block's choices (the zeros left out)."""
+        return tuple((a, unit, c) for c in self.choices if (a := amount(c)))
+
     def moved(self, unit: int) -> Term:
-        """What a block keeps off the device: its input (RECOMPUTE) or its saved bytes (SWAP)."""
-        return ((self.p.hidden_bytes, unit, P.RECOMPUTE), (self.p.units[unit].swap_bytes, unit, P.SWAP))
+        """What a block keeps off the device: the input of its recomputed rows and its swapped bytes."""
+        return self.per_choice(unit, lambda c: C.input_bytes(self.p, c) + C.swapped_bytes(self.p, unit, c))
 
     def run(self) -> list[Event]:
         for slot in range(self.num_slots):
@@ -131,11 +138,10 @@ class _Walk:
             self.emit("compute", amount=_const(cost.fwd_s))
             self.land_grads(unit)
         else:
-            before = self.copy("d2h", ((self.p.hidden_bytes, unit, P.RECOMPUTE),))
-            self.emit("compute", amount=((cost.fwd_grad_s, unit, P.KEEP), (cost.fwd_grad_s, unit, P.SWAP),
-                                         (cost.fwd_s, unit, P.RECOMPUTE)))
-            after = self.copy("d2h", ((cost.swap_bytes, unit, P.SWAP),))
-            self.emit("hold", ("kept", unit), ((cost.keep_bytes, unit, P.KEEP),))
+            before = self.copy("d2h", self.per_choice(unit, lambda c: C.input_bytes(self.p, c)))
+            self.emit("compute", amount=self.per_choice(unit, lambda c: C.forward_s(self.p, unit, c)))
+            after = self.copy("d2h", self.per_choice(unit, lambda c: C.swapped_bytes(self.p, unit, c)))
+            self.emit("hold", ("kept", unit), self.per_choice(unit, lambda c: C.kept_bytes(self.p, unit, c)))
             self.emit("hold", ("offloading", unit), self.moved(unit))
             self.offload_copy[unit] = (before, after)
             self.offloads.append(unit)
@@ -148,8 +154,7 @@ class _Walk:
             self.emit("compute", amount=_const(cost.bwd_s))
             self.emit("release", ("hidden",))
         else:
-            self.emit("compute", amount=((cost.bwd_s, unit, P.KEEP), (cost.bwd_s, unit, P.SWAP),
-                                         (cost.fwd_grad_s + cost.bwd_s, unit, P.RECOMPUTE)))
+            self.emit("compute", amount=self.per_choice(unit, lambda c: C.backward_s(self.p, unit, c)))
             self.emit("release", ("kept", unit))
             self.emit("release", ("input", unit))
         self.land_grads(unit)

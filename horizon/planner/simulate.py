@@ -14,17 +14,20 @@ import dataclasses
 from collections.abc import Mapping
 
 from horizon.engine.plan import ActivationPolicy as P
+from horizon.planner.choice import Choice, as_choice
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term, events, value
 
-__all__ = ["Prediction", "simulate", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval"]
+__all__ = ["Prediction", "simulate", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval", "chooser"]
 
-Policies = Mapping[int, P]
-"""A plan as the planner sees it: the policy of every block, by unit index."""
+Policies = Mapping[int, P | Choice]
+"""A plan as the planner sees it: the policy (or policy and row fraction) of every block, by unit index."""
 
 
-def _chooser(policies: Policies):
-    return lambda unit, policy: 1 if policies[unit] is policy else 0
+def chooser(policies: Policies):
+    """``choose(unit, choice)`` for ``schedule.value``: 1 where the plan makes that choice, else 0."""
+    chosen = {u: as_choice(p) for u, p in policies.items()}
+    return lambda unit, choice: 1 if chosen[unit] == choice else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Prediction:
 
 
 def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction:
-    choose = _chooser(policies)
+    choose = chooser(policies)
     now = compute = busy = 0.0
     free = {"h2d": 0.0, "d2h": 0.0}
     ends: dict[int, float] = {}
@@ -72,15 +75,23 @@ def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction
 
 
 def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
-    """The ledger right after each hold, as terms: a plan's peak is the largest row's value."""
+    """The ledger at each of its local maxima, as terms: a plan's peak is the largest row's value.
+
+    Every amount is bytes (coefficients >= 0), so the ledger after a hold that another hold follows
+    is at most the ledger after that one, for every plan: only the row before each release counts."""
     held: dict[object, Term] = {}
     rows: list[Term] = []
+    rising = False
     for e in events(profile, num_slots):
         if e.kind == "hold":
-            held[e.key] = e.amount
-            rows.append(tuple(t for term in held.values() for t in term))
+            held[e.key], rising = e.amount, True
         elif e.kind == "release":
+            if rising:
+                rows.append(tuple(t for term in held.values() for t in term))
             held.pop(e.key)
+            rising = False
+    if rising:
+        rows.append(tuple(t for term in held.values() for t in term))
     return _dedupe(rows)
 
 
@@ -90,8 +101,7 @@ def _dedupe(rows: list[Term]) -> list[Term]:
         merged: dict[tuple, float] = {}
         for c, unit, policy in row:
             merged[(unit, policy)] = merged.get((unit, policy), 0.0) + c
-        key = tuple(sorted(((u if u is not None else -1, p.value if p else ""), c)
-                           for (u, p), c in merged.items() if c))
+        key = frozenset((k, c) for k, c in merged.items() if c)
         if key not in seen:
             seen.add(key)
             out.append(tuple((c, u, p) for (u, p), c in merged.items() if c))
@@ -122,7 +132,7 @@ def intervals(profile: Profile, num_slots: int) -> list[Interval]:
 
 def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
     """The MIP's objective for one plan: Σ over positions of max(compute, link time)."""
-    choose, bw = _chooser(policies), profile.link_bytes_per_s
+    choose, bw = chooser(policies), profile.link_bytes_per_s
     total = 0.0
     for iv in intervals(profile, num_slots):
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
@@ -132,5 +142,5 @@ def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
 
 
 def peak_bytes(profile: Profile, policies: Policies, num_slots: int) -> int:
-    choose = _chooser(policies)
-    return int(round(max(value(row, choose) for row in memory_rows(profile, num_slots))))
+    """The plan's device peak: the largest ``memory_rows`` value, which the replay tracks as it goes."""
+    return simulate(profile, policies, num_slots).peak_bytes

@@ -10,7 +10,8 @@ from horizon.cli.main import main
 from horizon.cli.plan import unit_seconds
 from horizon.cli.profile import load_profile
 from horizon.planner import model_step_s, simulate
-from horizon.planner.simulate import intervals
+from horizon.engine.plan import RowSplit
+from horizon.planner.simulate import chooser, intervals
 from horizon.planner.schedule import value
 
 P = horizon.ActivationPolicy
@@ -53,17 +54,17 @@ def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profil
     rc, r = _plan_json(capsys, ["plan", "--profile", str(profile_path), "--budget", str(budget), "--out", str(out)])
     assert rc == 0 and r["peak_bytes"] <= budget < r["baselines"]["keep"]["peak_bytes"]
     assert r["baselines"]["recompute"]["fits"] and not r["baselines"]["keep"]["fits"]
-    policies = {u: P(row["policy"]) for u, row in zip(profile.blocks, r["units"])}
+    policies = {u: RowSplit(row["keep"], row["swap"]) for u, row in zip(profile.blocks, r["units"])}
     assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"]), rel=1e-9)
     # Per-unit seconds plus the prologue (weights issued before the first unit) are the step.
     prologue = intervals(profile, r["num_slots"])[0]
-    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    choose = chooser(policies)
     prologue_s = value(prologue.h2d, choose) / profile.link_bytes_per_s
     assert sum(unit_seconds(profile, policies, r["num_slots"]).values()) + prologue_s == pytest.approx(
         r["model_step_s"], rel=1e-9)
     with horizon.Trainer(tiny_decoder(num_layers=LAYERS), horizon.TrainConfig(plan=str(out))) as t:
         assert t.engine.plan.num_slots == r["num_slots"]
-        assert [t.engine.plan.policy(row["unit"]).value for row in r["units"]] == [row["policy"] for row in r["units"]]
+        assert [t.engine.plan.split(row["unit"]) for row in r["units"]] == list(policies.values())
         t.step(batches(1, batch=BATCH, seq=SEQ)[0])
         assert t.memory().device_peak_bytes == r["peak_bytes"]
 

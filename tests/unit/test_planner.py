@@ -1,28 +1,39 @@
 """The planner's pieces against brute force, formulas and the engine's own ledger."""
 
+import dataclasses
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 import horizon
 from horizon.planner import (PlanInfeasible, Profile, UnitCost, UnitRole, model_step_s, peak_bytes, simulate,
                              solve_greedy, solve_mip)
+from horizon.planner.choice import Choice, choices
 from horizon.planner.mip import POLICIES
+from horizon.planner.simulate import chooser, intervals, memory_rows
 
 P = horizon.ActivationPolicy
 
 
-def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, compute=True) -> Profile:
+def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, compute=True,
+              fractions=()) -> Profile:
     hidden = rng.randint(1, 8) * 4096
     t = (lambda lo, hi: rng.uniform(lo, hi)) if compute else (lambda lo, hi: 0.0)
 
     def block(i):
         fwd = t(1e-3, 5e-3)
         keep = hidden * rng.randint(2, 12)
+        fixed = 1024 * rng.randint(0, 4)  # saved tensors that are not per row (a rotary table, say)
+        keep_at = tuple(fixed + round(f * (keep - fixed)) for f in fractions)
+        fwd_grad, bwd = fwd * rng.uniform(1.0, 1.3), fwd * rng.uniform(1.5, 2.5)
+        part = lambda s: tuple(s * f * rng.uniform(1.0, 1.3) for f in fractions)  # noqa: E731  (small parts: slower per row)
         return UnitCost(name=f"layers.{i}", role=UnitRole.BLOCK, weight_bytes=rng.randint(1, 8) * 65536,
-                        grad_bytes=rng.randint(1, 8) * 65536, fwd_s=fwd, fwd_grad_s=fwd * rng.uniform(1.0, 1.3),
-                        bwd_s=fwd * rng.uniform(1.5, 2.5), keep_bytes=keep, swap_bytes=keep + 64 * rng.randint(0, 4))
+                        grad_bytes=rng.randint(1, 8) * 65536, fwd_s=fwd, fwd_grad_s=fwd_grad, bwd_s=bwd,
+                        fwd_s_at=part(fwd), fwd_grad_s_at=part(fwd_grad), bwd_s_at=part(bwd),
+                        keep_bytes=keep, swap_bytes=keep + 64 * rng.randint(0, 4),
+                        keep_bytes_at=keep_at, swap_bytes_at=tuple(b + 64 * rng.randint(0, 4) for b in keep_at))
 
     units = [UnitCost(name="embed", role=UnitRole.EMBEDDING, weight_bytes=65536, grad_bytes=65536,
                       fwd_s=t(1e-4, 1e-3), bwd_s=t(1e-4, 1e-3))]
@@ -30,21 +41,35 @@ def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, c
     units.append(UnitCost(name="head", role=UnitRole.HEAD, weight_bytes=131072, grad_bytes=65536,
                           borrowed_grad_bytes=((0, 65536),), fwd_s=t(1e-3, 4e-3)))
     return Profile(units=tuple(units), hidden_bytes=hidden, slot_bytes=8 * 65536 + 131072,
-                   link_bytes_per_s=link or rng.uniform(0.2e9, 2e9), duplex=duplex)
+                   link_bytes_per_s=link or rng.uniform(0.2e9, 2e9), duplex=duplex, fractions=tuple(fractions))
+
+
+def _every_plan(profile, terms):
+    """``terms`` evaluated for every plan at once: [plans, terms], plans in itertools.product order."""
+    options = choices(profile)
+    combos = np.array(list(itertools.product(range(len(options)), repeat=len(profile.blocks))))
+    out = np.zeros((len(combos), len(terms)))
+    for j, term in enumerate(terms):
+        for c, unit, choice in term:
+            out[:, j] += c if unit is None else c * (combos[:, unit - 1] == options.index(choice))
+    return out, [dict(zip(profile.blocks, (options[i] for i in row))) for row in combos]
 
 
 def brute_force(profile, budget, slot_options=(2, 3)):
-    """(least model step time, least peak) over every plan and slot count."""
-    best, least_peak = None, None
+    """(least model step time, least peak) over every plan (every choice of every block) and slot count,
+    evaluating the model's own definition (``model_step_s``, ``peak_bytes``) for all plans at once."""
+    best, least_peak, bw = np.inf, np.inf, profile.link_bytes_per_s
     for slots in slot_options:
-        for combo in itertools.product(POLICIES, repeat=len(profile.blocks)):
-            policies = dict(zip(profile.blocks, combo))
-            peak = peak_bytes(profile, policies, slots)
-            least_peak = peak if least_peak is None else min(least_peak, peak)
-            if peak <= budget:
-                step = model_step_s(profile, policies, slots)
-                best = step if best is None else min(best, step)
-    return best, least_peak
+        peaks = _every_plan(profile, memory_rows(profile, slots))[0].max(axis=1)
+        ivs = intervals(profile, slots)
+        compute, h2d, d2h = (_every_plan(profile, [getattr(iv, f) for iv in ivs])[0] for f in ("compute", "h2d", "d2h"))
+        link = np.maximum(h2d, d2h) / bw if profile.duplex else (h2d + d2h) / bw
+        steps = np.maximum(compute, link).sum(axis=1)
+        least_peak = min(least_peak, int(round(peaks.min())))
+        fits = np.round(peaks) <= budget
+        if fits.any():
+            best = min(best, steps[fits].min())
+    return (None if best == np.inf else best), least_peak
 
 
 def _budget_between(rng, profile):
@@ -53,16 +78,20 @@ def _budget_between(rng, profile):
     return int(low + rng.random() * (high - low))
 
 
+FRACTION_LEVELS = [(), (0.5,), (0.25, 0.5, 0.75)]
+
+
 @pytest.mark.parametrize("seed", range(120))
 def test_mip_equals_brute_force_and_greedy_is_never_better(seed):
     rng = random.Random(seed)
-    profile = synthetic(rng, rng.randint(2, 4), duplex=seed % 3 == 0)
+    fractions = FRACTION_LEVELS[seed % 3]
+    profile = synthetic(rng, rng.randint(2, 4 if len(fractions) < 3 else 3), duplex=seed % 4 == 0, fractions=fractions)
     budget = _budget_between(rng, profile)
     want, _ = brute_force(profile, budget)
     mip = solve_mip(profile, budget, gap=0.0)
     assert mip.optimal and mip.step_s == pytest.approx(want, rel=1e-6)
     assert mip.peak_bytes <= budget
-    assert simulate(profile, mip.policies, mip.num_slots).peak_bytes == mip.peak_bytes
+    assert simulate(profile, mip.choices, mip.num_slots).peak_bytes == mip.peak_bytes
     greedy = solve_greedy(profile, budget)
     assert greedy.peak_bytes <= budget and greedy.step_s >= mip.step_s * (1 - 1e-9)
 
@@ -127,7 +156,7 @@ def _link_s(profile, policies, slots):
     from horizon.planner.schedule import value
     from horizon.planner.simulate import intervals
 
-    choose = lambda unit, policy: 1 if policies[unit] is policy else 0  # noqa: E731
+    choose = chooser(policies)
     return sum(value(iv.h2d, choose) + value(iv.d2h, choose) for iv in intervals(profile, slots)) / profile.link_bytes_per_s
 
 
@@ -143,4 +172,33 @@ def test_ties_go_to_the_plan_that_moves_the_fewest_bytes(seed):
     fastest = min(model_step_s(profile, p, 2) for p in fitting)
     least_link = min(_link_s(profile, p, 2) for p in fitting if model_step_s(profile, p, 2) <= fastest * (1 + 1e-9))
     assert mip.step_s == pytest.approx(fastest, rel=1e-9)
-    assert _link_s(profile, mip.policies, 2) == pytest.approx(least_link, rel=1e-6)
+    assert _link_s(profile, mip.choices, 2) == pytest.approx(least_link, rel=1e-6)
+
+
+def _without_fractions(profile):
+    return dataclasses.replace(profile, fractions=(), units=tuple(
+        dataclasses.replace(u, keep_bytes_at=(), swap_bytes_at=(), fwd_s_at=(), fwd_grad_s_at=(), bwd_s_at=())
+        for u in profile.units))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fractions_never_make_the_optimum_worse(seed):
+    rng = random.Random(900 + seed)
+    profile = synthetic(rng, 4, fractions=(0.25, 0.5, 0.75))
+    budget = _budget_between(rng, profile)
+    with_fractions = solve_mip(profile, budget, gap=0.0)
+    assert with_fractions.step_s <= solve_mip(_without_fractions(profile), budget, gap=0.0).step_s * (1 + 1e-9)
+    assert with_fractions.peak_bytes <= budget
+
+
+def test_a_budget_for_half_the_rows_keeps_half_the_rows():
+    """One block, a budget that fits KEEP of half its rows and not all, a link too slow to swap: KEEP half
+    the rows (and recompute the other half, which moves half the input) beats every whole policy."""
+    profile = synthetic(random.Random(11), 1, fractions=(0.5,), link=1e7)
+    half = {1: Choice(keep=0.5)}
+    budget = peak_bytes(profile, half, 2)
+    assert peak_bytes(profile, {1: P.KEEP}, 2) > budget
+    mip = solve_mip(profile, budget, num_slots=(2,), gap=0.0)
+    assert mip.choices == half
+    assert mip.step_s < solve_mip(_without_fractions(profile), budget, num_slots=(2,), gap=0.0).step_s
+    assert solve_greedy(profile, budget, num_slots=(2,)).choices == half
