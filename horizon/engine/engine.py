@@ -71,7 +71,7 @@ class _Sweep:
     norm_sq: torch.Tensor | None = None    # running sum of squared gradient norms (fp32, on the device)
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, position_ids
     load_after: Callable[[int], Future | None] = lambda unit: None
-    grads_landed: Callable[[int], None] = lambda unit: None
+    grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None
 
 
 class Engine:
@@ -98,15 +98,16 @@ class Engine:
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_divisor: int, *,
                          load_after: Callable[[int], Future | None] = lambda unit: None,
-                         grads_landed: Callable[[int], None] = lambda unit: None,
+                         grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None,
                          grad_norm: bool = False, extras: dict[str, torch.Tensor] | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward and backward of ``sum of token losses / loss_divisor``; gradients are in the
         store's GRAD buffers when it returns.
 
         ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
-        pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
-        complete in the store. Returns the sum of token losses and, with ``grad_norm``, the
+        pending update), or None. ``grads_sent(unit, landed)`` is called as soon as the copy of
+        ``unit``'s complete gradient to the store is issued; ``landed()`` blocks until it is there
+        (from any thread: the optimizer's worker waits on it, not this thread). Returns the sum of token losses and, with ``grad_norm``, the
         global 2-norm of the gradient taken on the device as each unit's gradient is final, the
         way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device). ``extras`` (device
         tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
@@ -115,7 +116,7 @@ class Engine:
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed, extras=extras or {})
+                       load_after=load_after, grads_sent=grads_sent, extras=extras or {})
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         depth = self.pool.num_slots - 1
@@ -315,14 +316,15 @@ class Engine:
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
         dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())
-        sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
+        handle = self.transfer.d2h(dsts, own)
+        sweep.grads.append((unit, handle))
         self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
+        sweep.grads_sent(unit, handle.host_waiter())
 
     def _wait_grad(self, sweep: _Sweep) -> None:
         unit, handle = sweep.grads.popleft()
         handle.wait_host()
         self.ledger.release(("grad", unit))
-        sweep.grads_landed(unit)
 
     def _drain(self, sweep: _Sweep) -> None:
         while sweep.grads:

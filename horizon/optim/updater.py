@@ -73,7 +73,9 @@ class Updater:
         """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
         self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
-        self.num_threads = optimizer_threads()
+        self.num_threads = max(1, optimizer_threads() - 1)
+        """The kernel's threads: every core this process may use but one, which stays with the engine's
+        own threads (the one issuing compute, the CPU transfer thread) that the update overlaps."""
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -97,9 +99,11 @@ class Updater:
             self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
 
     def _update(self, unit: int, lr: float, grad_scale: float | None, descending: bool,
-                reduce: bool = False) -> None:
+                landed: Callable[[], None] | None = None) -> None:
+        """``landed``: the eager schedule's wait for the gradient's copy; it then reduces it too."""
         self._maybe_delay()
-        if reduce:
+        if landed is not None:
+            landed()
             self._reduce(unit)
         if self.before_update is not None:
             self.before_update(unit)
@@ -115,8 +119,9 @@ class Updater:
         if on_ssd:
             self.ssd.release(unit)
 
-    def _fold(self, unit: int, first: bool, last: bool) -> torch.Tensor | None:
+    def _fold(self, unit: int, first: bool, last: bool, landed: Callable[[], None]) -> torch.Tensor | None:
         self._maybe_delay()
+        landed()
         buffers = self.store.units[unit]
         if buffers.grad_accum is not None:
             if first:
@@ -131,17 +136,18 @@ class Updater:
 
     # -- on the caller's thread ------------------------------------------------------------------
 
-    def landed(self, unit: int, *, first_micro: bool, last_micro: bool, eager_lr: float | None,
-               norm_on_device: bool = False) -> None:
-        """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once.
+    def landed(self, unit: int, landed: Callable[[], None], *, first_micro: bool, last_micro: bool,
+               eager_lr: float | None, norm_on_device: bool = False) -> None:
+        """``unit``'s gradient of one micro-batch is on its way to the store (``landed()`` waits for it):
+        fold it in, or update at once. The worker waits, so the update starts the moment the copy ends.
 
         ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here."""
-        if eager_lr is not None:
-            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, True)  # last unit first
+        if eager_lr is not None:  # last unit first
+            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, landed)
             return
         if norm_on_device and self.store.units[unit].grad_accum is None:
             return
-        future = self._pool.submit(self._fold, unit, first_micro, last_micro)
+        future = self._pool.submit(self._fold, unit, first_micro, last_micro, landed)
         self._pending[unit] = future  # the unit's next gradient must not land before this fold read it
         if last_micro:
             self._norms[unit] = future
