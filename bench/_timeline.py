@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import threading
 import time
 from collections import defaultdict
@@ -93,8 +92,8 @@ class Timeline:
         out = {k: round(v / steps * 1e3, 2) for k, v in sorted(by.items())}
         return out
 
-    def write(self, path: str) -> None:
+    def rows(self) -> list[dict]:
+        """Every span, times in seconds from the first one's start, in start order."""
         t0 = min(s.start_s for s in self.spans)
         rows = [dataclasses.asdict(s) | {"start_s": s.start_s - t0, "end_s": s.end_s - t0} for s in self.spans]
-        with open(path, "w") as f:
-            json.dump(sorted(rows, key=lambda r: r["start_s"]), f)
+        return sorted(rows, key=lambda r: r["start_s"])

@@ -31,12 +31,18 @@ from typing import Protocol
 
 import torch
 
-from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
+from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads, overlap_threads
 from horizon.optim.clip import clip_scale
 from horizon.store.host_store import HostStore, UnitBuffers
 from horizon.store.ssd import SSDTier
 
 __all__ = ["Updater", "NonFiniteGradientError"]
+
+
+_HEAD_UNITS = (0, 1)
+"""The embedding and the first block. Their updates come last in the eager schedule and first in the
+deferred one, and the next step's first compute (the first block's forward) waits for both with
+nothing else to run: they are exposed, so they get every core (the timeline in docs/optim.md)."""
 
 
 class GradientReducer(Protocol):
@@ -73,9 +79,10 @@ class Updater:
         """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
         self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
-        self.num_threads = max(1, optimizer_threads() - 1)
-        """The kernel's threads: every core this process may use but one, which stays with the engine's
-        own threads (the one issuing compute, the CPU transfer thread) that the update overlaps."""
+        self.num_threads = overlap_threads()
+        """Threads of an update that overlaps the engine's work (one core stays with the engine)."""
+        self.head_threads = optimizer_threads()
+        """Threads of the updates of ``_HEAD_UNITS``, which the engine can only wait for."""
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -115,7 +122,8 @@ class Updater:
             self.ssd.prefetch(self.ssd.next_unit(unit, descending=descending))
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
             adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
-                            grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
+                            grad_scale=grad_scale, decay_runs=self.decay_runs[unit],
+                            num_threads=self.head_threads if unit in _HEAD_UNITS else self.num_threads)
         if on_ssd:
             self.ssd.release(unit)
 
