@@ -107,8 +107,8 @@ class Engine:
         ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
         pending update), or None. ``grads_sent(unit, landed)`` is called as soon as the copy of
         ``unit``'s complete gradient to the store is issued; ``landed()`` blocks until it is there
-        (from any thread: the optimizer's worker waits on it, not this thread). Returns the sum of token losses and, with ``grad_norm``, the
-        global 2-norm of the gradient taken on the device as each unit's gradient is final, the
+        (on any thread: the optimizer's worker waits on it, not this one). Returns the sum of
+        token losses and, with ``grad_norm``, the global 2-norm of the gradient taken on the device as each unit's gradient is final, the
         way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device). ``extras`` (device
         tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
         """
