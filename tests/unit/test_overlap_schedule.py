@@ -15,7 +15,7 @@ import horizon
 import horizon.optim.updater as updater_module
 from horizon.engine.transfer import CpuTransfer, _copy_all
 
-_BACKWARD_S = 0.05
+_BACKWARD_S = 0.15  # generous: a loaded machine may take tens of ms to wake a thread
 
 
 class _Log(list):
