@@ -40,8 +40,8 @@ __all__ = ["Updater", "NonFiniteGradientError"]
 
 
 _HEAD_UNITS = (0, 1)
-"""The embedding and the first block. Their updates come last in the eager schedule and first in the
-deferred one, and the next step's first compute (the first block's forward) waits for both with
+"""The embedding and the first block. Their updates come last in the eager schedule (and first in the
+deferred one), and the next step's first compute (the first block's forward) waits for both with
 nothing else to run: they are exposed, so they get every core (the timeline in docs/optim.md)."""
 
 
@@ -79,10 +79,12 @@ class Updater:
         """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
         self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
-        self.num_threads = overlap_threads()
-        """Threads of an update that overlaps the engine's work (one core stays with the engine)."""
-        self.head_threads = optimizer_threads()
-        """Threads of the updates of ``_HEAD_UNITS``, which the engine can only wait for."""
+        self.eager_threads = overlap_threads()
+        """Threads of an eager update: it overlaps two computes of the backward (recompute, backward)
+        and the engine's copies, so it leaves one core to the engine's threads."""
+        self.all_threads = optimizer_threads()
+        """Threads of a deferred update (one compute of the forward to hide under, so it needs the
+        kernel's full speed) and of the updates of ``_HEAD_UNITS``, which the engine can only wait for."""
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -123,9 +125,12 @@ class Updater:
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
             adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr, grad=self._source(unit),
                             grad_scale=grad_scale, decay_runs=self.decay_runs[unit],
-                            num_threads=self.head_threads if unit in _HEAD_UNITS else self.num_threads)
+                            num_threads=self._threads(unit, eager=landed is not None))
         if on_ssd:
             self.ssd.release(unit)
+
+    def _threads(self, unit: int, *, eager: bool) -> int:
+        return self.eager_threads if eager and unit not in _HEAD_UNITS else self.all_threads
 
     def _fold(self, unit: int, first: bool, last: bool, landed: Callable[[], None]) -> torch.Tensor | None:
         self._maybe_delay()

@@ -90,21 +90,24 @@ def test_eager_update_starts_while_the_previous_block_computes(monkeypatch):
         assert starts[block + 1] < ends[block - 1], (block, starts, ends)
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "deferred"])
 @pytest.mark.parametrize("cores,expected", [(4, (4, 3)), (2, (2, 1)), (1, (1, 1))])
-def test_exposed_units_get_every_core_and_the_rest_leave_one(monkeypatch, cores, expected):
-    """Embedding and first block: every core (nothing overlaps them); the others leave one core."""
+def test_kernel_threads_follow_the_schedule(monkeypatch, cores, expected, eager):
+    """Eager: embedding and first block take every core (nothing overlaps them), the others leave
+    one to the engine. Deferred: every update takes every core (one forward compute to hide under)."""
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     log = _Log()
     torch.manual_seed(0)
     batch = {"input_ids": torch.randint(0, 32, (1, 8)), "labels": torch.randint(0, 32, (1, 8))}
-    config = horizon.TrainConfig(plan="recompute", grad_clip_norm=1.0)  # the deferred schedule
+    config = horizon.TrainConfig(plan="recompute", **({"on_nonfinite": "ignore"} if eager else {"grad_clip_norm": 1.0}))
     with horizon.Trainer(_Chain(3, log), config) as trainer:
         _record_updates(monkeypatch, trainer, log)
         trainer.step(batch)
         trainer.updater.wait_all()
     threads = {unit: n for kind, unit, _, *rest in log if kind == "update_start" for n in rest}
-    head, rest = expected
+    head, rest = expected if eager else (cores, cores)
+    assert trainer.config.eager_updates == eager
     assert threads == {0: head, 1: head, 2: rest, 3: rest, 4: rest}
 
 
