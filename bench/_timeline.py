@@ -64,7 +64,7 @@ class Timeline:
             self._wrap(updater_module.Updater, "_update", "update", lambda self_, unit, *a, **k: str(unit)),
             self._wrap(trainer_cls, "step", "step"),
         ]
-        real_result = transfer_module.CpuTransfer._run
+        real_run = transfer_module.CpuTransfer._run
 
         def run(transfer, dsts, srcs, after=()):
             start = time.perf_counter()
@@ -73,11 +73,11 @@ class Timeline:
             if after:
                 self.record("copy_wait_update", "", start)
             start = time.perf_counter()
-            real_result(transfer, dsts, srcs, ())
+            real_run(transfer, dsts, srcs, ())
             self.record("copy_task", "", start)
 
         transfer_module.CpuTransfer._run = run
-        undo.append(lambda: setattr(transfer_module.CpuTransfer, "_run", real_result))
+        undo.append(lambda: setattr(transfer_module.CpuTransfer, "_run", real_run))
         try:
             yield self
         finally:
