@@ -64,8 +64,9 @@ class Chain(nn.Module):
 
 
 def update_time_s(numel: int, repeats: int = 7) -> float:
-    """Median seconds of one unit's AdamW update (the kernel the updater runs) on ``numel`` params."""
-    from horizon.optim.adamw import AdamW, adamw_unit_step
+    """Median seconds of one unit's AdamW update on ``numel`` params: the kernel the updater runs,
+    with the threads it runs it with."""
+    from horizon.optim.adamw import AdamW, adamw_unit_step, overlap_threads
     from horizon.store.host_store import UnitBuffers
     from horizon.store.layout import ParamSlot, UnitLayout
 
@@ -78,7 +79,7 @@ def update_time_s(numel: int, repeats: int = 7) -> float:
         step += 1
         start = time.perf_counter()
         adamw_unit_step(buffers, step, AdamW(), lr=1e-3, grad=buffers.grad, grad_scale=None,
-                        decay_runs=[(0, numel, 0.01)])
+                        decay_runs=[(0, numel, 0.01)], num_threads=overlap_threads())
         times.append(time.perf_counter() - start)
     return median(times[1:])
 
@@ -102,6 +103,25 @@ def run_round(trainer: horizon.Trainer, batch: dict, steps: int, *, noop: bool) 
         updater_module.adamw_unit_step = real
 
 
+def trace(trainers: dict, batch: dict, steps: int, path: str) -> dict:
+    """One traced round per configuration (not among the timed ones): milliseconds per step each
+    thread spent in each kind of work (bench/_timeline.py); every span goes to ``path``."""
+    from _timeline import Timeline
+
+    busy, spans = {}, {}
+    for name, trainer in trainers.items():
+        for mode in ("adamw", "noop"):
+            timeline = Timeline()
+            with timeline.attached(_StandIn, horizon.Trainer):
+                run_round(trainer, batch, steps, noop=mode == "noop")
+            busy[f"{name}_{mode}"] = timeline.summary(steps)
+            spans[f"{name}_{mode}"] = timeline.rows()
+    write_json(path, spans)
+    for key, value in busy.items():
+        print(f"{key:16s} " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
+    return busy
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8, help="blocks (count)")
@@ -111,6 +131,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration (count)")
     p.add_argument("--steps", type=int, default=3, help="steps per round (count)")
     p.add_argument("--out", default="bench/results/overlap.json")
+    p.add_argument("--timeline", default=None,
+                   help="also trace one more round per configuration and write its spans here (JSON)")
     args = p.parse_args()
 
     update_s = update_time_s(args.block_params)
@@ -130,6 +152,7 @@ def main() -> None:
             for mode in ("adamw", "noop"):
                 samples[f"{name}_{mode}"].append(run_round(trainer, batch, args.steps, noop=mode == "noop"))
     noise = meter.stop()
+    busy_ms = trace(trainers, batch, args.steps, args.timeline) if args.timeline else None
     for trainer in trainers.values():
         trainer.close()
 
@@ -142,7 +165,7 @@ def main() -> None:
     record = result_record(
         "overlap", unit="s/step", higher_is_better=False, results={**results, "limit": None},
         ratios={"exposed_slowdown": max(slowdowns.values()), **{f"exposed_slowdown_{k}": v for k, v in slowdowns.items()}},
-        goals={"exposed_slowdown": 1.05}, samples=samples, noise=noise,
+        goals={"exposed_slowdown": 1.05}, samples=samples, noise=noise, busy_ms_per_step=busy_ms,
         config={**vars(args), "update_s": update_s, "compute_s_per_unit": compute_s})
     print(f"wrote {write_json(args.out, record)}")
 

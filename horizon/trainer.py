@@ -211,15 +211,15 @@ class Trainer:
         # One micro-batch: the engine takes the gradient norm on the device as gradients are made.
         norm_on_device = not cfg.eager_updates and cfg.grad_accum_steps == 1 and dp is None
 
-        def landed(unit: int) -> None:
-            self.updater.landed(unit, first_micro=first, last_micro=last, eager_lr=eager_lr,
+        def sent(unit: int, landed) -> None:
+            self.updater.landed(unit, landed, first_micro=first, last_micro=last, eager_lr=eager_lr,
                                 norm_on_device=norm_on_device)
 
         self.engine.set_training(self.model.training)
         # One micro-batch divides by its own label count; several sum token losses and divide at the update.
         divisor = num_valid if cfg.grad_accum_steps == 1 else 1
         loss_sum, norm = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
-                                                      load_after=self.updater.pending, grads_landed=landed,
+                                                      load_after=self.updater.pending, grads_sent=sent,
                                                       grad_norm=norm_on_device,
                                                       extras={k: v.to(self.device) for k, v in extras.items()})
         # One device-to-host sync per step, for both scalars.

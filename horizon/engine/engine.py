@@ -80,7 +80,7 @@ class _Sweep:
     norm_sq: torch.Tensor | None = None    # running sum of squared gradient norms (fp32, on the device)
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, position_ids
     load_after: Callable[[int], Future | None] = lambda unit: None
-    grads_landed: Callable[[int], None] = lambda unit: None
+    grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None
 
 
 class Engine:
@@ -111,16 +111,17 @@ class Engine:
 
     def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_divisor: int, *,
                          load_after: Callable[[int], Future | None] = lambda unit: None,
-                         grads_landed: Callable[[int], None] = lambda unit: None,
+                         grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None,
                          grad_norm: bool = False, extras: dict[str, torch.Tensor] | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward and backward of ``sum of token losses / loss_divisor``; gradients are in the
         store's GRAD buffers when it returns.
 
         ``load_after(unit)``: a future the next copy of ``unit``'s weights must wait for (its
-        pending update), or None. ``grads_landed(unit)`` is called once ``unit``'s gradient is
-        complete in the store. Returns the sum of token losses and, with ``grad_norm``, the
-        global 2-norm of the gradient taken on the device as each unit's gradient is final, the
+        pending update), or None. ``grads_sent(unit, landed)`` is called as soon as the copy of
+        ``unit``'s complete gradient to the store is issued; ``landed()`` blocks until it is there
+        (on any thread: the optimizer's worker waits on it, not this one). Returns the sum of
+        token losses and, with ``grad_norm``, the global 2-norm of the gradient taken on the device as each unit's gradient is final, the
         way ``clip_grad_norm_`` takes it (0-d fp32 tensors on the device). ``extras`` (device
         tensors, e.g. attention_mask and position_ids) go to every embedding and block call.
         """
@@ -130,7 +131,7 @@ class Engine:
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
-                       load_after=load_after, grads_landed=grads_landed, extras=extras or {}, rows=rows)
+                       load_after=load_after, grads_sent=grads_sent, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.weights is not None:
@@ -353,14 +354,18 @@ class Engine:
         buffers = self.store.units[unit]
         flat = self.grads.take(unit) if unit in self.store.streamed else buffers.grad
         dsts = list(buffers.views(flat).values())
-        sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
+        handle = self.transfer.d2h(dsts, own)
+        sweep.grads.append((unit, handle))
         self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
+        if unit not in self.store.streamed:  # a streamed unit's ring buffer is handed on once it landed
+            sweep.grads_sent(unit, handle.host_waiter())
 
     def _wait_grad(self, sweep: _Sweep) -> None:
         unit, handle = sweep.grads.popleft()
         handle.wait_host()
         self.ledger.release(("grad", unit))
-        sweep.grads_landed(unit)
+        if unit in self.store.streamed:
+            sweep.grads_sent(unit, lambda: None)
 
     def _drain(self, sweep: _Sweep) -> None:
         while sweep.grads:

@@ -14,6 +14,7 @@ writes one first waits for the compute work queued before it.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import time
 from collections.abc import Callable, Sequence
 
@@ -49,15 +50,20 @@ class Handle:
             self._event.synchronize()
         self._keep = ()
 
-    def wait_copied(self) -> None:
-        """Block until the copy itself is done, from any thread; releases nothing (the consumer's
-        ``wait_*`` does). ``_resolve`` sets the event before it drops the future, so this sees one."""
+    def host_waiter(self) -> Callable[[], None]:
+        """A callable that blocks until the copy is done on the host, safe on any thread.
+
+        It holds nothing of the copy's tensors: their lifetime still ends at ``wait_device`` or
+        ``wait_host`` on the issuing thread."""
         future, event = self._future, self._event
-        if future is not None:
-            result = future.result()
-            event = result if result is not None else event
-        if event is not None:
-            event.synchronize()
+
+        def wait() -> None:
+            result = future.result() if future is not None else None
+            done = result if result is not None else event
+            if done is not None:
+                done.synchronize()
+
+        return wait
 
 
 DONE = Handle()
@@ -83,8 +89,14 @@ class Transfer:
 
 
 def _copy_all(dsts, srcs) -> None:
+    """Copy on this thread alone, as one DMA engine would: ``copy_`` of a large tensor would borrow
+    torch's intra-op threads, the cores that compute and the optimizer's kernel are using."""
     for dst, src in zip(dsts, srcs, strict=True):
-        dst.copy_(src)
+        if dst.dtype == src.dtype and dst.numel() == src.numel() and dst.is_contiguous() and src.is_contiguous():
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())  # releases the GIL
+            torch.autograd.graph.increment_version(dst)  # as copy_ would: autograd sees the write
+        else:
+            dst.copy_(src)
 
 
 class CpuTransfer(Transfer):

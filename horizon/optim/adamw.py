@@ -18,7 +18,7 @@ import torch
 from horizon.optim.native import fused_adamw_
 from horizon.store.host_store import UnitBuffers
 
-__all__ = ["AdamW", "adamw_unit_step", "decay_runs_by_name", "optimizer_threads"]
+__all__ = ["AdamW", "adamw_unit_step", "decay_runs_by_name", "optimizer_threads", "overlap_threads"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +65,13 @@ def optimizer_threads() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, cores // local_ranks)
+
+
+def overlap_threads() -> int:
+    """Threads for an update that overlaps the engine: ``optimizer_threads()`` but one, the core left
+    to the engine's own threads (the one issuing compute, the CPU transfer thread). Measured on 2
+    cores (docs/optim.md): a two-thread update beside the transfer thread's copies slows both."""
+    return max(1, optimizer_threads() - 1)
 
 
 def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: float, grad: torch.Tensor,

@@ -31,13 +31,19 @@ from typing import Protocol
 
 import torch
 
-from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads
+from horizon.optim.adamw import AdamW, adamw_unit_step, optimizer_threads, overlap_threads
 from horizon.optim.clip import clip_scale
 from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore, UnitBuffers
 from horizon.store.ssd import SSDTier
 
 __all__ = ["Updater", "NonFiniteGradientError"]
+
+
+_HEAD_UNITS = (0, 1)
+"""The embedding and the first block. Their updates come last in the eager schedule (and first in the
+deferred one), and the next step's first compute (the first block's forward) waits for both with
+nothing else to run: they are exposed, so they get every core (the timeline in docs/optim.md)."""
 
 
 class GradientReducer(Protocol):
@@ -77,7 +83,12 @@ class Updater:
         """Sums each unit's complete gradient over data-parallel ranks before its norm or update."""
         self._reduced: dict[int, torch.Tensor] = {}  # by unit: the summed gradient (or this rank's shard of it)
         self.decay_runs = decay_runs
-        self.num_threads = optimizer_threads()
+        self.eager_threads = overlap_threads()
+        """Threads of an eager update: it overlaps two computes of the backward (recompute, backward)
+        and the engine's copies, so it leaves one core to the engine's threads."""
+        self.all_threads = optimizer_threads()
+        """Threads of a deferred update (one compute of the forward to hide under, so it needs the
+        kernel's full speed) and of the updates of ``_HEAD_UNITS``, which the engine can only wait for."""
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -101,9 +112,13 @@ class Updater:
             self._reduced[unit] = self.reducer.reduce(self.store.units[unit], self._source(unit))
 
     def _update(self, unit: int, lr: float, grad_scale: float | None, descending: bool,
-                reduce: bool = False, grad: torch.Tensor | None = None) -> None:
+                landed: Callable[[], None] | None = None, grad: torch.Tensor | None = None) -> None:
+        """``landed``: the eager schedule's wait for the gradient's copy; it then reduces it too.
+        ``grad``: a streamed unit's gradient (its ring buffer), when the eager schedule hands it over."""
+        eager = landed is not None or grad is not None
         self._maybe_delay()
-        if reduce:
+        if landed is not None:
+            landed()
             self._reduce(unit)
         if self.before_update is not None:
             self.before_update(unit)
@@ -118,13 +133,17 @@ class Updater:
             self.ssd.prefetch(self.ssd.next_unit(unit, descending=descending))
         with torch.profiler.record_function(f"horizon.adamw.{unit}"):
             adamw_unit_step(buffers, self.steps[unit], self.optimizer, lr=lr,
-                            grad=grad if grad is not None else self._source(unit),
-                            grad_scale=grad_scale, decay_runs=self.decay_runs[unit], num_threads=self.num_threads)
+                            grad=grad if grad is not None else self._source(unit), grad_scale=grad_scale,
+                            decay_runs=self.decay_runs[unit], num_threads=self._threads(unit, eager=eager))
         if on_ssd:
             self.ssd.release(unit)
 
-    def _fold(self, unit: int, first: bool, last: bool) -> torch.Tensor | None:
+    def _threads(self, unit: int, *, eager: bool) -> int:
+        return self.eager_threads if eager and unit not in _HEAD_UNITS else self.all_threads
+
+    def _fold(self, unit: int, first: bool, last: bool, landed: Callable[[], None]) -> torch.Tensor | None:
         self._maybe_delay()
+        landed()
         buffers = self.store.units[unit]
         if buffers.grad_accum is not None:
             if first:
@@ -139,28 +158,30 @@ class Updater:
 
     # -- on the caller's thread ------------------------------------------------------------------
 
-    def landed(self, unit: int, *, first_micro: bool, last_micro: bool, eager_lr: float | None,
-               norm_on_device: bool = False) -> None:
-        """``unit``'s gradient of one micro-batch is in the store: fold it in, or update at once.
+    def landed(self, unit: int, landed: Callable[[], None], *, first_micro: bool, last_micro: bool,
+               eager_lr: float | None, norm_on_device: bool = False) -> None:
+        """``unit``'s gradient of one micro-batch is on its way to the store (``landed()`` waits for it):
+        fold it in, or update at once. The worker waits, so the update starts the moment the copy ends.
 
         ``norm_on_device``: the caller brings the global norm to ``finish``; nothing to take here.
-        A streamed unit's gradient (in ``grads``) goes to its eager update, or else to SSD until ``finish``."""
+        A streamed unit's gradient (in ``grads``) goes to its eager update, or else to SSD until ``finish``:
+        the engine reports it once it has landed in the ring, so ``landed`` is a no-op for it."""
         if unit in self.store.streamed:
             self._landed_streamed(unit, eager_lr)
             return
-        if eager_lr is not None:
-            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, True)  # last unit first
+        if eager_lr is not None:  # last unit first
+            self._pending[unit] = self._pool.submit(self._update, unit, eager_lr, None, True, landed)
             return
         if norm_on_device and self.store.units[unit].grad_accum is None:
             return
-        future = self._pool.submit(self._fold, unit, first_micro, last_micro)
+        future = self._pool.submit(self._fold, unit, first_micro, last_micro, landed)
         self._pending[unit] = future  # the unit's next gradient must not land before this fold read it
         if last_micro:
             self._norms[unit] = future
 
     def _landed_streamed(self, unit: int, eager_lr: float | None) -> None:
         if eager_lr is not None:
-            future = self._pool.submit(self._update, unit, eager_lr, None, True, False, self.grads.held(unit))
+            future = self._pool.submit(self._update, unit, eager_lr, None, True, None, self.grads.held(unit))
             self._pending[unit] = future
         else:  # the deferred schedule takes the norm on the device (no accumulation with streamed weights)
             future = self.ssd.spill_grad(unit, self.grads.padded(unit))

@@ -68,7 +68,7 @@ class WeightStream:
 
     def _read(self, unit: int, index: int, before, after) -> None:
         if before is not None:
-            before.wait_copied()
+            before.host_waiter()()  # the slot's previous copy out of this buffer has finished
         if after is not None:
             after.result()
         self.tier.wait_written(unit)
