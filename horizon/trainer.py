@@ -144,7 +144,9 @@ class Trainer:
         self._takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
-        self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer)
+        self._collectives = self.data_parallel if sharded else None  # ZeRO-3: the engine gathers and reduce-scatters
+        self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,
+                             collectives=self._collectives)
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
         ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
@@ -273,7 +275,8 @@ class Trainer:
                                                 batch_size=batch_size, seq_len=seq_len,
                                                 budget_bytes=self.config.device_memory_budget_bytes)
         self.engine.close()
-        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer)
+        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer,
+                             collectives=self._collectives)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._device_base_bytes = torch.cuda.memory_allocated(self.device)
@@ -305,9 +308,9 @@ class Trainer:
 
     def param_names(self) -> list[list[str]]:
         """Per unit, the model's names of its own parameters in store order."""
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
-        return [[name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
-                for unit in self.store.units]
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [[name_of[id(spec.module.get_parameter(slot.local_name))] for slot in unit.layout.own]
+                for spec, unit in zip(self.engine.specs, self.store.units)]
 
     # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
 
@@ -340,7 +343,7 @@ class Trainer:
         if self.ssd is not None:
             self.ssd.put_masters(state, self.store)
         if isinstance(self.data_parallel, ShardedDataParallel):
-            self.data_parallel.put_masters(state, self.store)
+            self.data_parallel.put_masters(state, self.store, self.model)
         return state
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
@@ -355,17 +358,15 @@ class Trainer:
         a collective, call it on every rank)."""
         self.updater.wait_all()
         whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters()}
         state = {}
-        for index, (unit, step) in enumerate(zip(self.store.units, self.updater.steps)):
+        for index, (unit, step, names) in enumerate(zip(self.store.units, self.updater.steps, self.param_names())):
             if index in self.store.ssd_units:
                 state_of = self.ssd.read_state(index)
                 m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
             else:
                 m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
-            for local_name, master in unit.views(unit.weights).items():
-                state[name_of[master.data_ptr()]] = {"step": step.clone(), "exp_avg": m[local_name],
-                                                     "exp_avg_sq": v[local_name]}
+            for slot, name in zip(unit.layout.own, names, strict=True):
+                state[name] = {"step": step.clone(), "exp_avg": m[slot.local_name], "exp_avg_sq": v[slot.local_name]}
         opt = self.config.optimizer
         return {"state": state, "param_groups": [{"lr": opt.lr, "betas": opt.betas, "eps": opt.eps,
                                                   "weight_decay": opt.weight_decay}]}
