@@ -97,6 +97,10 @@ class Trainer:
                 and config.distributed.shard_optimizer_state and is_multi_rank():
             raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
                              "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
+        if config.plan == "auto" and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("plan='auto' cannot plan a sharded run yet: its profile times whole-unit copies, "
+                             "not the shard copy and device all-gather of DistributedConfig(shard_optimizer_state"
+                             "=True); pass a fixed plan (plan='keep', 'recompute' or a horizon.Plan)")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         self.data_parallel = None if self.world is None else (
