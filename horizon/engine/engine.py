@@ -6,7 +6,9 @@ are slot references); the loss head runs forward and backward in chunks; the bac
 walks the units in reverse, recomputing from the saved input (RECOMPUTE) or replaying the kept
 graph (KEEP), and ``torch.autograd.grad`` yields the gradient of the unit input and parameters.
 Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
-leave for the host store as soon as a unit's backward is done.
+leave for the host store as soon as a unit's backward is done. With a sharded store (ZeRO-3,
+``collectives``) a load copies this rank's shard and all-gathers the slot, and a unit's gradient
+is reduce-scattered on the device so only this rank's shard goes back (docs/distributed.md).
 
 The order of units in one step is ``embedding, block 0 … block N-1, head, block N-1 … block 0,
 embedding``; ``assign_slots`` maps it onto the slots once per step.
