@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,7 +31,8 @@ from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
-from horizon.engine.transfer import DONE, Gather, Handle, Transfer
+from horizon.engine.sharded import Collectives, ShardedIO
+from horizon.engine.transfer import DONE, Handle, Transfer
 from horizon.models.units import UnitKind, UnitSpec
 from horizon.store.host_store import HostStore
 
@@ -77,14 +77,6 @@ class _Sweep:
     grads_landed: Callable[[int], None] = lambda unit: None
 
 
-class Collectives(Protocol):
-    """A sharded run's device collectives (horizon.distributed.ShardedDataParallel)."""
-
-    def gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None: ...
-
-    def reduce_scatter_into(self, out: torch.Tensor, whole: torch.Tensor) -> None: ...
-
-
 class Engine:
     """Executes a ``Plan`` for a chain of units whose state lives in a ``HostStore``."""
 
@@ -92,13 +84,13 @@ class Engine:
                  transfer: Transfer, collectives: Collectives | None = None) -> None:
         self.specs, self.store, self.plan = specs, store, plan
         self.device, self.transfer = device, transfer
-        self.collectives = collectives
-        """A sharded store's (ZeRO-3) weight all-gathers and gradient reduce-scatters; None otherwise."""
         self.layouts = [unit.layout for unit in store.units]
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
-        self.world_size = getattr(store, "world_size", 1) if collectives is not None else 1
-        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots,
-                             device=device, dtype=store.compute_dtype, world_size=self.world_size)
+        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots, device=device,
+                             dtype=store.compute_dtype, world_size=store.world_size if collectives else 1)
+        self.sharded = None if collectives is None else ShardedIO(store, self.pool, collectives=collectives,
+                                                                  transfer=transfer, device=device)
+        """A sharded store's (ZeRO-3) loads that all-gather and gradients that reduce-scatter; None otherwise."""
         self.ledger = DeviceLedger()
         for slot in range(self.pool.num_slots):
             self.ledger.hold(("slot", slot), self.pool.slot_bytes)
@@ -187,9 +179,10 @@ class Engine:
             sweep.next_restore += 1
 
     def _load_weights(self, sweep: _Sweep, unit: int, slot: int) -> Handle:
-        if self.collectives is not None:
-            return self._gather_weights(sweep, unit, slot)
         layout, buffers = self.layouts[unit], self.store.units[unit]
+        if self.sharded is not None:
+            owners = [unit] + [b.owner for b in layout.borrowed]
+            return self.sharded.load(unit, slot, [f for f in map(sweep.load_after, owners) if f is not None])
         flat = self.pool.slots[slot]
         dsts, srcs, owners = [flat[:layout.numel]], [buffers.compute], [unit]
         for b in layout.borrowed:
@@ -199,26 +192,6 @@ class Engine:
             owners.append(b.owner)
         after = [f for f in map(sweep.load_after, owners) if f is not None]
         return self.transfer.h2d(dsts, srcs, after)
-
-    def _gather_of(self, out: torch.Tensor, unit: int) -> Gather:
-        buffers = self.store.units[unit]
-        return Gather(out=out[:buffers.shard_numel * self.world_size], piece=buffers.compute,
-                      rank=self.store.rank, gather=self.collectives.gather_into)
-
-    def _gather_weights(self, sweep: _Sweep, unit: int, slot: int) -> Handle:
-        """ZeRO-3: this rank's compute shard into its part of the slot, then an all-gather of the slot;
-        a borrowed (tied) parameter is sliced out of its owner's weights, gathered into a scratch buffer."""
-        flat = self.pool.slots[slot]
-        gathers, copies, owners = [self._gather_of(flat, unit)], [], [unit]
-        for b in self.layouts[unit].borrowed:
-            owner = self.store.units[b.owner]
-            scratch = torch.empty(owner.shard_numel * self.world_size, dtype=flat.dtype, device=self.device)
-            gathers.append(self._gather_of(scratch, b.owner))
-            copies.append((flat[b.offset:b.offset + b.owner_slot.numel],
-                           scratch[b.owner_slot.offset:b.owner_slot.offset + b.owner_slot.numel]))
-            owners.append(b.owner)
-        after = [f for f in map(sweep.load_after, owners) if f is not None]
-        return self.transfer.h2d_gather(gathers, copies, after)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -350,25 +323,14 @@ class Engine:
             sweep.norm_sq += torch.stack(torch._foreach_norm(own, 2.0, dtype=torch.float32)).square().sum()
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
-        if self.collectives is not None:
-            sweep.grads.append((unit, self._reduce_grads(unit, own)))
+        if self.sharded is not None:
+            handle, held_bytes = self.sharded.reduce(unit, own)
+            sweep.grads.append((unit, handle))
+            self.ledger.hold(("grad", unit), held_bytes)
             return
         dsts = list(self.store.units[unit].views(self.store.units[unit].grad).values())
         sweep.grads.append((unit, self.transfer.d2h(dsts, own)))
         self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
-
-    def _reduce_grads(self, unit: int, own: list[torch.Tensor]) -> Handle:
-        """ZeRO-3: the unit's gradient, flat and padded in fp32, summed over ranks by a reduce-scatter on
-        the device; only this rank's shard of the sum goes to the host (on the CPU the shard is the host's)."""
-        buffers, layout = self.store.units[unit], self.layouts[unit]
-        whole = torch.empty(buffers.shard_numel * self.world_size, dtype=torch.float32, device=self.device)
-        for p, g in zip(layout.own, own, strict=True):
-            whole[p.offset:p.offset + p.numel].copy_(g.reshape(-1))
-        whole[layout.numel:].zero_()
-        shard = buffers.grad if self.device.type == "cpu" else \
-            torch.empty(buffers.shard_numel, dtype=torch.float32, device=self.device)
-        self.ledger.hold(("grad", unit), _nbytes(whole) + (0 if shard is buffers.grad else _nbytes(shard)))
-        return self.transfer.d2h_reduce(buffers.grad, whole, shard, self.collectives.reduce_scatter_into)
 
     def _wait_grad(self, sweep: _Sweep) -> None:
         unit, handle = sweep.grads.popleft()
