@@ -157,12 +157,12 @@ class ShardedDataParallel(DataParallel):
     def gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
         """All-gather every rank's ``piece`` into ``out`` (W pieces long; ``piece`` may be this rank's part
         of it); on the engine's transfer thread (CPU) or a collective stream (CUDA)."""
-        self._run("weight all-gather", lambda: _all_gather(out, piece, group=self.world.gathers))
+        self._run("weight all-gather", lambda: _all_gather(out, piece, group=self.world.device))
         self.bytes_gathered += out.numel() * out.element_size()
 
     def reduce_scatter_into(self, out: torch.Tensor, whole: torch.Tensor) -> None:
         """Sum ``whole`` (a unit's padded fp32 gradient) over ranks, leaving this rank's piece in ``out``."""
-        self._run("gradient reduce-scatter", lambda: _reduce_scatter(out, whole, group=self.world.reduces))
+        self._run("gradient reduce-scatter", lambda: _reduce_scatter(out, whole, group=self.world.device))
         self.bytes_reduced += whole.numel() * whole.element_size()
 
     def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:

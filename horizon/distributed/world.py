@@ -80,14 +80,12 @@ class World:
     grads: dist.ProcessGroup
     writer: dist.ProcessGroup
     owns_default_group: bool
-    gathers: dist.ProcessGroup | None = None
-    """Sharded runs: the engine's weight all-gathers into device slots (NCCL on CUDA, gloo on CPU)."""
-    reduces: dist.ProcessGroup | None = None
-    """Sharded runs: the engine's gradient reduce-scatters; its own group, for on CUDA the gathers may be
-    issued from the copy launcher's thread while the reduce-scatters come from the caller's."""
+    device: dist.ProcessGroup | None = None
+    """Sharded runs: the engine's weight all-gathers and gradient reduce-scatters on device tensors (NCCL on
+    CUDA, gloo on CPU), issued from the transfer's one thread in the engine's order."""
 
     def close(self) -> None:
-        for group in (self.reduces, self.gathers, self.writer, self.grads, self.scalars):
+        for group in (self.device, self.writer, self.grads, self.scalars):
             if group is not None:
                 dist.destroy_process_group(group)
         if self.owns_default_group and dist.is_initialized():
@@ -111,10 +109,8 @@ def init_world(config: DistributedConfig, device: torch.device) -> World | None:
     scalars = dist.new_group(backend="gloo", timeout=timeout)
     grads = dist.new_group(backend="gloo", timeout=timeout)
     writer = dist.new_group(backend="gloo", timeout=timeout)
-    device_backend = "nccl" if device.type == "cuda" else "gloo"
-    gathers, reduces = (dist.new_group(backend=device_backend, timeout=timeout)
-                        if config.shard_optimizer_state else None for _ in range(2))
+    device_group = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout) \
+        if config.shard_optimizer_state else None
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), timeout_s=config.timeout_s,
-                 scalars=scalars, grads=grads, writer=writer, owns_default_group=owns, gathers=gathers,
-                 reduces=reduces)
+                 scalars=scalars, grads=grads, writer=writer, owns_default_group=owns, device=device_group)

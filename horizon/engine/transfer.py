@@ -181,9 +181,9 @@ class CudaTransfer(Transfer):
         self.h2d_stream = torch.cuda.Stream(device, priority=-1)
         # Overlaps gradient and activation offload with the next unit's compute.
         self.d2h_stream = torch.cuda.Stream(device, priority=-1)
-        # Sharded runs: weight all-gathers and gradient reduce-scatters, each on its own stream.
-        self.gather_stream = torch.cuda.Stream(device, priority=-1)
-        self.reduce_stream = torch.cuda.Stream(device, priority=-1)
+        # Sharded runs: weight all-gathers and gradient reduce-scatters, on one stream of their own, so
+        # every rank runs them in one order (the order the launcher thread issues them in).
+        self.collective_stream = torch.cuda.Stream(device, priority=-1)
         # Enqueues loads whose source is still being updated by the optimizer, once it is done.
         self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-h2d")
 
@@ -219,17 +219,29 @@ class CudaTransfer(Transfer):
             for g in gathers:
                 g.part.copy_(g.piece, non_blocking=True)
             pieces_ready = self.h2d_stream.record_event()
-        with torch.cuda.stream(self.gather_stream):
-            self.gather_stream.wait_event(pieces_ready)
+        with torch.cuda.stream(self.collective_stream):
+            self.collective_stream.wait_event(pieces_ready)
             for g in gathers:
                 g.gather(g.out, g.part)  # in place: NCCL reads this rank's part of the output
             for dst, src in copies:
                 dst.copy_(src, non_blocking=True)
-            return self.gather_stream.record_event()
+            return self.collective_stream.record_event()
+
+    def _enqueue_reduce(self, compute_ready, dst, whole, shard, reduce_scatter):
+        with torch.cuda.stream(self.collective_stream):
+            self.collective_stream.wait_event(compute_ready)
+            reduce_scatter(shard, whole)
+            reduced = self.collective_stream.record_event()
+        with torch.cuda.stream(self.d2h_stream):
+            self.d2h_stream.wait_event(reduced)
+            dst.copy_(shard, non_blocking=True)
+            return self.d2h_stream.record_event()
+
+    # Every collective goes through the launcher thread, in submission order: every rank then issues
+    # them in the engine's order (as the CPU transfer's single thread does), even when a gather waits
+    # for an optimizer update, and one stream runs them in that order.
 
     def h2d_gather(self, gathers, copies, after=()) -> Handle:
-        # Always through the launcher thread: every rank then issues its gathers in submission order,
-        # even when an earlier one waits for an optimizer update.
         gathers, copies = list(gathers), list(copies)
         compute_ready = torch.cuda.current_stream(self.device).record_event()
         future = self._launcher.submit(self._enqueue_gather, compute_ready, gathers, copies, list(after))
@@ -237,14 +249,8 @@ class CudaTransfer(Transfer):
 
     def d2h_reduce(self, dst, whole, shard, reduce_scatter) -> Handle:
         compute_ready = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.reduce_stream):
-            self.reduce_stream.wait_event(compute_ready)
-            reduce_scatter(shard, whole)
-            reduced = self.reduce_stream.record_event()
-        with torch.cuda.stream(self.d2h_stream):
-            self.d2h_stream.wait_event(reduced)
-            dst.copy_(shard, non_blocking=True)
-            return Handle(event=self.d2h_stream.record_event(), keep=(dst, whole, shard))
+        future = self._launcher.submit(self._enqueue_reduce, compute_ready, dst, whole, shard, reduce_scatter)
+        return Handle(future=future, keep=(dst, whole, shard))
 
     def close(self) -> None:
         self._launcher.shutdown(wait=True)
