@@ -92,11 +92,6 @@ class UnitBuffers:
     compute: torch.Tensor
     grad_accum: torch.Tensor | None = None
 
-    @property
-    def weights(self) -> torch.Tensor:
-        """The fp32 buffer the model's parameters are views of."""
-        return self.master
-
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p.local_name: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.layout.own}
 
