@@ -4,17 +4,21 @@ For W in --world-sizes, W ranks of this script are started with torchrun's envir
 the "small" reference decoder (~4.5M parameters) on its own [--batch, --seq] micro-batch, twice in the same
 run: with Horizon (horizon.Trainer, gradients all-reduced in the host store on the optimizer thread) and with
 the baseline users would otherwise run, plain PyTorch DDP over gloo with torch.optim.AdamW; Horizon runs three
-times: replicated, with DistributedConfig(shard_optimizer_state=True), and sharded with a bf16 compute copy.
+times: replicated, with DistributedConfig(shard_optimizer_state=True) (ZeRO-3: every unit's weights
+all-gathered into its slot at each load, its gradient reduce-scattered after its backward), and sharded with
+a bf16 compute copy.
 Warm-up steps are excluded; medians of the step time are reported, with global tokens/s and the ratio DDP
 time / Horizon time (> 1: Horizon faster).
 
 What is checked against a formula, in the same run:
-  - collective bytes per update: measured (DataParallel.bytes_reduced, bytes_gathered; the gather that builds
-    the compute copies at start excluded) vs the formula: replicated, an all-reduce of 4 B x N (fp32
-    gradient); sharded, a reduce-scatter of 4 B x N' and an all-gather of c B x N' (N' = N with every unit
-    padded to W equal pieces, c = 4 in fp32, 2 in bf16); a ring puts 2(W-1)/W of each on every rank's link;
-  - host bytes per rank: the store's exact byte count, and its optimizer state (master, m, v) against the
-    single-process figure / W;
+  - collective bytes per update: measured (DataParallel.bytes_reduced, bytes_gathered) vs the formula:
+    replicated, an all-reduce of 4 B x N (fp32 gradient); sharded, a reduce-scatter of 4 B x N' and, for
+    every load of the step's schedule (assign_slots: embedding, blocks, head, blocks back, embedding, a
+    resident unit not reloaded; a tied parameter's owner gathered again), an all-gather of c B x n'
+    (n' = the unit's elements padded to W equal pieces, N' their sum, c = 4 in fp32, 2 in bf16); a ring
+    puts 2(W-1)/W of an all-reduce and (W-1)/W of a reduce-scatter or all-gather on every rank's link;
+  - host bytes per rank: the store's exact byte count against the single-process store / W (sharded, every
+    role is a shard: master, m, v, compute copy, gradient), and its optimizer state (master, m, v);
   - checkpoint bytes per rank (one save(wait=True) after the timed steps): replicated, rank 0 writes all
     12 B x N; sharded, each rank writes its 12 B x N'/W (plus a page-aligned header per file).
 Scaling itself cannot be measured here: W ranks share 2 cores, so each rank gets 2/W threads.
@@ -42,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import RESULTS_DIR, median, result_record, write_json  # noqa: E402
 import horizon  # noqa: E402
 from horizon.distributed import DistributedConfig  # noqa: E402
+from horizon.engine.slots import assign_slots  # noqa: E402
 from horizon.models import Decoder, decoder_config  # noqa: E402
 
 OPT = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -69,6 +74,18 @@ def _checkpoint_bytes_by_rank(path: str, world_size: int) -> list[int]:
     return sizes
 
 
+def _gathered_elements_per_step(trainer, world_size: int) -> int:
+    """Elements all-gathered into slots in one step by the engine's load schedule (see the docstring)."""
+    layouts = [u.layout for u in trainer.store.units]
+    order = list(range(len(layouts))) + list(range(len(layouts) - 2, -1, -1))
+
+    def padded(unit: int) -> int:
+        return -(-layouts[unit].numel // world_size) * world_size
+
+    return sum(padded(u) + sum(padded(b.owner) for b in layouts[u].borrowed)
+               for u, use in zip(order, assign_slots(order, trainer.engine.pool.num_slots)) if use.load)
+
+
 def _horizon_steps(args, rank: int, mode: str) -> dict:
     shard, dtype = MODES[mode]["shard"], MODES[mode]["dtype"]
     torch.manual_seed(0)
@@ -79,7 +96,6 @@ def _horizon_steps(args, rank: int, mode: str) -> dict:
                                                                      final_save=False))
     with horizon.Trainer(model, config) as trainer:
         dp = trainer.data_parallel
-        gathered_at_start = dp.bytes_gathered if dp else 0
         world_size = dp.world.world_size if dp else 1
         times = []
         for b in _batches(args, rank):
@@ -93,10 +109,11 @@ def _horizon_steps(args, rank: int, mode: str) -> dict:
         ckpt_bytes = _checkpoint_bytes_by_rank(path, world_size) if rank == 0 else None
         return {"step_s": times, "bytes_reduced": dp.bytes_reduced if dp else 0, "updates": trainer.global_step,
                 "checkpoint_bytes_by_rank": ckpt_bytes,
-                "bytes_gathered": dp.bytes_gathered - gathered_at_start if dp else 0,
+                "bytes_gathered": dp.bytes_gathered if dp else 0,
                 "host_bytes": trainer.store.total_bytes, "host_bytes_by_role": dict(trainer.store.bytes_by_role),
                 "params": sum(p.numel() for p in model.parameters()),
                 "padded_params": sum(-(-u.layout.numel // world_size) * world_size for u in trainer.store.units),
+                "gathered_elements_per_step": _gathered_elements_per_step(trainer, world_size),
                 "compute_itemsize": dtype.itemsize, "sharded": shard}
 
 
@@ -152,7 +169,8 @@ def launch(args, world_size: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) -> list[dict]:
+def summarise(args, world_size: int, raw: dict, single: dict | None) -> list[dict]:
+    """``single``: the W=1 runs' host bytes by mode (the store one process of that mode holds)."""
     tokens = world_size * args.batch * args.seq
     ddp_s = median(raw["ddp_step_s"][args.warmup:])
     rows = []
@@ -164,7 +182,7 @@ def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) ->
             formula_reduced = formula_gathered = 0
         elif run["sharded"]:
             formula_reduced = GRAD_BYTES_PER_PARAM * run["padded_params"]
-            formula_gathered = run["compute_itemsize"] * run["padded_params"]
+            formula_gathered = run["compute_itemsize"] * run["gathered_elements_per_step"]
         else:
             formula_reduced, formula_gathered = GRAD_BYTES_PER_PARAM * run["params"], 0
         rows.append({"world_size": world_size, "mode": mode, "horizon_step_s": step_s, "ddp_step_s": ddp_s,
@@ -177,8 +195,10 @@ def summarise(args, world_size: int, raw: dict, single_opt_bytes: int | None) ->
                      "gathered_bytes_per_update": run["bytes_gathered"] / run["updates"],
                      "formula_bytes_per_update": formula_reduced, "formula_gathered_bytes_per_update": formula_gathered,
                      "host_bytes_per_rank": run["host_bytes"], "optimizer_state_bytes_per_rank": opt_bytes,
-                     "optimizer_state_vs_total_over_w": None if single_opt_bytes is None
-                     else opt_bytes / (single_opt_bytes / world_size)})
+                     "optimizer_state_vs_total_over_w": None if single is None
+                     else opt_bytes / (single[mode]["optimizer_state"] / world_size),
+                     "host_bytes_vs_total_over_w": None if single is None
+                     else run["host_bytes"] / (single[mode]["host"] / world_size)})
     return rows
 
 
@@ -195,24 +215,24 @@ def main() -> None:
     args = p.parse_args()
     if args.worker_out:
         return worker(args)
-    rows, single_opt_bytes = [], None
+    rows, single = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for w in sorted(args.world_sizes):
             raw = launch(args, w, Path(tmp) / f"w{w}.json")
-            if w == 1:
-                by_role = raw["replicated"]["host_bytes_by_role"]
-                single_opt_bytes = sum(by_role[r] for r in ("master", "exp_avg", "exp_avg_sq"))
-            rows += summarise(args, w, raw, single_opt_bytes)
+            if w == 1:  # one process of each mode is the total the W ranks share
+                single = {mode: {"host": raw[mode]["host_bytes"], "optimizer_state": sum(
+                    raw[mode]["host_bytes_by_role"][r] for r in ("master", "exp_avg", "exp_avg_sq"))} for mode in MODES}
+            rows += summarise(args, w, raw, single)
     print(f"{'W':>2} {'mode':>12} {'horizon s/step':>14} {'DDP s/step':>10} {'DDP/horizon':>11} {'reduced B/upd':>13} "
           f"{'formula':>11} {'gathered B/upd':>14} {'formula':>11} {'host B/rank':>12} {'m+v+master B':>13} "
-          f"{'vs total/W':>10}")
+          f"{'vs total/W':>10} {'host vs total/W':>15}")
     for r in rows:
-        vs = r["optimizer_state_vs_total_over_w"]
+        vs, host_vs = r["optimizer_state_vs_total_over_w"], r["host_bytes_vs_total_over_w"]
         print(f"{r['world_size']:>2} {r['mode']:>12} {r['horizon_step_s']:>14.4f} {r['ddp_step_s']:>10.4f} "
               f"{r['vs_ddp']:>11.3f} {r['reduced_bytes_per_update']:>13,.0f} {r['formula_bytes_per_update']:>11,} "
               f"{r['gathered_bytes_per_update']:>14,.0f} {r['formula_gathered_bytes_per_update']:>11,} "
               f"{r['host_bytes_per_rank']:>12,} {r['optimizer_state_bytes_per_rank']:>13,} "
-              f"{'' if vs is None else f'{vs:.4f}':>10}")
+              f"{'' if vs is None else f'{vs:.4f}':>10} {'' if host_vs is None else f'{host_vs:.4f}':>15}")
     key = "{mode}_w{world_size}".format
     results = {f"horizon_{key(**r)}": r["horizon_tokens_per_s"] for r in rows}
     results.update({f"ddp_w{r['world_size']}": r["ddp_tokens_per_s"] for r in rows})
@@ -229,6 +249,8 @@ def main() -> None:
                    for r in rows if r["formula_gathered_bytes_per_update"]})
     ratios.update({f"optimizer_state_vs_total_over_w_{key(**r)}": r["optimizer_state_vs_total_over_w"]
                    for r in rows if r["optimizer_state_vs_total_over_w"] is not None})
+    ratios.update({f"host_bytes_vs_total_over_w_{key(**r)}": r["host_bytes_vs_total_over_w"]
+                   for r in rows if r["host_bytes_vs_total_over_w"] is not None})
     record = result_record("distributed", unit="tokens/s (global)", higher_is_better=True, results=results,
                            ratios=ratios, rows=rows,
                            config={k: v for k, v in vars(args).items() if k != "worker_out"} | {"model": "small"})

@@ -93,6 +93,10 @@ class Trainer:
                 and config.distributed.shard_optimizer_state and is_multi_rank():
             raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
                              "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
+        if config.plan == "auto" and config.distributed.shard_optimizer_state and is_multi_rank():
+            raise ValueError("plan='auto' cannot plan a sharded run yet: its profile times whole-unit copies, "
+                             "not the shard copy and device all-gather of DistributedConfig(shard_optimizer_state"
+                             "=True); pass a fixed plan (plan='keep', 'recompute' or a horizon.Plan)")
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         rank0 = self.world is None or self.world.rank == 0  # one metrics file and one TensorBoard run, not W
@@ -149,8 +153,9 @@ class Trainer:
         self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
+        self._collectives = self.data_parallel if sharded else None  # ZeRO-3: the engine gathers and reduce-scatters
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,
-                             weights=self.weight_stream, grads=self.grad_ring)
+                             weights=self.weight_stream, grads=self.grad_ring, collectives=self._collectives)
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
         ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
@@ -271,7 +276,8 @@ class Trainer:
             seq_len=input_ids.shape[1], budget_bytes=self.config.device_memory_budget_bytes,
             recompute_step_s=recompute_step_s)
         self.engine.close()
-        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer)
+        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer,
+                             collectives=self._collectives)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._device_base_bytes = torch.cuda.memory_allocated(self.device)
@@ -302,13 +308,10 @@ class Trainer:
         self._micro = _MicroBatches()
 
     def param_names(self) -> list[list[str]]:
-        """Per unit, the model's names of its own parameters in store order (a streamed unit's parameters are
-        placeholders on the meta device: found by identity)."""
-        name_of = {p.data_ptr(): n for n, p in self.model.named_parameters() if not p.is_meta}
-        name_of_param = {id(p): n for n, p in self.model.named_parameters()}
-        return [[name_of_param[id(self.store.parameters[index][slot.local_name])] if index in self.store.streamed
-                 else name_of[unit.weights[slot.offset:].data_ptr()] for slot in unit.layout.own]
-                for index, unit in enumerate(self.store.units)]
+        """Per unit, the model's names of its own parameters in store order."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [[name_of[id(spec.module.get_parameter(slot.local_name))] for slot in unit.layout.own]
+                for spec, unit in zip(self.engine.specs, self.store.units)]
 
     # -- checkpoints (horizon/checkpoint, docs/checkpoint.md) -------------------------------------
 
@@ -346,7 +349,7 @@ class Trainer:
                        for params in self.store.parameters]
             self.ssd.put_masters(state, self.store, by_unit)
         if isinstance(self.data_parallel, ShardedDataParallel):
-            self.data_parallel.put_masters(state, self.store)
+            self.data_parallel.put_masters(state, self.store, self.model)
         return state
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
@@ -368,9 +371,8 @@ class Trainer:
                 m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
             else:
                 m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
-            for slot, name in zip(unit.layout.own, names):
-                state[name] = {"step": step.clone(), "exp_avg": m[slot.local_name],
-                               "exp_avg_sq": v[slot.local_name]}
+            for slot, name in zip(unit.layout.own, names, strict=True):
+                state[name] = {"step": step.clone(), "exp_avg": m[slot.local_name], "exp_avg_sq": v[slot.local_name]}
         opt = self.config.optimizer
         return {"state": state, "param_groups": [{"lr": opt.lr, "betas": opt.betas, "eps": opt.eps,
                                                   "weight_decay": opt.weight_decay}]}

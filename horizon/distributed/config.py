@@ -16,8 +16,10 @@ class DistributedConfig:
     CPU optimizer phase plus a checkpoint copy; torch's own default for gloo is 1800 s."""
 
     shard_optimizer_state: bool = False
-    """Split every unit's fp32 master, Adam m and v across the ranks (ZeRO style): each rank holds and
-    updates 1/W of them, then an all-gather rebuilds the compute copy (fp32 or bf16)."""
+    """Split the whole host store across the ranks (ZeRO-3): each rank holds and updates 1/W of every
+    unit's fp32 master, Adam m and v, compute copy (fp32 or bf16) and summed gradient. The engine
+    all-gathers a unit's weights into its device slot before it computes and reduce-scatters its
+    gradient on the device after its backward; the model's parameters become meta tensors."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.shard_optimizer_state, bool):

@@ -9,10 +9,12 @@ norm or update, so it overlaps the backward of the units below. Every rank then 
 gradient, takes the same global norm, makes the same clip and skip decisions and applies the same
 AdamW update: the replicas never drift apart. Bytes moved per step: see docs/distributed.md.
 
-``ShardedDataParallel`` is the same contract with the optimizer state split across ranks
-(``ShardedHostStore``): the sum is a reduce-scatter that leaves each rank its shard of the summed
-gradient, the norm is the square root of the all-reduced sum of the shards' squared norms, and
-after each rank updated its shard an all-gather rebuilds the whole compute copy on every rank.
+``ShardedDataParallel`` is the same contract with the whole store split across ranks
+(``ShardedHostStore``, ZeRO-3): the engine all-gathers each unit's weights into its device slot
+before the unit computes and reduce-scatters its gradient on the device after its backward
+(``gather_into`` and ``reduce_scatter_into``, issued by the engine's transfer), so the host
+gradient is already this rank's shard of the sum; the norm is the square root of the all-reduced
+sum of the shards' squared norms.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ class DataParallel:
     def __init__(self, world: World) -> None:
         self.world = world
         self.bytes_reduced = 0
-        """Gradient bytes this rank handed to all-reduce (its payload; the wire carries 2(W-1)/W of it)."""
+        """Gradient bytes this rank handed to all-reduce or reduce-scatter (its payload; an all-reduce's wire
+        carries 2(W-1)/W of it, a reduce-scatter's (W-1)/W)."""
         self.bytes_broadcast = 0
         """Weight bytes rank 0 sent when the trainer started (a broadcast; sharded, a scatter of the masters)."""
         self.bytes_gathered = 0
-        """Compute-copy bytes all-gathered after updates (sharded only: each rank's output, its own piece included)."""
+        """Weight bytes all-gathered into device slots (sharded only: each gather's output, this rank's piece included)."""
 
     def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
                    accumulate: bool) -> HostStore:
@@ -129,8 +132,7 @@ class ShardedDataParallel(DataParallel):
     def make_store(self, layouts: list[UnitLayout], *, compute_dtype: torch.dtype, pin: bool,
                    accumulate: bool) -> ShardedHostStore:
         return ShardedHostStore(layouts, rank=self.world.rank, world_size=self.world.world_size,
-                                compute_dtype=compute_dtype, pin=pin, accumulate=accumulate, gather=self.gather,
-                                scatter=self.scatter)
+                                compute_dtype=compute_dtype, pin=pin, accumulate=accumulate, scatter=self.scatter)
 
     def local_decay_runs(self, store: ShardedHostStore, runs: list[list[tuple[int, int, float]]]):
         out = []
@@ -149,20 +151,19 @@ class ShardedDataParallel(DataParallel):
         self.bytes_broadcast += unit.master.numel() * unit.master.element_size() * self.world.world_size
 
     def reduce(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over ranks, keeping this rank's shard of the sum (in ``unit.grad_shard``). A bf16
-        gradient is summed in fp32 (one temporary fp32 copy of the unit)."""
-        padded = unit.padded_grad if flat.data_ptr() == unit.grad.data_ptr() else unit.padded_grad_accum
-        work = padded if padded.dtype == torch.float32 else padded.float()
-        self._run("gradient reduce-scatter", lambda: _reduce_scatter(unit.grad_shard, work, group=self.world.grads))
-        self.bytes_reduced += work.numel() * work.element_size()
-        return unit.grad_shard
+        """``flat`` itself: the engine's reduce-scatter already made it this rank's shard of the sum."""
+        return flat
 
-    def gather(self, unit: ShardedUnitBuffers) -> None:
-        """Rebuild the whole compute copy from every rank's master shard, rounded to the compute dtype
-        first; on the optimizer thread (or the caller's, while the optimizer is idle)."""
-        piece = unit.master if unit.padded_compute.dtype == torch.float32 else unit.master.to(unit.padded_compute.dtype)
-        self._run("weight all-gather", lambda: _all_gather(unit.padded_compute, piece, group=self.world.grads))
-        self.bytes_gathered += unit.padded_compute.numel() * unit.padded_compute.element_size()
+    def gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
+        """All-gather every rank's ``piece`` into ``out`` (W pieces long; ``piece`` may be this rank's part
+        of it); on the engine's transfer thread (CPU) or a collective stream (CUDA)."""
+        self._run("weight all-gather", lambda: _all_gather(out, piece, group=self.world.device))
+        self.bytes_gathered += out.numel() * out.element_size()
+
+    def reduce_scatter_into(self, out: torch.Tensor, whole: torch.Tensor) -> None:
+        """Sum ``whole`` (a unit's padded fp32 gradient) over ranks, leaving this rank's piece in ``out``."""
+        self._run("gradient reduce-scatter", lambda: _reduce_scatter(out, whole, group=self.world.device))
+        self.bytes_reduced += whole.numel() * whole.element_size()
 
     def whole(self, unit: ShardedUnitBuffers, flat: torch.Tensor) -> torch.Tensor:
         """A new tensor of ``unit``'s whole optimizer-state buffer, gathered from every rank's shard ``flat``."""
@@ -170,19 +171,17 @@ class ShardedDataParallel(DataParallel):
         self._run("optimizer state all-gather", lambda: _all_gather(out, flat, group=self.world.scalars))
         return out[:unit.layout.numel]
 
-    def put_masters(self, state: dict[str, torch.Tensor], store: ShardedHostStore) -> None:
-        """In a ``model.state_dict()``, replace the views of a bf16 compute copy by fp32 masters gathered
-        from every rank (new tensors; a collective). An fp32 compute copy already equals the masters."""
-        if store.compute_dtype == torch.float32:
-            return
+    def put_masters(self, state: dict[str, torch.Tensor], store: ShardedHostStore, model: torch.nn.Module) -> None:
+        """In ``model.state_dict()``, replace the (meta) parameters by fp32 masters gathered from every
+        rank's shard (new tensors; a collective: call it on every rank)."""
         keys_of: dict[int, list[str]] = {}
-        for key, t in state.items():
-            keys_of.setdefault(t.data_ptr(), []).append(key)
+        for key, p in model.named_parameters(remove_duplicate=False):
+            keys_of.setdefault(id(p), []).append(key)
         for unit in store.units:
             masters = unit.views(self.whole(unit, unit.master))
-            for local_name, view in unit.views(unit.compute).items():
-                for key in keys_of.get(view.data_ptr(), ()):
-                    state[key] = masters[local_name]
+            for slot, param in zip(unit.layout.own, unit.params, strict=True):
+                for key in keys_of.get(id(param), ()):
+                    state[key] = masters[slot.local_name]
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """sqrt of the sum over ranks of the squared norms of their gradient shards."""

@@ -1,12 +1,14 @@
-"""A host store whose optimizer state is split across data-parallel ranks (ZeRO style).
+"""A host store split across data-parallel ranks (ZeRO-3): each rank holds 1/W of every unit.
 
-Why: with W ranks on a node, a replicated store holds the 12 bytes per parameter of fp32 master,
-m and v W times over. Here each rank keeps only its contiguous 1/W of every unit's master, m and
-v (and of the summed gradient the update reads), padded so every rank's piece has the same
-length ``shard_numel = ceil(numel / W)``; the collectives want equal pieces. What the engine
-touches stays whole: the compute copy it loads (fp32 or bf16) and the gradient it writes. The
-model's parameters are views into the compute copy, which the all-gather after each update
-rebuilds from every rank's master shard (rounded to bf16 first when computing in bf16).
+Why: with W ranks on a node, a replicated store holds the model W times over: 12 bytes per
+parameter of fp32 master, m and v, plus the compute copy and the gradient. Here each rank keeps
+only its contiguous 1/W of every unit's master, m, v, compute copy and summed gradient, padded so
+every rank's piece has the same length ``shard_numel = ceil(numel / W)`` (the collectives want
+equal pieces). Nothing whole ever lives in host RAM: before a unit computes, the engine copies
+this rank's compute shard into its part of a device slot and all-gathers the slot on the device;
+after the unit's backward it reduce-scatters the gradient on the device and brings back only this
+rank's shard of the sum (horizon.engine.engine, docs/distributed.md). The model's own parameters
+become meta tensors: the weights are the shards, gathered only on request (``Trainer.state_dict``).
 
 One store per node, never W copies of the model: ``adopt`` fills each rank's master shard
 without any rank holding the model twice. From Hugging Face safetensors every rank reads only
@@ -38,53 +40,41 @@ def shard_numel(numel: int, world_size: int) -> int:
 
 @dataclasses.dataclass(kw_only=True)
 class ShardedUnitBuffers(UnitBuffers):
-    """``master``, ``exp_avg``, ``exp_avg_sq`` and ``grad_shard`` hold elements
-    [shard_start, shard_start + shard_numel) of the unit (zero past its end); ``compute`` and
-    ``grad`` (and ``grad_accum``) are whole, views of padded buffers of world_size × shard_numel."""
+    """Every buffer holds elements [shard_start, shard_start + shard_numel) of the unit (zero past its
+    end): ``master``, ``exp_avg``, ``exp_avg_sq``, ``compute`` (aliases ``master`` in fp32), ``grad``
+    (this rank's shard of the gradient summed over ranks, fp32) and ``grad_accum``."""
 
     shard_start: int
     shard_numel: int
-    grad_shard: torch.Tensor
-    padded_compute: torch.Tensor
-    padded_grad: torch.Tensor
-    padded_grad_accum: torch.Tensor | None
-    gather: Callable[["ShardedUnitBuffers"], None]
-
-    @property
-    def weights(self) -> torch.Tensor:
-        return self.compute
+    params: list[nn.Parameter] = dataclasses.field(default_factory=list)
+    """The model's own parameters of this unit in layout order (meta tensors once adopted)."""
 
     @property
     def valid_numel(self) -> int:
         """Elements of this rank's shard that belong to the unit (the rest is padding)."""
         return max(0, min(self.shard_numel, self.layout.numel - self.shard_start))
 
-    def refresh_compute(self) -> None:
-        """After this rank's master shard changed: rebuild the whole compute copy from every rank's shard."""
-        self.gather(self)
-
 
 def sharded_bytes_by_role(layouts: list[UnitLayout], world_size: int, *, compute_dtype: torch.dtype = torch.float32,
                           accumulate: bool = False) -> dict[str, int]:
-    """Exact bytes one rank allocates per role, page alignment included."""
-    shard = sum(_aligned(shard_numel(l.numel, world_size) * _FP32) for l in layouts)
+    """Exact bytes one rank allocates per role, page alignment included: every role is a shard."""
+    def shards(itemsize: int) -> int:
+        return sum(_aligned(shard_numel(l.numel, world_size) * itemsize) for l in layouts)
 
-    def whole(itemsize: int) -> int:
-        return sum(_aligned(shard_numel(l.numel, world_size) * world_size * itemsize) for l in layouts)
-
-    return {"master": shard, "exp_avg": shard, "exp_avg_sq": shard, "grad_shard": shard,
-            "grad": whole(compute_dtype.itemsize), "compute": whole(compute_dtype.itemsize),
-            "grad_accum": whole(_FP32) if accumulate else 0}
+    fp32 = shards(_FP32)
+    return {"master": fp32, "exp_avg": fp32, "exp_avg_sq": fp32, "grad": fp32,
+            "compute": 0 if compute_dtype == torch.float32 else shards(compute_dtype.itemsize),
+            "grad_accum": fp32 if accumulate else 0}
 
 
 class ShardedHostStore(HostStore):
     """This rank's part of the host store of a ``world_size``-rank data-parallel run.
 
-    ``gather(unit)`` all-gathers a unit's compute copy from the master shards; ``scatter(unit, source)``
-    hands each rank its piece of rank 0's padded fp32 ``source`` (None on the other ranks)."""
+    ``scatter(unit, source)`` hands each rank its piece of rank 0's padded fp32 ``source`` (None on
+    the other ranks)."""
 
     def __init__(self, layouts: list[UnitLayout], *, rank: int, world_size: int, compute_dtype: torch.dtype,
-                 pin: bool, accumulate: bool, gather: Callable[[ShardedUnitBuffers], None],
+                 pin: bool, accumulate: bool,
                  scatter: Callable[[ShardedUnitBuffers, torch.Tensor | None], None]) -> None:
         by_role = sharded_bytes_by_role(layouts, world_size, compute_dtype=compute_dtype, accumulate=accumulate)
         pcie_bytes = by_role["compute"] + by_role["grad"]
@@ -93,27 +83,31 @@ class ShardedHostStore(HostStore):
                                     capacity=probe_host_capacity(), what=f"{len(layouts)} units (rank {rank})")
         self.compute_dtype, self.accumulate, self.bytes_by_role = compute_dtype, accumulate, by_role
         self.rank, self.world_size, self._scatter = rank, world_size, scatter
-        self.ssd_units = frozenset()  # the SSD tier is not combined with sharding
+        self.ssd_units = self.streamed = frozenset()  # the SSD tier is not combined with sharding
         self._pcie, self._cpu = _Carver(pcie_bytes), _Carver(cpu_bytes)
-        self.units = [self._carve_shard(layout, gather) for layout in layouts]
+        self.units = [self._carve_shard(layout) for layout in layouts]
         self.pinned = pin and can_pin
         self._pinned_region = self._pin(self._pcie.raw, self._unit_starts()) if self.pinned else None
 
-    def _carve_shard(self, layout: UnitLayout, gather) -> ShardedUnitBuffers:
-        n, c, dtype = layout.numel, shard_numel(layout.numel, self.world_size), self.compute_dtype
-        padded_compute = self._pcie.take(c * self.world_size, dtype).zero_()  # padding: checkpointed
-        padded_grad = self._pcie.take(c * self.world_size, dtype).zero_()  # the padding must sum to 0
-        shard = [self._cpu.take(c, torch.float32).zero_() for _ in range(4)]
-        padded_accum = self._cpu.take(c * self.world_size, torch.float32).zero_() if self.accumulate else None
+    def _carve_shard(self, layout: UnitLayout) -> ShardedUnitBuffers:
+        c = shard_numel(layout.numel, self.world_size)
+        own_copy = self.compute_dtype != torch.float32
+        compute = self._pcie.take(c, self.compute_dtype).zero_() if own_copy else None
+        grad = self._pcie.take(c, torch.float32).zero_()
+        master, exp_avg, exp_avg_sq = (self._cpu.take(c, torch.float32).zero_() for _ in range(3))
+        accum = self._cpu.take(c, torch.float32).zero_() if self.accumulate else None
         return ShardedUnitBuffers(
-            layout=layout, master=shard[0], exp_avg=shard[1], exp_avg_sq=shard[2], grad_shard=shard[3],
-            compute=padded_compute[:n], grad=padded_grad[:n],
-            grad_accum=None if padded_accum is None else padded_accum[:n], shard_start=self.rank * c,
-            shard_numel=c, padded_compute=padded_compute, padded_grad=padded_grad, padded_grad_accum=padded_accum,
-            gather=gather)
+            layout=layout, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, grad=grad,
+            compute=master if compute is None else compute, grad_accum=accum, shard_start=self.rank * c,
+            shard_numel=c)
+
+    def _unit_starts(self) -> list[int]:
+        base = self._pcie.raw.data_ptr()
+        own_copy = self.compute_dtype != torch.float32
+        return [(u.compute if own_copy else u.grad).data_ptr() - base for u in self.units]
 
     def adopt(self, modules: list[nn.Module], *, init_fn=None, weights=None) -> None:
-        """Make every parameter a view into the (whole) compute copies and fill the master shards.
+        """Fill the master shards and make every parameter of ``modules`` a meta tensor.
 
         ``weights`` (a horizon.models.hf_weights.HFWeights): every rank reads its slices. Otherwise
         rank 0's parameters are the values (its meta ones initialised by ``init_fn`` first), held
@@ -128,22 +122,23 @@ class ShardedHostStore(HostStore):
                 self._scatter(unit, sources[index] if sources is not None else None)
                 if sources is not None:
                     sources[index] = None  # rank 0's fp32 copy of this unit is no longer needed
-            for local_name, view in unit.views(unit.compute).items():
-                old = originals[index][local_name]
-                replacement[id(old)] = nn.Parameter(view, requires_grad=old.requires_grad)
+            for slot in unit.layout.own:
+                old = originals[index][slot.local_name]
+                replacement[id(old)] = nn.Parameter(torch.empty(old.shape, dtype=torch.float32, device="meta"),
+                                                    requires_grad=old.requires_grad)
+                unit.params.append(replacement[id(old)])
             _replace_parameters(module, replacement)
             unit.refresh_compute()
         self.zero_optimizer_state()
 
     def _rank0_sources(self, modules, originals, init_fn) -> list[torch.Tensor] | None:
-        """On rank 0, per unit, a padded fp32 buffer of the unit's values (None elsewhere): the compute
-        copy itself in fp32. Meta parameters are made views of them and ``init_fn`` fills them."""
+        """On rank 0, per unit, a padded fp32 buffer of the unit's values (None elsewhere). Meta
+        parameters are made views of them and ``init_fn`` fills them."""
         if self.rank != 0:
             return None
         sources, temporary, any_meta = [], {}, False
         for unit, module, params in zip(self.units, modules, originals):
-            flat = unit.padded_compute if self.compute_dtype == torch.float32 else \
-                torch.zeros(unit.padded_compute.numel(), dtype=torch.float32)
+            flat = torch.zeros(unit.shard_numel * self.world_size, dtype=torch.float32)
             for local_name, view in unit.views(flat).items():
                 old = params[local_name]
                 if old.is_meta:

@@ -80,10 +80,14 @@ class World:
     grads: dist.ProcessGroup
     writer: dist.ProcessGroup
     owns_default_group: bool
+    device: dist.ProcessGroup | None = None
+    """Sharded runs: the engine's weight all-gathers and gradient reduce-scatters on device tensors (NCCL on
+    CUDA, gloo on CPU), issued from the transfer's one thread in the engine's order."""
 
     def close(self) -> None:
-        for group in (self.writer, self.grads, self.scalars):
-            dist.destroy_process_group(group)
+        for group in (self.device, self.writer, self.grads, self.scalars):
+            if group is not None:
+                dist.destroy_process_group(group)
         if self.owns_default_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -105,6 +109,8 @@ def init_world(config: DistributedConfig, device: torch.device) -> World | None:
     scalars = dist.new_group(backend="gloo", timeout=timeout)
     grads = dist.new_group(backend="gloo", timeout=timeout)
     writer = dist.new_group(backend="gloo", timeout=timeout)
+    device_group = dist.new_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout) \
+        if config.shard_optimizer_state else None
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), timeout_s=config.timeout_s,
-                 scalars=scalars, grads=grads, writer=writer, owns_default_group=owns)
+                 scalars=scalars, grads=grads, writer=writer, owns_default_group=owns, device=device_group)

@@ -11,7 +11,9 @@ backward joins the parts (input gradients by rows, parameter gradients summed): 
 the whole batch, with another summation order. Rows, not token chunks, because attention mixes
 a row's tokens.
 Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
-leave for the host store as soon as a unit's backward is done.
+leave for the host store as soon as a unit's backward is done. With a sharded store (ZeRO-3,
+``collectives``) a load copies this rank's shard and all-gathers the slot, and a unit's gradient
+is reduce-scattered on the device so only this rank's shard goes back (docs/distributed.md).
 
 The order of units in one step is ``embedding, block 0 … block N-1, head, block N-1 … block 0,
 embedding``; ``assign_slots`` maps it onto the slots once per step.
@@ -35,6 +37,7 @@ from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import Plan
 from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
+from horizon.engine.sharded import Collectives, ShardedIO
 from horizon.engine.transfer import DONE, Handle, Transfer
 from horizon.models.units import UnitKind, UnitSpec
 from horizon.store.grad_ring import GradRing
@@ -87,7 +90,8 @@ class Engine:
     """Executes a ``Plan`` for a chain of units whose state lives in a ``HostStore``."""
 
     def __init__(self, specs: list[UnitSpec], store: HostStore, *, plan: Plan, device: torch.device,
-                 transfer: Transfer, weights: WeightStream | None = None, grads: GradRing | None = None) -> None:
+                 transfer: Transfer, weights: WeightStream | None = None, grads: GradRing | None = None,
+                 collectives: Collectives | None = None) -> None:
         self.specs, self.store, self.plan = specs, store, plan
         self.weights, self.grads = weights, grads
         """For ``store.streamed`` units (SSDConfig(weights=True)): where their compute copies are read from
@@ -95,8 +99,11 @@ class Engine:
         self.device, self.transfer = device, transfer
         self.layouts = [unit.layout for unit in store.units]
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
-        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots,
-                             device=device, dtype=store.compute_dtype)
+        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots, device=device,
+                             dtype=store.compute_dtype, world_size=store.world_size if collectives else 1)
+        self.sharded = None if collectives is None else ShardedIO(store, self.pool, collectives=collectives,
+                                                                  transfer=transfer, device=device)
+        """A sharded store's (ZeRO-3) loads that all-gather and gradients that reduce-scatter; None otherwise."""
         self.ledger = DeviceLedger()
         for slot in range(self.pool.num_slots):
             self.ledger.hold(("slot", slot), self.pool.slot_bytes)
@@ -195,6 +202,9 @@ class Engine:
 
     def _load_weights(self, sweep: _Sweep, unit: int, slot: int, position: int) -> Handle:
         layout, buffers = self.layouts[unit], self.store.units[unit]
+        if self.sharded is not None:
+            owners = [unit] + [b.owner for b in layout.borrowed]
+            return self.sharded.load(unit, slot, [f for f in map(sweep.load_after, owners) if f is not None])
         flat = self.pool.slots[slot]
         streamed = unit in self.store.streamed
         src, read = self.weights.take(position) if streamed else (buffers.compute, None)
@@ -351,6 +361,12 @@ class Engine:
             sweep.norm_sq += torch.stack(torch._foreach_norm(own, 2.0, dtype=torch.float32)).square().sum()
         while len(sweep.grads) >= _GRADS_IN_FLIGHT:
             self._wait_grad(sweep)
+        if self.sharded is not None:
+            handle, held_bytes = self.sharded.reduce(unit, own)
+            sweep.grads.append((unit, handle))
+            self.ledger.hold(("grad", unit), held_bytes)
+            sweep.grads_sent(unit, handle.host_waiter())
+            return
         buffers = self.store.units[unit]
         flat = self.grads.take(unit) if unit in self.store.streamed else buffers.grad
         dsts = list(buffers.views(flat).values())

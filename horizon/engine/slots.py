@@ -76,8 +76,10 @@ class SlotPool:
     """``num_slots`` device buffers and, per slot, one template for each unit structure."""
 
     def __init__(self, modules: list[nn.Module], layouts: list[UnitLayout], *, num_slots: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.slot_numel = max(layout.device_numel for layout in layouts)
+                 device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
+        # A sharded run all-gathers world_size equal pieces of ceil(numel / world_size) into a slot.
+        self.slot_numel = max(max(layout.device_numel, -(-layout.numel // world_size) * world_size)
+                              for layout in layouts)
         self.slots = [torch.empty(self.slot_numel, dtype=dtype, device=device) for _ in range(num_slots)]
         self.device, self.dtype = device, dtype
         self._layouts = layouts

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Handle", "Transfer", "CpuTransfer", "CudaTransfer", "make_transfer"]
+__all__ = ["Handle", "Transfer", "Gather", "CpuTransfer", "CudaTransfer", "make_transfer"]
 
 
 class Handle:
@@ -84,8 +85,36 @@ class Transfer:
     def d2h(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> Handle:
         raise NotImplementedError
 
+    def h2d_gather(self, gathers: Sequence[Gather], copies: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   after: Sequence[concurrent.futures.Future] = ()) -> Handle:
+        """Sharded weights (ZeRO-3): for each ``Gather``, this rank's host piece goes into its part of the
+        device buffer, then an all-gather fills the rest; then each ``(dst, src)`` device copy runs (a
+        borrowed slice out of a gathered buffer). Collectives are issued in submission order."""
+        raise NotImplementedError
+
+    def d2h_reduce(self, dst: torch.Tensor, whole: torch.Tensor, shard: torch.Tensor,
+                   reduce_scatter: Callable[[torch.Tensor, torch.Tensor], None]) -> Handle:
+        """Sharded gradients: ``reduce_scatter(shard, whole)`` on the device, then ``shard`` to the host ``dst``."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """An all-gather of a unit's weights into ``out`` (device) from this rank's host ``piece``."""
+
+    out: torch.Tensor
+    piece: torch.Tensor
+    rank: int
+    gather: Callable[[torch.Tensor, torch.Tensor], None]  # gather(out, piece): the collective
+
+    @property
+    def part(self) -> torch.Tensor:
+        """This rank's part of ``out``."""
+        n = self.piece.numel()
+        return self.out[self.rank * n:(self.rank + 1) * n]
 
 
 def _copy_all(dsts, srcs) -> None:
@@ -110,24 +139,52 @@ class CpuTransfer(Transfer):
         self.delay_s = delay_s
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-transfer")
 
-    def _run(self, dsts, srcs, after=()) -> None:
+    def _wait(self, after) -> float:
+        """Wait for ``after`` and the delay hook; the start time the throttle counts from."""
         for future in after:
             future.result()
         start = time.perf_counter()
         if self.delay_s is not None:
             time.sleep(self.delay_s())
-        _copy_all(dsts, srcs)
+        return start
+
+    def _throttle(self, start: float, srcs) -> None:
         if self.bandwidth_bytes_per_s is not None:
             nbytes = sum(s.numel() * s.element_size() for s in srcs)
             remaining_s = nbytes / self.bandwidth_bytes_per_s - (time.perf_counter() - start)
             if remaining_s > 0:
                 time.sleep(remaining_s)
 
+    def _run(self, dsts, srcs, after=()) -> None:
+        start = self._wait(after)
+        _copy_all(dsts, srcs)
+        self._throttle(start, srcs)
+
     def h2d(self, dsts, srcs, after=()) -> Handle:
         return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs), list(after)))
 
     def d2h(self, dsts, srcs) -> Handle:
         return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs)))
+
+    def _gather(self, gathers, copies, after) -> None:
+        start = self._wait(after)
+        for g in gathers:  # gloo gathers straight from the host piece: the "device" is host memory
+            g.gather(g.out, g.piece)
+        _copy_all([dst for dst, _ in copies], [src for _, src in copies])
+        self._throttle(start, [g.piece for g in gathers])  # only this rank's piece crossed the link
+
+    def h2d_gather(self, gathers, copies, after=()) -> Handle:
+        return Handle(future=self._pool.submit(self._gather, list(gathers), list(copies), list(after)))
+
+    def _reduce(self, dst, whole, shard, reduce_scatter) -> None:
+        start = self._wait(())
+        reduce_scatter(shard, whole)
+        if shard is not dst:
+            dst.copy_(shard)
+        self._throttle(start, [shard])  # only this rank's shard of the sum crosses the link
+
+    def d2h_reduce(self, dst, whole, shard, reduce_scatter) -> Handle:
+        return Handle(future=self._pool.submit(self._reduce, dst, whole, shard, reduce_scatter))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -146,6 +203,9 @@ class CudaTransfer(Transfer):
         self.h2d_stream = torch.cuda.Stream(device, priority=-1)
         # Overlaps gradient and activation offload with the next unit's compute.
         self.d2h_stream = torch.cuda.Stream(device, priority=-1)
+        # Sharded runs: weight all-gathers and gradient reduce-scatters, on one stream of their own, so
+        # every rank runs them in one order (the order the launcher thread issues them in).
+        self.collective_stream = torch.cuda.Stream(device, priority=-1)
         # Enqueues loads whose source is still being updated by the optimizer, once it is done.
         self._launcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-h2d")
 
@@ -172,6 +232,47 @@ class CudaTransfer(Transfer):
 
     def d2h(self, dsts, srcs) -> Handle:
         return self._copy_on(self.d2h_stream, dsts, srcs)
+
+    def _enqueue_gather(self, compute_ready, gathers, copies, after):
+        for future in after:
+            future.result()
+        with torch.cuda.stream(self.h2d_stream):
+            self.h2d_stream.wait_event(compute_ready)
+            for g in gathers:
+                g.part.copy_(g.piece, non_blocking=True)
+            pieces_ready = self.h2d_stream.record_event()
+        with torch.cuda.stream(self.collective_stream):
+            self.collective_stream.wait_event(pieces_ready)
+            for g in gathers:
+                g.gather(g.out, g.part)  # in place: NCCL reads this rank's part of the output
+            for dst, src in copies:
+                dst.copy_(src, non_blocking=True)
+            return self.collective_stream.record_event()
+
+    def _enqueue_reduce(self, compute_ready, dst, whole, shard, reduce_scatter):
+        with torch.cuda.stream(self.collective_stream):
+            self.collective_stream.wait_event(compute_ready)
+            reduce_scatter(shard, whole)
+            reduced = self.collective_stream.record_event()
+        with torch.cuda.stream(self.d2h_stream):
+            self.d2h_stream.wait_event(reduced)
+            dst.copy_(shard, non_blocking=True)
+            return self.d2h_stream.record_event()
+
+    # Every collective goes through the launcher thread, in submission order: every rank then issues
+    # them in the engine's order (as the CPU transfer's single thread does), even when a gather waits
+    # for an optimizer update, and one stream runs them in that order.
+
+    def h2d_gather(self, gathers, copies, after=()) -> Handle:
+        gathers, copies = list(gathers), list(copies)
+        compute_ready = torch.cuda.current_stream(self.device).record_event()
+        future = self._launcher.submit(self._enqueue_gather, compute_ready, gathers, copies, list(after))
+        return Handle(future=future, keep=(gathers, copies))
+
+    def d2h_reduce(self, dst, whole, shard, reduce_scatter) -> Handle:
+        compute_ready = torch.cuda.current_stream(self.device).record_event()
+        future = self._launcher.submit(self._enqueue_reduce, compute_ready, dst, whole, shard, reduce_scatter)
+        return Handle(future=future, keep=(dst, whole, shard))
 
     def close(self) -> None:
         self._launcher.shutdown(wait=True)

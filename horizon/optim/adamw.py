@@ -87,7 +87,7 @@ def adamw_unit_step(unit: UnitBuffers, step: torch.Tensor, cfg: AdamW, *, lr: fl
     runs and the copy follows.
     """
     own_copy = unit.compute.data_ptr() != unit.master.data_ptr()
-    # A sharded unit's compute copy is whole while its master is a shard: its refresh_compute gathers.
+    # A sharded unit holds shards of both (horizon.distributed), so one pass writes its bf16 shard too.
     one_pass = own_copy and unit.compute.dtype == torch.bfloat16 and unit.compute.numel() == unit.master.numel()
     for start, end, weight_decay in decay_runs:
         fused_adamw_(unit.master[start:end], grad[start:end], unit.exp_avg[start:end], unit.exp_avg_sq[start:end],

@@ -12,6 +12,7 @@ import horizon
 from dp_cases import CASES, global_batches
 from horizon.checkpoint.commit import step_dir_name
 from helpers import horizon_run, rel_err, tiny_decoder
+from horizon.engine.slots import assign_slots
 from launch import start_ranks
 
 WORLD_SIZE = 2
@@ -63,43 +64,69 @@ def test_tokens_are_the_global_label_count(ranks_out):
     assert got == want
 
 
-def _unit_numels(config) -> list[int]:
+def _unit_numels(config) -> tuple[list[int], dict]:
+    numels, by_role, _ = _store_of(config)
+    return numels, by_role
+
+
+def _store_of(config):
     trainer = horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), config)
     numels = [unit.layout.numel for unit in trainer.store.units]
     by_role = dict(trainer.store.bytes_by_role)
+    layouts = [unit.layout for unit in trainer.store.units]
     trainer.close()
-    return numels, by_role
+    return numels, by_role, layouts
+
+
+def _padded(numel: int) -> int:
+    return -(-numel // WORLD_SIZE) * WORLD_SIZE
+
+
+def _gathered_per_step(layouts, num_slots: int) -> int:
+    """Elements all-gathered into slots in one step: every load of the sweep order (embedding, blocks, head,
+    blocks back, embedding; a unit still resident is not loaded), each unit padded to W pieces, and for a
+    borrowed (tied) parameter its owner gathered again."""
+    n = len(layouts)
+    order = list(range(n)) + list(range(n - 2, -1, -1))
+    return sum(_padded(layouts[u].numel) + sum(_padded(layouts[b.owner].numel) for b in layouts[u].borrowed)
+               for u, use in zip(order, assign_slots(order, num_slots)) if use.load)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_collective_bytes_per_update_match_the_formula(ranks_out, name):
-    """Replicated: every unit's fp32 gradient is all-reduced once per update (4 B/param). Sharded: it is
-    reduce-scattered and the weights all-gathered, each over the unit padded to W equal pieces, and rank 0
-    scattered the initial masters once."""
+    """Replicated: every unit's fp32 gradient is all-reduced once per update (4 B/param). Sharded (ZeRO-3):
+    each micro-batch reduce-scatters every unit's fp32 gradient on the device, and every load all-gathers
+    the unit's weights into a slot, each over the unit padded to W equal pieces; rank 0 scattered the
+    initial masters once."""
     config = CASES[name]
-    numels, _ = _unit_numels(config)
-    updates = len(global_batches()) // config.grad_accum_steps
+    numels, _, layouts = _store_of(config)
+    micro_batches = len(global_batches())
+    updates = micro_batches // config.grad_accum_steps
     got = torch.load(ranks_out / f"{name}-rank0.pt")
     if config.distributed.shard_optimizer_state:
-        padded = sum(-(-n // WORLD_SIZE) * WORLD_SIZE for n in numels)
-        # One more gather at the start: the ranks build their compute copies from the scattered masters.
-        assert got["bytes_reduced"] == 4 * padded * updates and got["bytes_gathered"] == 4 * padded * (updates + 1)
+        padded = sum(_padded(n) for n in numels)
+        assert got["bytes_reduced"] == 4 * padded * micro_batches
+        assert got["bytes_gathered"] == 4 * _gathered_per_step(layouts, config.resolved_plan.num_slots) * micro_batches
         assert got["bytes_broadcast"] == 4 * padded
     else:
         assert got["bytes_reduced"] == 4 * sum(numels) * updates and got["bytes_gathered"] == 0
         assert got["bytes_broadcast"] == 4 * sum(numels)
 
 
-def test_each_rank_holds_its_share_of_the_optimizer_state(ranks_out):
-    """Exact bytes of master, m and v per rank: 1/W of one process's, plus at most one page per unit and role."""
+def test_each_rank_holds_its_share_of_the_whole_store(ranks_out):
+    """Exact bytes per rank and role (ZeRO-3, fp32 compute): master, m, v and the gradient are each
+    Σ align(4·ceil(n/W)), 1/W of one process's plus at most one page per unit; the compute copy is the
+    master itself (no whole copy anywhere); nothing else is held."""
     numels, single = _unit_numels(CASES["no_clip"])
     page = 4096
+    shard = sum(-(-(4 * -(-n // WORLD_SIZE)) // page) * page for n in numels)
     for rank in range(WORLD_SIZE):
         by_role = torch.load(ranks_out / f"sharded_no_clip-rank{rank}.pt")["by_role"]
-        for role in ("master", "exp_avg", "exp_avg_sq"):
-            want = sum(-(-(4 * -(-n // WORLD_SIZE)) // page) * page for n in numels)
-            assert by_role[role] == want, role
+        assert by_role == {"master": shard, "exp_avg": shard, "exp_avg_sq": shard, "grad": shard, "compute": 0,
+                           "grad_accum": 0}
+        for role in ("master", "exp_avg", "exp_avg_sq", "grad"):
             assert abs(by_role[role] - single[role] / WORLD_SIZE) <= page * len(numels), role
+        assert sum(by_role.values()) <= sum(single.values()) / WORLD_SIZE + 4 * page * len(numels)
         replicated = torch.load(ranks_out / f"no_clip-rank{rank}.pt")["by_role"]
         assert replicated["master"] == single["master"]
 

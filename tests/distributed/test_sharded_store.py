@@ -41,7 +41,8 @@ def _aligned(nbytes: int) -> int:
 
 @pytest.mark.parametrize("source", ["rss", "rss_hf"])
 def test_each_rank_holds_a_share_of_the_state_and_never_the_whole_model(ranks, source):
-    """master, m and v per rank are exactly Σ align(4·ceil(n/W)) (total/W within a page per unit), and the
+    """Every role per rank is a shard: master, m, v and the fp32 gradient exactly Σ align(4·ceil(n/W)), the
+    bf16 compute copy Σ align(2·ceil(n/W)) (total/W within a page per unit), and the
     peak RSS while the trainer is built stays within the rank's own store: rank 1 never materialises
     the model; rank 0 holds one fp32 copy while it initialises and scatters ("rss"), none when every rank
     reads its slices of safetensors ("rss_hf")."""
@@ -50,9 +51,15 @@ def test_each_rank_holds_a_share_of_the_state_and_never_the_whole_model(ranks, s
     replicated = store_bytes_by_role([_Layout(n) for n in numels], torch.bfloat16)
     for rank, result in enumerate(ranks):
         by_role, growth = result[source]["by_role"], result[source]["growth_bytes"]
-        for role in ("master", "exp_avg", "exp_avg_sq"):
+        for role in ("master", "exp_avg", "exp_avg_sq", "grad"):  # fp32 shards (the gradient summed in fp32)
             assert by_role[role] == sum(_aligned(4 * -(-n // WORLD_SIZE)) for n in numels), role
+        assert by_role["compute"] == sum(_aligned(2 * -(-n // WORLD_SIZE)) for n in numels)  # the bf16 shard
+        assert by_role["grad_accum"] == 0
+        for role in ("master", "exp_avg", "exp_avg_sq", "compute"):
             assert abs(by_role[role] - replicated[role] / WORLD_SIZE) <= ALIGN_BYTES * len(numels), role
+        # ZeRO-3: the whole store is 1/W of one process's (whose bf16 gradient is half the fp32 shard's width).
+        assert sum(by_role.values()) <= (sum(replicated.values()) + replicated["grad"]) / WORLD_SIZE \
+            + 5 * ALIGN_BYTES * len(numels)
         store = sum(by_role.values())
         transient = 4 * total if rank == 0 and source == "rss" else 0  # rank 0's fp32 values before the scatter
         assert growth <= 1.05 * (store + transient) + (64 << 20), (rank, growth, store)
