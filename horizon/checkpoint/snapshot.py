@@ -161,8 +161,7 @@ class Snapshot:
         with self._cond:
             while self._state[unit] is not UnitState.STAGED:
                 if self.stop.is_set():
-                    raise RuntimeError("checkpoint aborted" + (f": the copier failed: {self.copier_error}"
-                                                               if self.copier_error else ""))
+                    raise self._aborted()
                 if time.monotonic() > deadline_s:
                     raise TimeoutError(f"checkpoint of step {self.step} timed out waiting for unit {unit}'s copy")
                 self._cond.wait(timeout=0.1)
@@ -171,8 +170,14 @@ class Snapshot:
         with self._cond:
             return self._state[unit] is UnitState.STAGED
 
+    def _aborted(self) -> RuntimeError:
+        why = f": the copier failed: {self.copier_error}" if self.copier_error else ""
+        return RuntimeError(f"checkpoint of step {self.step} aborted{why}")
+
     def mark_written(self, unit: int) -> None:
         with self._cond:
+            if self.stop.is_set():  # abort released the slot already (the writer finished a shard meanwhile)
+                raise self._aborted()
             self.ring.release(self._slot.pop(unit))
             self._state[unit] = UnitState.DONE
             self._cond.notify_all()
