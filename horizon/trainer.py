@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from horizon.auto_plan import plan_at_first_step
 from horizon.batch import check_batch, check_extras
 from horizon.callbacks import CallbackList
 from horizon.checkpoint.commit import committed_steps
@@ -36,6 +37,7 @@ from horizon.models.hf_weights import HFWeights
 from horizon.models.units import UnitKind, find_units
 from horizon.optim.adamw import decay_runs_by_name
 from horizon.optim.updater import Updater
+from horizon.state_dicts import master_state_dict, optimizer_state_dict
 from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore
 from horizon.store.layout import plan_layouts
@@ -153,9 +155,10 @@ class Trainer:
         self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
         self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
-        self._collectives = self.data_parallel if sharded else None  # ZeRO-3: the engine gathers and reduce-scatters
+        self.collectives = self.data_parallel if sharded else None
+        """ZeRO-3 (shard_optimizer_state under torchrun): what the engine gathers and reduce-scatters with."""
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,
-                             weights=self.weight_stream, grads=self.grad_ring, collectives=self._collectives)
+                             weights=self.weight_stream, grads=self.grad_ring, collectives=self.collectives)
         # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
         writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
         ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
@@ -187,11 +190,11 @@ class Trainer:
         """Labels that counted in the loss of every update so far (skipped ones included)."""
         self._micro = _MicroBatches()
         self.checkpoints = CheckpointSession(self, self.checkpointer)
-        self._device_base_bytes = 0
+        self.device_base_bytes = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             # What others held before this trainer existed is not its peak.
-            self._device_base_bytes = torch.cuda.memory_allocated(device)
+            self.device_base_bytes = torch.cuda.memory_allocated(device)
         if config.resume:
             self.resume()
 
@@ -206,7 +209,7 @@ class Trainer:
         if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
             num_valid = dp.global_count(num_valid)
         if self.config.plan == "auto" and self.plan_solution is None:
-            self._plan_auto(input_ids, labels, extras)
+            plan_at_first_step(self, input_ids, labels, extras)
         start_s = time.perf_counter()
         cfg, micro = self.config, self._micro
         first, last = micro.count == 0, micro.count == cfg.grad_accum_steps - 1
@@ -250,37 +253,6 @@ class Trainer:
         Each unit's pending update is waited for before its weights are read; dropout is off.
         Under torchrun every rank passes its own batches and gets the loss over all of them."""
         return evaluate(self, batches)
-
-    def _plan_auto(self, input_ids: torch.Tensor, labels: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
-        """Measure the units at this batch shape, calibrate on two forward-backward passes of the starting
-        all-RECOMPUTE engine (the first a warm-up; gradients are overwritten by the step that follows, the
-        RNG is left as it was), solve the plan, and rebuild the engine to execute it."""
-        from horizon.planner.apply import auto_plan
-
-        batch = [t.to(self.device) for t in (input_ids, labels)]
-        extras = {k: v.to(self.device) for k, v in extras.items()}
-
-        def recompute_step_s() -> float:
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                for _ in range(2):
-                    start_s = time.perf_counter()
-                    self.engine.forward_backward(*batch, max(1, int((labels != -100).sum())), extras=extras)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-            return time.perf_counter() - start_s
-
-        specs = self.engine.specs
-        plan, self.plan_profile, self.plan_solution = auto_plan(
-            specs, self.store, device=self.device, transfer=self.transfer, batch_size=input_ids.shape[0],
-            seq_len=input_ids.shape[1], budget_bytes=self.config.device_memory_budget_bytes,
-            recompute_step_s=recompute_step_s)
-        self.engine.close()
-        self.engine = Engine(specs, self.store, plan=plan, device=self.device, transfer=self.transfer,
-                             collectives=self._collectives)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._device_base_bytes = torch.cuda.memory_allocated(self.device)
 
     def _end_update(self, lr: float, tokens: int, device_norm: torch.Tensor | None) -> tuple[float | None, bool]:
         """After the last micro-batch: the deferred schedule's check, clip and updates; (norm, skipped)."""
@@ -340,17 +312,7 @@ class Trainer:
         Waits for the updates still running, so the weights are those after ``global_step`` steps.
         """
         self.updater.wait_all()
-        state = self.model.state_dict()
-        if self.ssd is not None:
-            keys: dict[int, list[str]] = {}
-            for name, p in self.model.named_parameters(remove_duplicate=False):
-                keys.setdefault(id(p), []).append(name)
-            by_unit = [{local: keys.get(id(p), []) for local, p in params.items()}
-                       for params in self.store.parameters]
-            self.ssd.put_masters(state, self.store, by_unit)
-        if isinstance(self.data_parallel, ShardedDataParallel):
-            self.data_parallel.put_masters(state, self.store, self.model)
-        return state
+        return master_state_dict(self)
 
     def export_hf(self, out: str, **kwargs) -> list[str]:
         """``horizon.checkpoint.export.export_hf(self, out, ...)``: a directory ``from_pretrained`` loads."""
@@ -363,25 +325,13 @@ class Trainer:
         from SSD for the units there; with DistributedConfig(shard_optimizer_state=True), gathered copies:
         a collective, call it on every rank)."""
         self.updater.wait_all()
-        whole = self.data_parallel.whole if self.data_parallel else lambda unit, flat: flat
-        state = {}
-        for index, (unit, step, names) in enumerate(zip(self.store.units, self.updater.steps, self.param_names())):
-            if index in self.store.ssd_units:
-                state_of = self.ssd.read_state(index)
-                m, v = unit.views(state_of["exp_avg"]), unit.views(state_of["exp_avg_sq"])
-            else:
-                m, v = unit.views(whole(unit, unit.exp_avg)), unit.views(whole(unit, unit.exp_avg_sq))
-            for slot, name in zip(unit.layout.own, names, strict=True):
-                state[name] = {"step": step.clone(), "exp_avg": m[slot.local_name], "exp_avg_sq": v[slot.local_name]}
-        opt = self.config.optimizer
-        return {"state": state, "param_groups": [{"lr": opt.lr, "betas": opt.betas, "eps": opt.eps,
-                                                  "weight_decay": opt.weight_decay}]}
+        return optimizer_state_dict(self)
 
     def memory(self) -> MemoryReport:
         by_role = dict(self.store.bytes_by_role)
         by_role["activations"] = self.engine.host_activations.nbytes
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) - self._device_base_bytes
+            peak = torch.cuda.max_memory_allocated(self.device) - self.device_base_bytes
         else:
             peak = self.engine.ledger.peak_bytes
         if self.ssd is not None:
