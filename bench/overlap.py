@@ -5,7 +5,8 @@ unit (a sleep, so the measurement does not depend on how fast this CPU multiplie
 parameters (a flat weight of --block-params elements per block, so the update, the gradient
 copy and the weight copy move real bytes), on the CPU engine with the transfer thread throttled
 to a PCIe-like bandwidth. The stand-in compute per unit is set to --compute-ratio × the measured
-time of one unit's AdamW update. For each schedule (eager: updates start as gradients land;
+time of one unit's AdamW update as that schedule runs it: with its thread count, and round-robin
+over the blocks' buffers so the state comes from DRAM as in a step. For each schedule (eager: updates start as gradients land;
 deferred: clipping, updates run in forward order under the next forward) the bench alternates
 rounds of the real optimizer and a no-op one and reports the median seconds per step and their
 ratio, ``exposed_slowdown`` (goal ≤ 1.05 when the compute per unit is at least the update time).
@@ -14,7 +15,6 @@ ratio, ``exposed_slowdown`` (goal ≤ 1.05 when the compute per unit is at least
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 import horizon
 import horizon.optim.updater as updater_module
+from horizon.optim.adamw import optimizer_threads, overlap_threads
 from _common import CpuMeter, median, result_record, write_json
 
 
@@ -63,25 +64,29 @@ class Chain(nn.Module):
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
 
-def update_time_s(numel: int, repeats: int = 7) -> float:
-    """Median seconds of one unit's AdamW update on ``numel`` params: the kernel the updater runs,
-    with the threads it runs it with."""
-    from horizon.optim.adamw import AdamW, adamw_unit_step, overlap_threads
+def update_time_s(numel: int, *, units: int, num_threads: int, rounds: int = 3) -> float:
+    """Median seconds of one unit's AdamW update as a step meets it: the kernel the updater runs, with
+    ``num_threads``, round-robin over ``units`` units' buffers, so each update reads its state from DRAM
+    as in a step (one unit's 16 B/param would stay in this machine's L3 if timed over and over)."""
+    from horizon.optim.adamw import AdamW, adamw_unit_step
     from horizon.store.host_store import UnitBuffers
     from horizon.store.layout import ParamSlot, UnitLayout
 
     layout = UnitLayout(name="u", own=(ParamSlot(local_name="w", offset=0, shape=torch.Size([numel])),), borrowed=())
-    buffers = UnitBuffers(layout=layout, master=torch.randn(numel), exp_avg=torch.zeros(numel),
-                          exp_avg_sq=torch.zeros(numel), grad=torch.randn(numel), compute=torch.empty(0))
-    buffers.compute = buffers.master
+    all_buffers = []
+    for _ in range(units):
+        master = torch.randn(numel)
+        all_buffers.append(UnitBuffers(layout=layout, master=master, exp_avg=torch.zeros(numel),
+                                       exp_avg_sq=torch.zeros(numel), grad=torch.randn(numel), compute=master))
     step, times = torch.zeros(()), []
-    for _ in range(repeats):
+    for _ in range(rounds):
         step += 1
-        start = time.perf_counter()
-        adamw_unit_step(buffers, step, AdamW(), lr=1e-3, grad=buffers.grad, grad_scale=None,
-                        decay_runs=[(0, numel, 0.01)], num_threads=overlap_threads())
-        times.append(time.perf_counter() - start)
-    return median(times[1:])
+        for buffers in all_buffers:
+            start = time.perf_counter()
+            adamw_unit_step(buffers, step, AdamW(), lr=1e-3, grad=buffers.grad, grad_scale=None,
+                            decay_runs=[(0, numel, 0.01)], num_threads=num_threads)
+            times.append(time.perf_counter() - start)
+    return median(times[units:])  # the first round is a warm-up
 
 
 def _noop_step(*args, **kwargs) -> None:
@@ -135,14 +140,20 @@ def main() -> None:
                    help="also trace one more round per configuration and write its spans here (JSON)")
     args = p.parse_args()
 
-    update_s = update_time_s(args.block_params)
-    compute_s = args.compute_ratio * update_s
-    torch.manual_seed(0)
-    model = Chain(vocab=256, dim=64, layers=args.layers, numel=args.block_params, compute_s=compute_s)
-    batch = {"input_ids": torch.randint(0, 256, (1, 16)), "labels": torch.randint(0, 256, (1, 16))}
+    # Each schedule's stand-in compute is compute_ratio x the update time its own updates take: eager
+    # updates leave a core to the compute (overlap_threads), deferred ones use every core.
     schedules = {"eager": dict(on_nonfinite="ignore"), "deferred": dict(grad_clip_norm=1.0)}
-    trainers = {name: horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(
-        plan="recompute", cpu_link_bytes_per_s=args.link_gb_s * 1e9, **kw)) for name, kw in schedules.items()}
+    threads = {"eager": overlap_threads(), "deferred": optimizer_threads()}
+    update_s = {name: update_time_s(args.block_params, units=args.layers, num_threads=threads[name])
+                for name in schedules}
+    compute_s = {name: args.compute_ratio * update_s[name] for name in schedules}
+    batch = {"input_ids": torch.randint(0, 256, (1, 16)), "labels": torch.randint(0, 256, (1, 16))}
+    trainers = {}
+    for name, kw in schedules.items():
+        torch.manual_seed(0)
+        model = Chain(vocab=256, dim=64, layers=args.layers, numel=args.block_params, compute_s=compute_s[name])
+        trainers[name] = horizon.Trainer(model, horizon.TrainConfig(
+            plan="recompute", cpu_link_bytes_per_s=args.link_gb_s * 1e9, **kw))
     samples = {f"{name}_{mode}": [] for name in schedules for mode in ("adamw", "noop")}
     meter = CpuMeter().start()
     for name, trainer in trainers.items():  # warm-up, not recorded
@@ -160,13 +171,16 @@ def main() -> None:
     slowdowns = {name: results[f"{name}_adamw"] / results[f"{name}_noop"] for name in schedules}
     for key, value in results.items():
         print(f"{key:16s} {value * 1e3:8.1f} ms/step")
-    print(f"update per unit {update_s * 1e3:.1f} ms, stand-in compute per unit {compute_s * 1e3:.1f} ms")
+    for name in schedules:
+        print(f"{name}: update per unit {update_s[name] * 1e3:.1f} ms ({threads[name]} threads), "
+              f"stand-in compute per unit {compute_s[name] * 1e3:.1f} ms")
     print("exposed slowdown: " + ", ".join(f"{k} {v:.3f}" for k, v in slowdowns.items()))
     record = result_record(
         "overlap", unit="s/step", higher_is_better=False, results={**results, "limit": None},
         ratios={"exposed_slowdown": max(slowdowns.values()), **{f"exposed_slowdown_{k}": v for k, v in slowdowns.items()}},
         goals={"exposed_slowdown": 1.05}, samples=samples, noise=noise, busy_ms_per_step=busy_ms,
-        config={**vars(args), "update_s": update_s, "compute_s_per_unit": compute_s})
+        config={**vars(args), "update_s": update_s, "update_threads": threads,
+                "compute_s_per_unit": compute_s})
     print(f"wrote {write_json(args.out, record)}")
 
 
