@@ -1,6 +1,7 @@
 """``horizon.estimate``: predicted bytes equal what the runtime allocates and accounts."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -109,13 +110,15 @@ RSS_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("dim,ffn", [(512, 1376), (768, 2048), (1024, 2816)])
 def test_predicted_ram_is_within_five_percent_of_the_measured_rss_growth(dim, ffn):
-    """Two fresh processes, the smaller growth counts: what the allocator keeps from a transient only adds
-    to RSS, and which thread's malloc arena a temporary lands in varies from run to run (one CI run of
-    the smallest model measured 11% more than the runs before and after it)."""
+    """Two fresh processes with a clean environment (nothing the test session set), the smaller growth
+    counts: what the allocator keeps from a transient only adds to RSS. Inside some full-suite runs the
+    smallest model measured 35-50 MB (7-11%) more than the same child run alone, where it is within 2%;
+    the cause was not found (docs/estimate.md)."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG") if k in os.environ}
     runs = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(dim), str(ffn)], capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, env=env)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     r = min(runs, key=lambda run: run["growth"])
     assert abs(r["predicted"] - r["growth"]) <= 0.05 * r["growth"], runs
