@@ -41,11 +41,10 @@ class RankGroup:
         """The shared in-flight directory of the next checkpoint (created by whichever rank comes first)."""
         self._taken += 1
         path = os.path.join(root, f"{INFLIGHT_PREFIX}{self.token}-{self._taken:06d}")
-        if not os.path.isdir(path):
-            try:
-                disk.mkdir(path)
-            except FileExistsError:  # another rank made it first
-                pass
+        try:
+            disk.mkdir(path)
+        except FileExistsError:  # another rank made it first
+            pass
         return path
 
     def agree(self, written: dict | None, error: str | None) -> tuple[list[dict], str | None]:
