@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -57,7 +58,9 @@ constexpr std::int64_t kPrefetchL1 = 512;
 constexpr std::int64_t kPrefetchL2 = 2048;
 // Each thread gets at least this many elements (starting a thread costs tens of microseconds).
 constexpr std::int64_t kMinPerThread = std::int64_t(1) << 16;
-constexpr std::int64_t kChunkAlign = 64;
+// The unit of work a thread takes at a time: 128 KiB of each fp32 stream, ~40 us on one core. A
+// multiple of 64 elements, so every block but the last is whole 32-element steps on whole lines.
+constexpr std::int64_t kBlock = std::int64_t(1) << 15;
 
 // The fp32 constants torch's kernel broadcasts, computed as it computes them (in double, then cast).
 struct Consts {
@@ -342,7 +345,7 @@ RangeFn pick_range(int isa, int mode) {
 
 // The memory mode to run: the requested one (auto: everything from kLargeNumel on), less the
 // non-temporal stores where the bf16 copy is not 64-byte aligned (with it aligned, every 32-element
-// step writes one whole aligned line, as chunks start at multiples of 64 elements).
+// step writes one whole aligned line, as blocks start at multiples of kBlock elements).
 int memory_mode(const AdamWBuffers& b, int requested) {
   int mode = requested == kModeAuto ? (b.numel >= kLargeNumel ? kModeNtOut | kModePrefetch : 0) : requested;
   if (!b.compute || (reinterpret_cast<std::uintptr_t>(b.compute) & 63) != 0) mode &= ~kModeNtOut;
@@ -377,28 +380,32 @@ void fused_adamw_mode(const AdamWBuffers& buf, const AdamWHyper& hp, int num_thr
   if (isa == kIsaAuto) isa = best_isa();
   const RangeFn range = pick_range(isa, memory_mode(buf, mode));
 
-  std::int64_t threads = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, n / kMinPerThread));
-  std::int64_t per = (n + threads - 1) / threads;
-  per = (per + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
-  threads = (n + per - 1) / per;
+  const std::int64_t threads = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, n / kMinPerThread));
   if (threads <= 1) {
     range(buf, k, 0, n);
     return;
   }
+  // Threads take kBlock-element blocks in order from a shared counter, not fixed shares: a thread the
+  // scheduler takes off its core (the engine's copy thread wants it) just takes fewer blocks, and the
+  // update ends when the work is done, not when its slowest fixed share is.
+  const std::int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::atomic<std::int64_t> next{0};
+  auto work = [&] {
+    for (std::int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < blocks;
+         b = next.fetch_add(1, std::memory_order_relaxed)) {
+      range(buf, k, b * kBlock, std::min(n, b * kBlock + kBlock));
+    }
+  };
   std::vector<std::thread> workers;
   workers.reserve(std::size_t(threads - 1));
-  std::int64_t done_inline_from = threads;  // chunks no thread could be started for run here
   for (std::int64_t t = 1; t < threads; ++t) {
-    const std::int64_t lo = t * per, hi = std::min(n, lo + per);
     try {
-      workers.emplace_back(range, std::cref(buf), std::cref(k), lo, hi);
+      workers.emplace_back(work);
     } catch (const std::exception&) {
-      done_inline_from = t;
-      break;
+      break;  // the threads started, and this one, take every block
     }
   }
-  range(buf, k, 0, std::min(n, per));
-  for (std::int64_t t = done_inline_from; t < threads; ++t) range(buf, k, t * per, std::min(n, t * per + per));
+  work();
   for (auto& w : workers) w.join();
 }
 

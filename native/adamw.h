@@ -44,7 +44,7 @@ int best_isa();
 bool isa_supported(int isa);
 
 // Runs the update over [0, numel) on `num_threads` threads (1 = inline on the caller's thread),
-// in contiguous chunks whose boundaries are multiples of 64 elements. Results do not depend on
+// which take blocks of 32768 elements from a shared counter. Results do not depend on
 // the thread count or the path. `isa` must be kIsaAuto or a supported path.
 void fused_adamw(const AdamWBuffers& buf, const AdamWHyper& hp, int num_threads, int isa);
 
