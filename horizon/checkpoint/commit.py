@@ -1,7 +1,7 @@
 """The directory protocol: in-flight directory, durable commit by rename, retention, leftovers.
 
 Why a rename: a checkpoint is visible only as ``step-<N>``, and that name appears in one atomic
-``rename`` of a directory whose every file, the manifest last, was already fsynced, followed by
+``rename`` of a directory whose every file, the manifest included, was already fsynced, followed by
 an fsync of the root. A crash before the rename leaves an ``.inflight.*`` directory the loader
 ignores and the next start deletes; a crash after it leaves a complete checkpoint. Retention
 runs only after a durable commit, never touches the newest, and deletes by renaming into
@@ -20,7 +20,7 @@ import uuid
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import MANIFEST
 
-__all__ = ["step_dir_name", "new_inflight_dir", "commit", "committed_steps", "retain", "clean_leftovers",
+__all__ = ["step_dir_name", "new_inflight_dir", "write_manifest", "publish", "commit", "committed_steps", "retain", "clean_leftovers",
            "quarantine", "abandon"]
 
 log = logging.getLogger("horizon.checkpoint")
@@ -39,8 +39,8 @@ def new_inflight_dir(root: str, step: int, disk: Disk) -> str:
     return path
 
 
-def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> str:
-    """Write the manifest last, make everything durable, rename into place; the committed path."""
+def write_manifest(inflight: str, manifest: dict, disk: Disk) -> None:
+    """Write ``manifest.json`` into the in-flight directory and fsync it (any time before ``publish``)."""
     fd = disk.open_new(os.path.join(inflight, MANIFEST))
     try:
         disk.write(fd, memoryview(json.dumps(manifest, indent=1).encode()), 0)
@@ -48,6 +48,11 @@ def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> s
     finally:
         os.close(fd)
     disk.at("manifest_written")
+
+
+def publish(inflight: str, root: str, step: int, disk: Disk) -> str:
+    """Once every file in ``inflight`` (the manifest included) is fsynced: make its entries durable, rename
+    it into place and fsync the root; the committed path."""
     disk.fsync_dir(inflight)
     final = os.path.join(root, step_dir_name(step))
     disk.at("before_rename")
@@ -56,6 +61,12 @@ def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> s
     disk.fsync_dir(root)
     disk.at("committed")
     return final
+
+
+def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> str:
+    """Write the manifest, make everything durable, rename into place; the committed path."""
+    write_manifest(inflight, manifest, disk)
+    return publish(inflight, root, step, disk)
 
 
 def committed_steps(root: str) -> list[int]:

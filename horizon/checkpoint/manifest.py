@@ -1,4 +1,5 @@
-"""``manifest.json``: what a committed checkpoint holds, written last so its presence means complete.
+"""``manifest.json``: what a committed checkpoint holds. Its directory is renamed into place only once
+it and every file it lists are fsynced, so a manifest under ``step-<N>`` means complete.
 
 Why JSON: it is read by people (``horizon checkpoint list``) and by the loader before any tensor
 is touched, and it must never need pickle. It lists every file with its size and every tensor

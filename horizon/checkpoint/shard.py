@@ -16,7 +16,7 @@ import json
 import os
 import struct
 import time
-
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -28,12 +28,16 @@ from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.staging import aligned_empty
 from horizon.store.layout import ALIGN_BYTES
 
-__all__ = ["TensorRecord", "PendingShard", "start_shard", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES", "QUEUE_DEPTH"]
+__all__ = ["TensorRecord", "PendingShard", "start_shard", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES",
+           "QUEUE_DEPTH", "MIN_WRITE_BYTES"]
 
 WRITE_CHUNK_BYTES = 16 << 20
 """Bytes per write request: large enough for the device, small enough to spread over the queue."""
 QUEUE_DEPTH = 4
 """Writes in flight at once (threads in the writer's pool); a single synchronous stream leaves an SSD idle."""
+MIN_WRITE_BYTES = 4 << 20
+"""While a unit is still being copied into its slot, its shard's writes are queued as soon as this many more
+bytes are copied (then up to ``WRITE_CHUNK_BYTES`` per request once the copy is done)."""
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
            torch.uint8: "U8"}
@@ -101,16 +105,25 @@ class PendingShard:
         self._fd, self._padded, self._disk = fd, padded, disk
         self._header_buf = header_buf  # kept alive until its write is done
         self._pending: list[Future] = []
+        self.crc_s = self.io_wait_s = self.fsync_s = 0.0
+        """Seconds computing CRCs (``start_shard``), waiting for the writes and in the fsync (``finish``)."""
 
-    def finish(self) -> tuple[int, list[TensorRecord]]:
-        """Wait for every write, truncate the page padding, fsync, close; (file bytes, records)."""
+    def finish(self, written: Callable[[], None] | None = None) -> tuple[int, list[TensorRecord]]:
+        """Wait for every write, truncate the page padding, call ``written`` (the source buffer is free from
+        here: O_DIRECT writes have left it), fsync, close; (file bytes, records)."""
         try:
+            start = time.perf_counter()
             for future in self._pending:
                 future.result()
+            self.io_wait_s = time.perf_counter() - start
             if self._padded:
                 self._disk.truncate(self._fd, self.nbytes)
             self._disk.at("shard_written")
+            if written is not None:
+                written()
+            start = time.perf_counter()
             self._disk.fsync(self._fd)
+            self.fsync_s = time.perf_counter() - start
             self._disk.at("shard_synced")
         finally:
             self.close()
@@ -127,17 +140,20 @@ class PendingShard:
 
 
 def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],
-                disk: Disk, writers: ThreadPoolExecutor, deadline_s: float) -> PendingShard:
+                disk: Disk, writers: ThreadPoolExecutor, deadline_s: float,
+                staged: Callable[[int], int] | None = None) -> PendingShard:
     """Create ``path`` and queue the writes of ``tensors``; returns once every tensor's CRC-32 is known.
 
     The tensors are views lying back to back from the start of ``buffer`` (a staging slot: uint8,
     page-aligned, a whole number of pages), which must stay unchanged until ``finish`` returns. The
-    header and the buffer go to disk as page-aligned O_DIRECT writes of ``WRITE_CHUNK_BYTES`` on the
-    ``writers`` threads (the last page padded; ``finish`` cuts the file to size) while this thread
-    computes each tensor's CRC-32 from the same bytes. Raises ``TimeoutError`` once
-    ``time.monotonic()`` passes ``deadline_s`` (checked between tensors).
+    header and the buffer go to disk as page-aligned O_DIRECT writes of up to ``WRITE_CHUNK_BYTES`` on
+    the ``writers`` threads (the last page padded; ``finish`` cuts the file to size) while this thread
+    computes each tensor's CRC-32 from the same bytes. ``staged(n)``, when given, blocks until at least
+    the first ``n`` bytes of ``buffer`` hold their final contents and returns how many do (a copy into
+    the slot still running; all of ``buffer`` once it is complete): writes are queued and CRCs taken as
+    the copy advances, ``MIN_WRITE_BYTES`` or more at a time, and this returns after the copy is complete. Raises ``TimeoutError`` once ``time.monotonic()`` passes ``deadline_s``
+    (checked between tensors).
     """
-    file = os.path.basename(path)
     data_bytes = _data_bytes(tensors, buffer)
     padded = -(-data_bytes // ALIGN_BYTES) * ALIGN_BYTES
     assert buffer.data_ptr() % ALIGN_BYTES == 0 and buffer.numel() >= padded
@@ -149,17 +165,39 @@ def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: t
                          header_buf=header_buf, disk=disk)
     try:
         shard._pending += _submit_writes(fd, memoryview(header_buf.numpy()), 0, disk=disk, writers=writers)
-        shard._pending += _submit_writes(fd, memoryview(buffer[:padded].numpy()), len(header), disk=disk,
-                                         writers=writers)
-        for name, t in tensors:
-            if time.monotonic() > deadline_s:
-                raise TimeoutError(f"checkpoint timed out while writing {file}")
-            shard.records.append(TensorRecord(name=name, file=file, dtype=_DTYPES[t.dtype], shape=tuple(t.shape),
-                                              nbytes=t.numel() * t.element_size(), crc32=crc32_of(t)))
+        data, queued = memoryview(buffer[:padded].numpy()), 0
+        while queued < padded:
+            want = min(data_bytes, queued + MIN_WRITE_BYTES)
+            ready = data_bytes if staged is None else min(data_bytes, staged(want))
+            end = padded if ready == data_bytes else ready - ready % ALIGN_BYTES
+            shard._pending += _submit_writes(fd, data[queued:end], len(header) + queued, disk=disk, writers=writers)
+            queued = end
+            _checksum(shard, tensors, ready_bytes=ready, deadline_s=deadline_s)
+        if staged is not None:
+            staged(buffer.numel())  # the copy is complete (already known unless the tensors hold no bytes)
+        _checksum(shard, tensors, ready_bytes=data_bytes, deadline_s=deadline_s)  # empty tensors, if any
     except BaseException:
         shard.close()
         raise
     return shard
+
+
+def _checksum(shard: PendingShard, tensors: list[tuple[str, torch.Tensor]], *, ready_bytes: int,
+              deadline_s: float) -> None:
+    """Append the records (CRC-32 included) of the next tensors that lie within the first ``ready_bytes``."""
+    file, end = os.path.basename(shard.path), sum(r.nbytes for r in shard.records)
+    for name, t in tensors[len(shard.records):]:
+        nbytes = t.numel() * t.element_size()
+        if end + nbytes > ready_bytes:
+            return
+        if time.monotonic() > deadline_s:
+            raise TimeoutError(f"checkpoint timed out while writing {file}")
+        start = time.perf_counter()
+        crc = crc32_of(t)
+        shard.crc_s += time.perf_counter() - start
+        shard.records.append(TensorRecord(name=name, file=file, dtype=_DTYPES[t.dtype], shape=tuple(t.shape),
+                                          nbytes=nbytes, crc32=crc))
+        end += nbytes
 
 
 def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],

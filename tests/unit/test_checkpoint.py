@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -88,9 +89,19 @@ def test_resume_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, eager):
     assert states_equal(final, states[6])
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["deferred", "eager"])
-def test_snapshot_is_version_s_while_training_mutates_the_state(tmp_path, eager):
+def _page_pieces(monkeypatch) -> None:
+    """Copy units a page at a time and queue writes a page at a time: this model's units of a few KB are
+    then streamed to disk piece by piece while their copy runs."""
+    monkeypatch.setattr(horizon.checkpoint.snapshot, "COPY_PIECE_BYTES", 4096)
+    monkeypatch.setattr(horizon.checkpoint.shard, "MIN_WRITE_BYTES", 4096)
+
+
+@pytest.mark.parametrize("eager, pieces", [(False, False), (True, False), (False, True)],
+                         ids=["deferred", "eager", "deferred-page-pieces"])
+def test_snapshot_is_version_s_while_training_mutates_the_state(tmp_path, monkeypatch, eager, pieces):
     """A slow writer and a one-unit staging ring force the copy-on-write path while later steps run."""
+    if pieces:
+        _page_pieces(monkeypatch)
     _, states = reference_states(6, eager=eager)
     slot = horizon.checkpoint.manager.staging_plan(horizon.CheckpointConfig(dir=tmp_path),
                                                    [u.layout for u in _store_of(eager)])[0]
@@ -100,20 +111,22 @@ def test_snapshot_is_version_s_while_training_mutates_the_state(tmp_path, eager)
         for b in batches[:2]:
             trainer.step(b)
         trainer.save()
+        flight, mutating_unix_s = trainer.checkpointer._flight, time.time()
         for b in batches[2:]:
             trainer.step(b)  # steps 3..6 update every unit while step 2 is being written
         assert trainer.checkpointer.ring.peak_in_use == 1
-        flight = trainer.checkpointer._flight
-        blocked_s = flight.snapshot.blocked_s  # still in flight: the writer is far slower than the steps
-        assert not flight.done.is_set()
         path = trainer.save(wait=True)
         assert trainer.checkpointer.wait().error is None
-    assert blocked_s > 0  # the optimizer did wait at the barrier (one slot, slow disk)
+    assert flight.error is None and flight.requested_unix_s + flight.durable_s > mutating_unix_s  # overlapped
+    assert flight.snapshot.blocked_s > 0  # the optimizer did wait at the barrier (one slot, slow disk)
     assert states_equal(checkpoint_state(os.path.join(tmp_path, step_dir_name(2))), states[2])
     assert states_equal(checkpoint_state(path), states[6])
 
 
-def test_negative_control_without_the_barrier_the_snapshot_is_torn(tmp_path):
+@pytest.mark.parametrize("pieces", [False, True], ids=["units", "page-pieces"])
+def test_negative_control_without_the_barrier_the_snapshot_is_torn(tmp_path, monkeypatch, pieces):
+    if pieces:
+        _page_pieces(monkeypatch)
     _, states = reference_states(5)
     slot = horizon.checkpoint.manager.staging_plan(horizon.CheckpointConfig(dir=tmp_path),
                                                    [u.layout for u in _store_of(False)])[0]

@@ -1,7 +1,7 @@
-"""The copier yields to the optimizer only while the writer has a staged unit to write: with slow
-updates and a slow disk it waits while they run (and the optimizer copies the units it reaches first
-itself); with nothing staged it copies even while the optimizer runs, so the disk never idles for
-the yield. Either way the snapshot is exactly version S."""
+"""The copier yields to the optimizer only while the writer has enough staged to write
+(``YIELD_BACKLOG_BYTES``): with slow updates and a slow disk it waits while they run (and the optimizer
+copies the units it reaches first itself); with too little staged it copies even while the optimizer
+runs, so the disk never idles for the yield. Either way the snapshot is exactly version S."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import pytest
 
 import horizon
+from horizon.checkpoint import snapshot
 from horizon.checkpoint.commit import step_dir_name
 from ckpt_helpers import SlowDisk, checkpoint_state, config, data, model, reference_states, states_equal
 
@@ -19,12 +20,17 @@ def states():
     return reference_states(4)[1]
 
 
-@pytest.mark.parametrize("yields", [True, False], ids=["yield", "control"])
-def test_copier_waits_while_the_optimizer_runs_and_the_writer_is_busy(tmp_path, states, yields):
+@pytest.mark.parametrize("case", ["yield", "control", "small_backlog"])
+def test_copier_waits_while_the_optimizer_runs_and_the_writer_is_busy(tmp_path, states, case, monkeypatch):
+    """``small_backlog``: the default YIELD_BACKLOG_BYTES (16 MiB) against this model's units of a few KB:
+    what is staged would keep the disk busy for far less than an update, so the copier never waits."""
+    yields = case == "yield"
+    if case != "small_backlog":
+        monkeypatch.setattr(snapshot, "YIELD_BACKLOG_BYTES", 1)
     ckpt = horizon.CheckpointConfig(dir=tmp_path, final_save=False)
     with horizon.Trainer(model(), config(ckpt), optimizer_delay_s=lambda: 0.03,
                          checkpoint_disk=SlowDisk(0.05)) as trainer:
-        if not yields:
+        if case == "control":
             trainer.checkpointer.optimizer_busy = None
         batches = data(4)
         for b in batches[:2]:
