@@ -1,12 +1,13 @@
-"""Invariant 3: host memory is the theoretical footprint (peak RSS, measured in a fresh process)."""
+"""Invariant 3: host memory is the theoretical footprint (peak anonymous RSS, measured in a fresh process)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import json, resource, psutil, torch
+    import json, torch
     import horizon
     from horizon.models import Decoder, decoder_config
     from horizon.models.decoder import Block
@@ -16,7 +17,10 @@ SCRIPT = textwrap.dedent("""
     block = Block(cfg)
     block(torch.randn(2, 32, cfg.dim, requires_grad=True)).sum().backward()
     del block
-    baseline = psutil.Process().memory_info().rss
+    def status_bytes(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    baseline = status_bytes("RssAnon")
     torch.manual_seed(0)
     model = Decoder(cfg)
     params = sum(p.numel() for p in model.parameters())
@@ -24,7 +28,10 @@ SCRIPT = textwrap.dedent("""
     x = torch.randint(0, 256, (2, 32))
     for _ in range(3):
         trainer.step({"input_ids": x, "labels": x})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Anonymous memory only: the peak RSS less the file-backed pages mapped now (library code the kernel
+    # may evict under the suite's page-cache pressure and fault back in during the steps; in one full-suite
+    # run that total-RSS growth was 137 MB over the footprint, while the same child alone was within it).
+    peak = status_bytes("VmHWM") - status_bytes("RssFile") - status_bytes("RssShmem")
     mem = trainer.memory()
     print(json.dumps({"params": params, "growth": peak - baseline, "host": mem.host_bytes,
                       "device": mem.device_peak_bytes, "by_role": mem.host_bytes_by_role}))
@@ -32,7 +39,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_peak_rss_growth_is_within_ten_percent_of_the_footprint():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG") if k in os.environ}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # 16 B/param on CPU: master (= compute copy), m, v, grad; the CPU "device" slots live in RAM too
     assert r["by_role"]["master"] >= 4 * r["params"] and r["by_role"]["compute"] == 0
