@@ -86,6 +86,20 @@ class SlowDisk(Disk):
             super().write(fd, data, offset)
 
 
+class GatedDisk(Disk):
+    """Every write waits until ``open_gate()``: nothing staged leaves staging before then."""
+
+    def __init__(self) -> None:
+        self._gate = threading.Event()
+
+    def open_gate(self) -> None:
+        self._gate.set()
+
+    def write(self, fd, data, offset):
+        self._gate.wait()
+        super().write(fd, data, offset)
+
+
 class FullDisk(Disk):
     """Writes fail with ENOSPC while ``full`` is true."""
 
