@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dp_cases import BF16, CASES, OPT, global_batches
+from dp_cases import BF16, CASES, OPT, WEIGHT_RTOL, global_batches
 from helpers import horizon_run, rel_err, tiny_decoder
 from horizon.store.host_store import store_bytes_by_role
 from horizon.store.layout import ALIGN_BYTES
@@ -111,7 +111,7 @@ def _one_process(model, config) -> tuple[list[float], dict]:
 def _same_run(got: dict, want_losses: list[float], want_state: dict) -> None:
     assert all(abs(g - w) <= 1e-6 * abs(w) for g, w in zip(got["losses"], want_losses, strict=True))
     for key, want in want_state.items():
-        assert rel_err(got["state"][key], want) <= 1e-6, key
+        assert rel_err(got["state"][key], want) <= WEIGHT_RTOL, key
 
 
 def test_a_meta_model_initialised_on_rank0_and_scattered_trains_as_one_process(ranks):
