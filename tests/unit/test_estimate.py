@@ -1,7 +1,6 @@
 """``horizon.estimate``: predicted bytes equal what the runtime allocates and accounts."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import horizon
+from anon_rss import child_env
 from helpers import batches, horizon_run, tiny_decoder
 from horizon.engine.plan import ActivationPolicy
 from horizon.estimate import estimate_memory
@@ -98,18 +98,15 @@ RSS_SCRIPT = textwrap.dedent("""
         model = Decoder(cfg)
     config = horizon.TrainConfig(plan="recompute", grad_clip_norm=1.0)
     estimate = estimate_memory(model, config, batch_size=B, seq_len=T)
-    def status_bytes(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    baseline = status_bytes("RssAnon")
-    trainer = horizon.Trainer(model, config)
-    x = torch.randint(0, 256, (B, T))
-    for _ in range(2):
-        trainer.step({"input_ids": x, "labels": x})
-    # Anonymous memory only: the peak RSS less the file-backed pages mapped now (library code, which the
-    # kernel may evict under memory pressure before the baseline and fault back in during the step).
-    peak = status_bytes("VmHWM") - status_bytes("RssFile") - status_bytes("RssShmem")
-    print(json.dumps({"growth": peak - baseline, "predicted": estimate.ram_bytes_on_cpu}))
+    # Anonymous memory only (anon_rss.py says why): library pages faulted back in are no part of the estimate.
+    from anon_rss import AnonPeak
+    with AnonPeak() as sampled:
+        baseline = sampled.peak
+        trainer = horizon.Trainer(model, config)
+        x = torch.randint(0, 256, (B, T))
+        for _ in range(2):
+            trainer.step({"input_ids": x, "labels": x})
+    print(json.dumps({"growth": sampled.peak - baseline, "predicted": estimate.ram_bytes_on_cpu}))
 """)
 
 
@@ -120,7 +117,7 @@ def test_predicted_ram_is_within_five_percent_of_the_measured_rss_growth(dim, ff
     full-suite runs the total RSS growth of the smallest model was 35-50 MB (7-11%) over the same child
     run alone (docs/estimate.md): library pages faulted back in count there, and they are no part of
     the estimate."""
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG") if k in os.environ}
+    env = child_env()
     runs = []
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(dim), str(ffn)], capture_output=True,

@@ -1,10 +1,11 @@
 """Invariant 3: host memory is the theoretical footprint (peak anonymous RSS, measured in a fresh process)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
+
+from anon_rss import child_env
 
 SCRIPT = textwrap.dedent("""
     import json, torch
@@ -17,30 +18,25 @@ SCRIPT = textwrap.dedent("""
     block = Block(cfg)
     block(torch.randn(2, 32, cfg.dim, requires_grad=True)).sum().backward()
     del block
-    def status_bytes(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    baseline = status_bytes("RssAnon")
-    torch.manual_seed(0)
-    model = Decoder(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    trainer = horizon.Trainer(model, horizon.TrainConfig(plan="recompute", grad_clip_norm=1.0))
-    x = torch.randint(0, 256, (2, 32))
-    for _ in range(3):
-        trainer.step({"input_ids": x, "labels": x})
-    # Anonymous memory only: the peak RSS less the file-backed pages mapped now (library code the kernel
-    # may evict under the suite's page-cache pressure and fault back in during the steps; in one full-suite
-    # run that total-RSS growth was 137 MB over the footprint, while the same child alone was within it).
-    peak = status_bytes("VmHWM") - status_bytes("RssFile") - status_bytes("RssShmem")
+    # Anonymous memory only (anon_rss.py says why): library pages faulted back in are no footprint.
+    from anon_rss import AnonPeak
+    with AnonPeak() as sampled:
+        baseline = sampled.peak
+        torch.manual_seed(0)
+        model = Decoder(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        trainer = horizon.Trainer(model, horizon.TrainConfig(plan="recompute", grad_clip_norm=1.0))
+        x = torch.randint(0, 256, (2, 32))
+        for _ in range(3):
+            trainer.step({"input_ids": x, "labels": x})
     mem = trainer.memory()
-    print(json.dumps({"params": params, "growth": peak - baseline, "host": mem.host_bytes,
+    print(json.dumps({"params": params, "growth": sampled.peak - baseline, "host": mem.host_bytes,
                       "device": mem.device_peak_bytes, "by_role": mem.host_bytes_by_role}))
 """)
 
 
 def test_peak_rss_growth_is_within_ten_percent_of_the_footprint():
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG") if k in os.environ}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=child_env())
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # 16 B/param on CPU: master (= compute copy), m, v, grad; the CPU "device" slots live in RAM too
     assert r["by_role"]["master"] >= 4 * r["params"] and r["by_role"]["compute"] == 0
