@@ -11,7 +11,8 @@ What it measures, in one run on one training loop (horizon.Trainer on a Decoder,
 for N in 1, 2, 10. Per system and N: blocking ms per checkpoint (time the training loop or the optimizer was
 held: Horizon's request + barrier waits; torch.save's whole call; async_save's call + waiting for the
 previous one), r(N) = mean iteration time / mean iteration time without checkpoints (the final drain
-included), time-to-durable, and Horizon's write throughput against the disk's sequential write limit
+included; for Horizon the median over --rounds alternating pairs of runs, each against the run just before
+it, because the VM drifts by up to 10% between runs a minute apart), time-to-durable, and Horizon's write throughput against the disk's sequential write limit
 measured in the same run, before and after the loops, the better of the two counting
 (``checkpoint_write.disk_limit``: fio when installed, else parallel dd's).
 Throughput (``vs_limit``) is bytes durable per checkpoint over the wall time from the request to the
@@ -138,6 +139,26 @@ def run(system: str, n: int, model, batches, args) -> dict:
             "median_write_s": median(write_s) if write_s else None, "bytes_per_ckpt": bytes_per_ckpt, **parts}
 
 
+def paired_rounds(n: int, model, batches, args) -> tuple[dict, dict]:
+    """(none's row, horizon's row) at interval n from ``args.rounds`` alternating pairs of runs. Back-to-back
+    runs of one system on this shared VM differ by up to 10% (a drift of minutes), as much as the effect,
+    so r(N) is the median of each Horizon run over the no-checkpoint run just before it; none's row is
+    the median run, horizon's the median-r run with every round's r and its checkpoints' medians pooled."""
+    pairs = []
+    for _ in range(args.rounds):
+        base = run("none", 0, model, batches, args)
+        row = run("horizon", n, model, batches, args)
+        row["r"] = row["mean_iter_s"] / base["mean_iter_s"]
+        pairs.append((base, row))
+    by_r = sorted(pairs, key=lambda pair: pair[1]["r"])
+    base = sorted((b for b, _ in pairs), key=lambda b: b["mean_iter_s"])[len(pairs) // 2]
+    row = dict(by_r[len(pairs) // 2][1], r_rounds=[r["r"] for _, r in pairs])
+    for key in [k for k in row if k.startswith("median_") and k != "median_iter_s"]:
+        values = [r[key] for _, r in pairs if r[key] is not None]
+        row[key] = median(values) if values else None
+    return base, row
+
+
 def _where_the_time_went(flights) -> dict:
     """Per-checkpoint medians (ms, and the old request-to-writer-done time in s) of a Horizon run."""
     if not flights:
@@ -159,6 +180,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating no-checkpoint/Horizon run pairs per N")
     parser.add_argument("--dir", default="/tmp/horizon-ckpt-bench", help="scratch directory on the disk to test")
     parser.add_argument("--out", default=str(RESULTS_DIR / "checkpoint.json"))
     args = parser.parse_args()
@@ -172,12 +194,13 @@ def main() -> None:
     rows = {}
     for n in INTERVALS:
         batches = make_batches(args.warmup + steps_for(n), batch=args.batch, seq=args.seq)
-        base = run("none", 0, model, batches, args)
-        rows[f"none@{n}"] = base
+        base, horizon_rows = paired_rounds(n, model, batches, args)
+        rows[f"none@{n}"], rows[f"horizon@{n}"] = base, horizon_rows
         for system in SYSTEMS:
-            row = run(system, n, model, batches, args)
-            row["r"] = row["mean_iter_s"] / base["mean_iter_s"]
-            rows[f"{system}@{n}"] = row
+            row = rows[f"horizon@{n}"] if system == "horizon" else run(system, n, model, batches, args)
+            if system != "horizon":
+                row["r"] = row["mean_iter_s"] / base["mean_iter_s"]
+                rows[f"{system}@{n}"] = row
             print(f"N={n:2d} {system:15s} blocking {row['blocking_ms_per_ckpt']:8.1f} ms/ckpt  r={row['r']:.3f}  "
                   f"iter {row['mean_iter_s'] * 1e3:7.1f} ms (none {base['mean_iter_s'] * 1e3:7.1f})  "
                   f"durable {row['median_durable_s'] or 0:.2f} s", flush=True)
