@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+from anon_rss import child_env
 import horizon
 from helpers import batches, tiny_decoder
 from horizon.store.ssd_layout import unit_extents
@@ -57,7 +58,7 @@ RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("schedule", ["clip", "eager"])
 def test_peak_rss_is_the_window_and_pools_while_ssd_holds_the_model(tmp_path, schedule):
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path), schedule], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=child_env())  # glibc's mmap threshold fixed (anon_rss.py)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     full_state = 16 * r["params"]
     assert full_state >= 2 * r["budget"]
