@@ -17,7 +17,9 @@ measured in the same run, before and after the loops, the better of the two coun
 (``checkpoint_write.disk_limit``: fio when installed, else parallel dd's).
 Throughput (``vs_limit``) is bytes durable per checkpoint over the wall time from the request to the
 durable commit (the root fsynced after the rename: from then on a crash keeps the checkpoint), against
-fio in the same run. Beside it: ``vs_limit_with_retention``, the previous definition, which also counted
+fio in the same run (2 GiB: the disk's sustained rate). Beside it: ``vs_same_size_fio``, against fio writing
+one checkpoint's bytes to a new file and fsyncing it (median of 5 runs after the loops: the fastest the disk
+makes that many bytes durable, its start-up and final flush included); ``vs_limit_with_retention``, the previous definition, which also counted
 retention's deletes of an older checkpoint that the writer does after the commit, and bytes over the
 writer's busy time (``writer_busy_vs_limit``: its waits for copies excluded, an upper bound). To show
 where the time goes, per checkpoint (medians): request to the first shard's writes (the state of step
@@ -45,7 +47,7 @@ import horizon
 from horizon.models import Decoder, decoder_config
 
 from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
-from checkpoint_write import disk_limit
+from checkpoint_write import disk_limit, same_size_limit
 
 INTERVALS = (1, 2, 10)
 SYSTEMS = ("horizon", "horizon_no_yield", "torch_save", "dcp_async_save")
@@ -212,6 +214,7 @@ def main() -> None:
     vs_save = min(rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] / max(rows[f"horizon@{n}"]["blocking_ms_per_ckpt"],
                                                                          1e-3) for n in INTERVALS)
     h = [rows[f"horizon@{n}"] for n in INTERVALS if n >= 2]
+    same_size_bps = same_size_limit(os.path.join(args.dir, "limit"), h[0]["bytes_per_ckpt"])
     durable_bps = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
     done_bps = median([r["bytes_per_ckpt"] / r["median_done_s"] for r in h])
     writer_bps = median([r["bytes_per_ckpt"] / r["median_write_s"] for r in h])
@@ -220,6 +223,9 @@ def main() -> None:
           f"included: {done_bps / limit_bps:.2f}; writer busy time: {writer_bps / 1e9:.2f} GB/s = "
           f"{writer_bps / limit_bps:.2f}); worst blocking fraction (N>=2) {worst_fraction:.4f}; torch.save "
           f"blocks {vs_save:.1f}x longer")
+    if same_size_bps:
+        print(f"fio writing one checkpoint's bytes to a new file, fsynced (median of 5): {same_size_bps / 1e9:.2f} GB/s; "
+              f"horizon's request to durable = {durable_bps / same_size_bps:.2f} of it")
     print("per checkpoint (N>=2, ms): " + ", ".join(
         f"{k[len('median_'):-len('_ms')]} {median([r[k] for r in h]):.1f}" for k in h[0]
         if k.startswith("median_") and k.endswith("_ms")))
@@ -229,9 +235,11 @@ def main() -> None:
                  "horizon_no_yield": {n: rows[f"horizon_no_yield@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "torch_save": {n: rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "dcp_async_save": {n: rows[f"dcp_async_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
-                 "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool, **limit_details}},
+                 "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool, **limit_details,
+                           "same_size_fio_bytes_per_s": same_size_bps}},
         ratios={"blocking_fraction_of_step": worst_fraction, "vs_torch_save_blocking": vs_save,
                 "vs_limit": durable_bps / limit_bps, "vs_limit_with_retention": done_bps / limit_bps,
+                "vs_same_size_fio": durable_bps / same_size_bps if same_size_bps else None,
                 "writer_busy_vs_limit": writer_bps / limit_bps,
                 "r_no_yield_over_r_yield": {n: rows[f"horizon_no_yield@{n}"]["r"] / rows[f"horizon@{n}"]["r"]
                                             for n in INTERVALS}},

@@ -182,6 +182,26 @@ def disk_limit(directory: str, total_mib: int = 2048, jobs: int = QUEUE_DEPTH) -
                 os.remove(p)
 
 
+def same_size_limit(directory: str, nbytes: int, runs: int = 5) -> float | None:
+    """fio's rate (bytes/s, the median of ``runs``) writing ``nbytes`` (rounded up to its 8 MiB blocks) to a
+    new file and fsyncing it: what the disk allows for one checkpoint's bytes, its start-up and final flush
+    included, where ``disk_limit``'s 2 GiB measure the sustained rate. None without fio."""
+    if not shutil.which("fio"):
+        return None
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "same-size.bin")
+    rates = []
+    try:
+        for _ in range(runs):
+            if os.path.exists(path):
+                os.remove(path)
+            rates.append(_fio(path, -(-nbytes // (8 << 20)) * 8))
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    return median(rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--units", type=int, default=8, help="shards (units) per checkpoint")
