@@ -65,7 +65,7 @@ def assert_matches(model, data, got, want):
     to full-size steps: two correct fp32 runs (sdpa vs eager attention, or fp32 vs fp64) already
     differ by ~1e-4 there after 10 steps. Those are held to the error of plain fp32 against fp64,
     as is any other parameter just over 1e-6: its query twin ``q_proj.bias`` measured 1.03e-6 on an
-    AVX-512 machine, whose matmul kernels round differently (under 1e-6 on AVX2).
+    AMD EPYC VM, whose matmul kernels round differently (under 1e-6 on an Intel Sapphire Rapids one).
     GPT-2 has no RoPE, so the key third of its fused ``c_attn.bias`` has an exactly zero gradient:
     it moves on rounding alone (relative error ~1 between sdpa and eager plain runs) and has no
     effect on the output; only its query and value thirds are compared.
@@ -81,7 +81,7 @@ def assert_matches(model, data, got, want):
             ref_q, _, ref_v = ref_state[key].chunk(3)
             assert rel_err(q, ref_q) <= 1e-6 and rel_err(v, ref_v) <= 1e-6, key
         elif key not in ill and rel_err(state[key], ref_state[key]) > 1e-6:
-            ill.append(key)  # e.g. q_proj.bias on an AVX-512 machine (1.03e-6): held to plain fp32's own error
+            ill.append(key)  # e.g. q_proj.bias on an AMD EPYC VM (1.03e-6): held to plain fp32's own error
     if ill:
         _, exact = hf_plain_run(copy.deepcopy(model).double(), data, clip=1.0)
         for key in ill:
