@@ -1,14 +1,15 @@
 """Peak anonymous RSS of this process, sampled on a thread (for the host-memory tests' child processes).
 
-Why not the kernel's VmHWM: it counts file-backed pages too. Under the full suite's page-cache pressure
-the kernel evicts library code and faults it back in, and VmHWM less the file pages mapped at the end
-overstated the anonymous peak by 35-137 MB (the page counts at the peak are not known afterwards).
+Why not the kernel's VmHWM: it counts file-backed pages too, which the kernel may evict and fault back in
+under the full suite's page-cache pressure (docs/estimate.md), and VmHWM less the file pages mapped at the
+end is not the anonymous peak either (the file pages present at the peak are not known afterwards).
 Why sampling is enough: a page counts once it is touched, and touching memory runs at a few GB/s, so
 between two samples 0.5 ms apart the anonymous RSS moves by a few MB, far below the tests' margins.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -59,8 +60,6 @@ one), not memory Horizon holds; a user who wants it gone sets the same variable 
 def child_env() -> dict[str, str]:
     """A clean environment for a measuring child, with this folder importable and glibc's mmap
     threshold fixed (``MMAP_THRESHOLD_BYTES``)."""
-    import os
-
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
