@@ -20,8 +20,8 @@ import uuid
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import MANIFEST
 
-__all__ = ["step_dir_name", "new_inflight_dir", "write_manifest", "publish", "commit", "committed_steps", "retain", "clean_leftovers",
-           "quarantine", "abandon"]
+__all__ = ["step_dir_name", "new_inflight_dir", "write_manifest", "publish", "committed_steps", "retain",
+           "clean_leftovers", "quarantine", "abandon"]
 
 log = logging.getLogger("horizon.checkpoint")
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
@@ -61,12 +61,6 @@ def publish(inflight: str, root: str, step: int, disk: Disk) -> str:
     disk.fsync_dir(root)
     disk.at("committed")
     return final
-
-
-def commit(inflight: str, root: str, step: int, manifest: dict, disk: Disk) -> str:
-    """Write the manifest, make everything durable, rename into place; the committed path."""
-    write_manifest(inflight, manifest, disk)
-    return publish(inflight, root, step, disk)
 
 
 def committed_steps(root: str) -> list[int]:

@@ -151,8 +151,9 @@ def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: t
     computes each tensor's CRC-32 from the same bytes. ``staged(n)``, when given, blocks until at least
     the first ``n`` bytes of ``buffer`` hold their final contents and returns how many do (a copy into
     the slot still running; all of ``buffer`` once it is complete): writes are queued and CRCs taken as
-    the copy advances, ``MIN_WRITE_BYTES`` or more at a time, and this returns after the copy is complete. Raises ``TimeoutError`` once ``time.monotonic()`` passes ``deadline_s``
-    (checked between tensors).
+    the copy advances, ``MIN_WRITE_BYTES`` or more at a time, and this returns after the copy is
+    complete. Raises ``TimeoutError`` once ``time.monotonic()`` passes ``deadline_s`` (checked between
+    tensors).
     """
     data_bytes = _data_bytes(tensors, buffer)
     padded = -(-data_bytes // ALIGN_BYTES) * ALIGN_BYTES
