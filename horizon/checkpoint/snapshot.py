@@ -81,8 +81,14 @@ class Snapshot:
 
     def staged_slot(self, unit: int) -> torch.Tensor:
         """The staging slot holding ``unit`` (master, m, v back to back), valid from the start of its copy
-        (``wait_started``) until it is written."""
-        return self.ring.slot(self._slot[unit])
+        (``wait_started``) until it is written. If ``abort`` released it meanwhile (a failed copier released
+        every staged unit's slot), the abort's error: the writer reports why, not a missing key."""
+        with self._cond:
+            slot = self._slot.get(unit)
+            if slot is None:
+                assert self.stop.is_set(), f"unit {unit} has no staging slot"
+                raise self._aborted()
+            return self.ring.slot(slot)
 
     def staged_view(self, unit: int, role: str) -> torch.Tensor:
         """The staged copy of ``unit``'s ``role`` (fp32, flat), valid while the unit is STAGED.

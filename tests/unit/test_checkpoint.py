@@ -313,6 +313,34 @@ def test_staging_too_small_and_resume_without_dir_are_refused_before_allocating(
     assert not os.listdir(tmp_path)
 
 
+def test_an_abort_between_the_writers_wait_and_its_read_of_the_slot_reports_the_abort(tmp_path, monkeypatch):
+    """The interleaving a CI run hit: the writer sees unit 0 staged, then the copier fails and its abort
+    releases that slot before the writer reads it. The checkpoint must fail with the copier's error (it
+    failed with ``KeyError: 0``), and the next one must commit."""
+    from horizon.checkpoint.snapshot import Snapshot
+
+    real_wait, aborted = Snapshot.wait_started, []
+
+    def wait_then_abort(self, unit, deadline_s):
+        real_wait(self, unit, deadline_s)
+        if not aborted:
+            aborted.append(unit)
+            self.copier_error = "OSError: injected after the wait"
+            self.abort()
+
+    monkeypatch.setattr(Snapshot, "wait_started", wait_then_abort)
+    ckpt = horizon.CheckpointConfig(dir=tmp_path, every_steps=2, timeout_s=30)
+    with horizon.Trainer(model(), config(ckpt)) as trainer:
+        for b in data(2):
+            trainer.step(b)
+        flight = trainer.checkpointer.wait()
+        assert flight.path is None and "aborted: the copier failed: OSError: injected after the wait" in flight.error
+        for b in data(4)[2:]:
+            trainer.step(b)
+        trainer.checkpointer.wait()
+    assert committed_steps(str(tmp_path)) == [4]
+
+
 def test_a_failing_copier_aborts_that_checkpoint_only(tmp_path, monkeypatch):
     """An exception in the copier thread must not leave a unit half-claimed (the optimizer and the writer
     would wait for it forever): that checkpoint fails with the copier's error, training is unchanged,
