@@ -5,6 +5,8 @@ What it measures, in one run on one training loop (horizon.Trainer on a Decoder,
   * horizon           CheckpointConfig(every_steps=N): copier + per-unit barrier + writer thread; the copier
                       waits while an optimizer task runs
   * horizon_no_yield  the same with the copier never waiting for the optimizer (the control for that rule)
+  * horizon_new_files the same with CheckpointConfig(recycle_files=False): every shard a new file, the retired
+                      checkpoint's files deleted (the control for recycling, horizon/checkpoint/recycle.py)
   * torch_save        every N steps, torch.save of the same state (master weights + AdamW state), fsynced
   * dcp_async_save    every N steps, torch.distributed.checkpoint.async_save of that state (no process group);
                       the previous save is waited for before the next one
@@ -50,7 +52,7 @@ from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
 from checkpoint_write import disk_limit, same_size_limit
 
 INTERVALS = (1, 2, 10)
-SYSTEMS = ("horizon", "horizon_no_yield", "torch_save", "dcp_async_save")
+SYSTEMS = ("horizon", "horizon_no_yield", "horizon_new_files", "torch_save", "dcp_async_save")
 
 
 def steps_for(n: int) -> int:
@@ -85,7 +87,8 @@ def run(system: str, n: int, model, batches, args) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     ours = system.startswith("horizon")
-    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False) if ours and n else None
+    ckpt = horizon.CheckpointConfig(dir=root, every_steps=n, final_save=False,
+                                    recycle_files=system != "horizon_new_files") if ours and n else None
     trainer = horizon.Trainer(copy.deepcopy(model), train_config(ckpt))
     if system == "horizon_no_yield":
         trainer.checkpointer.optimizer_busy = None  # the copier runs even while the optimizer does
@@ -214,6 +217,7 @@ def main() -> None:
     vs_save = min(rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] / max(rows[f"horizon@{n}"]["blocking_ms_per_ckpt"],
                                                                          1e-3) for n in INTERVALS)
     h = [rows[f"horizon@{n}"] for n in INTERVALS if n >= 2]
+    new_files = [rows[f"horizon_new_files@{n}"] for n in INTERVALS if n >= 2]
     same_size_bps = same_size_limit(os.path.join(args.dir, "limit"), h[0]["bytes_per_ckpt"])
     durable_bps = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
     done_bps = median([r["bytes_per_ckpt"] / r["median_done_s"] for r in h])
@@ -226,6 +230,9 @@ def main() -> None:
     if same_size_bps:
         print(f"fio writing one checkpoint's bytes to a new file, fsynced (median of 5): {same_size_bps / 1e9:.2f} GB/s; "
               f"horizon's request to durable = {durable_bps / same_size_bps:.2f} of it")
+    new_bps = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in new_files])
+    print(f"without recycling (new files, retired ones deleted): {new_bps / 1e9:.2f} GB/s to durable; recycled "
+          f"{durable_bps / new_bps:.2f}x that")
     print("per checkpoint (N>=2, ms): " + ", ".join(
         f"{k[len('median_'):-len('_ms')]} {median([r[k] for r in h]):.1f}" for k in h[0]
         if k.startswith("median_") and k.endswith("_ms")))
@@ -233,6 +240,7 @@ def main() -> None:
         "checkpoint", unit="ms blocking per checkpoint", higher_is_better=False,
         results={"horizon": {n: rows[f"horizon@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "horizon_no_yield": {n: rows[f"horizon_no_yield@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
+                 "horizon_new_files": {n: rows[f"horizon_new_files@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "torch_save": {n: rows[f"torch_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "dcp_async_save": {n: rows[f"dcp_async_save@{n}"]["blocking_ms_per_ckpt"] for n in INTERVALS},
                  "limit": {"disk_write_bytes_per_s": limit_bps, "tool": limit_tool, **limit_details,
@@ -241,6 +249,7 @@ def main() -> None:
                 "vs_limit": durable_bps / limit_bps, "vs_limit_with_retention": done_bps / limit_bps,
                 "vs_same_size_fio": durable_bps / same_size_bps if same_size_bps else None,
                 "writer_busy_vs_limit": writer_bps / limit_bps,
+                "durable_recycled_over_new_files": durable_bps / new_bps,
                 "r_no_yield_over_r_yield": {n: rows[f"horizon_no_yield@{n}"]["r"] / rows[f"horizon@{n}"]["r"]
                                             for n in INTERVALS}},
         rows=rows, cpu=meter.stop(),

@@ -5,7 +5,8 @@ Why a rename: a checkpoint is visible only as ``step-<N>``, and that name appear
 an fsync of the root. A crash before the rename leaves an ``.inflight.*`` directory the loader
 ignores and the next start deletes; a crash after it leaves a complete checkpoint. Retention
 runs only after a durable commit, never touches the newest, and deletes by renaming into
-``.trash/`` first, so a crash mid-delete never leaves a half-deleted ``step-<N>``.
+``.trash/`` first, so a crash mid-delete never leaves a half-deleted ``step-<N>``; the shard files
+of what it deletes go to the recycling pool (``recycle.py``) when one is given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import MANIFEST
+from horizon.checkpoint.recycle import FilePool
 
 __all__ = ["step_dir_name", "new_inflight_dir", "write_manifest", "publish", "committed_steps", "retain",
            "clean_leftovers", "quarantine", "abandon"]
@@ -81,11 +83,12 @@ def _to_trash(root: str, name: str, disk: Disk) -> str:
     return target
 
 
-def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk) -> list[int]:
+def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk, pool: FilePool | None = None) -> list[int]:
     """Delete the committed checkpoints the policy does not keep; the steps deleted.
 
-    Keeps the newest ``keep_last`` and every step that is a multiple of ``keep_every``. A failed
-    delete is logged and left for the next time: it never fails the checkpoint that triggered it.
+    Keeps the newest ``keep_last`` and every step that is a multiple of ``keep_every``; the shard files
+    of a deleted one go to ``pool``, if given. A failed delete is logged and left for the next time: it
+    never fails the checkpoint that triggered it.
     """
     steps = committed_steps(root)
     keep = set(steps[-keep_last:]) | {s for s in steps if keep_every and s % keep_every == 0}
@@ -96,11 +99,20 @@ def retain(root: str, *, keep_last: int, keep_every: int | None, disk: Disk) -> 
         try:
             trashed = _to_trash(root, step_dir_name(step), disk)
             disk.fsync_dir(root)
+            if pool is not None:
+                _recycle(pool, trashed)
             disk.remove_tree(trashed)
             deleted.append(step)
         except OSError as e:
             log.warning("retention could not delete step %d: %s (will retry at the next commit)", step, e)
     return deleted
+
+
+def _recycle(pool: FilePool, trashed: str) -> None:
+    try:
+        pool.retire(trashed)
+    except OSError as e:  # the files are deleted with the rest instead
+        log.warning("could not move the files of %s into the recycling pool: %s", trashed, e)
 
 
 def clean_leftovers(root: str, disk: Disk) -> list[str]:

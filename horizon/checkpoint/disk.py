@@ -45,6 +45,17 @@ class Disk:
                     raise
         return os.open(path, flags, 0o644)
 
+    def open_existing(self, path: str, *, direct: bool = False) -> int:
+        """An existing file for writing over its blocks (a recycled shard file): not truncated, not
+        extended; ``direct`` as in ``open_new``."""
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        return os.open(path, os.O_WRONLY)
+
     def write(self, fd: int, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at byte ``offset`` of ``fd`` (thread-safe: positioned, no shared file offset).
 
@@ -74,7 +85,7 @@ class Disk:
         os.mkdir(path)
 
     def rename(self, src: str, dst: str) -> None:
-        """Rename (retention's move into ``.trash``)."""
+        """Rename (retention's move into ``.trash``, a shard file into or out of the recycling pool)."""
         os.rename(src, dst)
 
     def remove_tree(self, path: str) -> None:

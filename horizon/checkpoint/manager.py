@@ -32,6 +32,7 @@ from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
 from horizon.checkpoint.ranks import RankGroup, sharded_file_name
+from horizon.checkpoint.recycle import FilePool
 from horizon.checkpoint.shard import QUEUE_DEPTH, PendingShard, start_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
 from horizon.checkpoint.staging import StagingRing
@@ -97,6 +98,8 @@ class Checkpointer:
         removed = clean_leftovers(self.root, self.disk) if self.commits else []
         if removed:
             log.info("removed leftovers of an earlier run in %s: %s", self.root, removed)
+        self.pool = FilePool(self.root, self.disk) if config.recycle_files else None
+        """Shard files of retired checkpoints, written over by the next ones (``recycle.py``)."""
         self.layout = layout_of(store, param_names)
         self.layout_hash = layout_hash(self.layout)
         self.model_config = model_config
@@ -272,6 +275,8 @@ class Checkpointer:
                 finishing.append(self._finisher.submit(self._finish_unit, snapshot, unit, pending))
                 written["files"][os.path.basename(path)] = pending.nbytes
                 written["tensors"].update({r.name: dict(r.to_json(), **where[r.name]) for r in pending.records})
+            if any(pending.recycled for pending in flight.shards):
+                self.pool.sync()
             if self.ranks is None:
                 write_manifest(inflight, self._manifest(flight, [written]), self.disk)
             for future in finishing:
@@ -317,7 +322,8 @@ class Checkpointer:
         flight.durable_s = time.time() - flight.requested_unix_s
         retain_start = time.perf_counter()
         flight.commit_s = retain_start - commit_start
-        retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk)
+        retain(self.root, keep_last=self.config.keep_last, keep_every=self.config.keep_every, disk=self.disk,
+               pool=self.pool)
         flight.retain_s = time.perf_counter() - retain_start
         return path
 
@@ -329,7 +335,7 @@ class Checkpointer:
             named, where = self._param_tensors(snapshot, unit)
         metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
         pending = start_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata, disk=self.disk,
-                              writers=self._writers, deadline_s=deadline_s,
+                              writers=self._writers, deadline_s=deadline_s, pool=self.pool,
                               staged=lambda nbytes: snapshot.wait_copied(unit, nbytes, deadline_s))
         return pending, where
 

@@ -25,6 +25,7 @@ from isal import isal_zlib
 from safetensors import safe_open
 
 from horizon.checkpoint.disk import Disk
+from horizon.checkpoint.recycle import FilePool
 from horizon.checkpoint.staging import aligned_empty
 from horizon.store.layout import ALIGN_BYTES
 
@@ -99,24 +100,26 @@ class PendingShard:
     Why split: the writer starts the next unit's shard (its requests queue behind this one's) before
     finishing this one, so the disk's queue never drains between shards."""
 
-    def __init__(self, path: str, *, fd: int, nbytes: int, padded: bool, header_buf: torch.Tensor, disk: Disk) -> None:
-        self.path, self.nbytes = path, nbytes
+    def __init__(self, path: str, *, fd: int, nbytes: int, cut: bool, recycled: bool, header_buf: torch.Tensor,
+                 disk: Disk) -> None:
+        self.path, self.nbytes, self.recycled = path, nbytes, recycled
+        """``recycled``: the file came from the recycling pool (``recycle.py``) and is written over."""
         self.records: list[TensorRecord] = []
-        self._fd, self._padded, self._disk = fd, padded, disk
+        self._fd, self._cut, self._disk = fd, cut, disk
         self._header_buf = header_buf  # kept alive until its write is done
         self._pending: list[Future] = []
         self.crc_s = self.io_wait_s = self.fsync_s = 0.0
         """Seconds computing CRCs (``start_shard``), waiting for the writes and in the fsync (``finish``)."""
 
     def finish(self, written: Callable[[], None] | None = None) -> tuple[int, list[TensorRecord]]:
-        """Wait for every write, truncate the page padding, call ``written`` (the source buffer is free from
+        """Wait for every write, cut the file to size (the last page's padding, a longer recycled file), call ``written`` (the source buffer is free from
         here: O_DIRECT writes have left it), fsync, close; (file bytes, records)."""
         try:
             start = time.perf_counter()
             for future in self._pending:
                 future.result()
             self.io_wait_s = time.perf_counter() - start
-            if self._padded:
+            if self._cut:
                 self._disk.truncate(self._fd, self.nbytes)
             self._disk.at("shard_written")
             if written is not None:
@@ -141,8 +144,9 @@ class PendingShard:
 
 def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: torch.Tensor, metadata: dict[str, str],
                 disk: Disk, writers: ThreadPoolExecutor, deadline_s: float,
-                staged: Callable[[int], int] | None = None) -> PendingShard:
-    """Create ``path`` and queue the writes of ``tensors``; returns once every tensor's CRC-32 is known.
+                staged: Callable[[int], int] | None = None, pool: FilePool | None = None) -> PendingShard:
+    """Create ``path`` (from a file of ``pool`` where it has one) and queue the writes of ``tensors``;
+    returns once every tensor's CRC-32 is known.
 
     The tensors are views lying back to back from the start of ``buffer`` (a staging slot: uint8,
     page-aligned, a whole number of pages), which must stay unchanged until ``finish`` returns. The
@@ -161,9 +165,11 @@ def start_shard(path: str, tensors: list[tuple[str, torch.Tensor]], *, buffer: t
     header = _header(tensors, metadata)
     header_buf = aligned_empty(len(header))
     header_buf.numpy()[:] = np.frombuffer(header, dtype=np.uint8)
-    fd = disk.open_new(path, direct=True)
-    shard = PendingShard(path, fd=fd, nbytes=len(header) + data_bytes, padded=padded != data_bytes,
-                         header_buf=header_buf, disk=disk)
+    nbytes = len(header) + data_bytes
+    taken = pool.take(path, nbytes) if pool is not None else None
+    fd, old_bytes = taken if taken is not None else (disk.open_new(path, direct=True), 0)
+    shard = PendingShard(path, fd=fd, nbytes=nbytes, cut=max(old_bytes, len(header) + padded) > nbytes,
+                         recycled=taken is not None, header_buf=header_buf, disk=disk)
     try:
         shard._pending += _submit_writes(fd, memoryview(header_buf.numpy()), 0, disk=disk, writers=writers)
         data, queued = memoryview(buffer[:padded].numpy()), 0

@@ -79,6 +79,11 @@ class RecordingDisk(Disk):
         self._add(Op("create", parent, name, (ino, "file")))
         return fd
 
+    def open_existing(self, path, *, direct=False):
+        fd = super().open_existing(path, direct=direct)
+        self._fd_ino[fd] = self._ino[os.path.realpath(path)]  # a recycled file: its inode and its old writes
+        return fd
+
     def write(self, fd, data, offset):
         super().write(fd, data, offset)
         self._add(Op("write", self._fd_ino[fd], arg=(offset, bytes(data))))

@@ -1,7 +1,8 @@
 """Power loss at every point of four checkpoints with retention: in every disk state POSIX allows
 (``power_loss.crash_states``), resume loads the newest committed step or a newer complete one, byte
-for byte as written, never a corrupt one, never an older one. Negative controls: the same trace
-without one of the protocol's fsyncs must produce a state that loses a committed step."""
+for byte as written, never a corrupt one, never an older one. Step 4 is written over the
+recycled files of step 1, which retention deleted. Negative controls: the same trace without one of the
+protocol's fsyncs must produce a state that loses a committed step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 import horizon
 from horizon.checkpoint.load import NoValidCheckpoint, find_valid
+from horizon.checkpoint.recycle import POOL
 from ckpt_helpers import config, data, model
 from power_loss import ROOT_INO, RecordingDisk, crash_states, materialize, without
 
@@ -77,6 +79,30 @@ def test_every_power_loss_state_resumes_from_the_newest_committed_step(recorded,
     # in some state (each one also as the fallback while the next one's rename was not yet durable).
     assert None in loaded and all(name in loaded for name in written), loaded
     assert sum(loaded.values()) > 500, loaded
+
+
+def _pool_dirs(trace) -> set[int]:
+    """The inodes the recycling pool's directory had (retention empties it by recreating it)."""
+    return {op.arg[0] for op in trace if op.kind == "create" and op.name == POOL}
+
+
+def test_later_checkpoints_are_written_over_recycled_files(recorded):
+    """Not vacuous for recycling: step 4 is written over the files of step 1, which retention moved into the pool."""
+    trace, _, _ = recorded
+    pools = _pool_dirs(trace)
+    taken = [op for op in trace if op.kind == "rename" and op.ino in pools]
+    assert pools and len(taken) >= 4, (pools, taken)
+
+
+def test_a_pool_without_its_fsyncs_loses_a_committed_step(recorded, tmp_path):
+    """Negative control for the pool's fsyncs (retention's after filling it, the writer's after taking
+    from it): without them the rename of a recycled file into a committed step may be lost."""
+    trace, layout_hash, written = recorded
+    pools = _pool_dirs(trace)
+    broken = without(trace, lambda op, i: op.kind == "fsync_dir" and op.ino in pools)
+    assert len(broken) < len(trace)
+    problems, _ = _violations(broken, layout_hash, written, str(tmp_path), stop_at_first=True)
+    assert problems, "without the pool's fsyncs, some power cut must lose a committed checkpoint"
 
 
 NEGATIVE_CONTROLS = {

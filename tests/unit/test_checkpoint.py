@@ -299,6 +299,7 @@ def test_leftovers_of_a_dead_run_are_cleaned_and_existing_checkpoints_need_resum
 @pytest.mark.parametrize("kwargs, match", [
     (dict(keep_last=1), "keep_last"), (dict(every_steps=0), "every_steps"), (dict(on_busy="drop"), "on_busy"),
     (dict(staging_bytes=-1), "staging_bytes"), (dict(timeout_s=0), "timeout_s"), (dict(keep_every=0), "keep_every"),
+    (dict(recycle_files="yes"), "recycle_files"),
 ])
 def test_bad_checkpoint_config_says_what_to_fix(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
