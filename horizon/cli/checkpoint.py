@@ -18,6 +18,7 @@ from horizon.checkpoint.commit import committed_steps
 from horizon.checkpoint.export import export, resolve
 from horizon.checkpoint.load import verify
 from horizon.checkpoint.manifest import CorruptCheckpoint, read_manifest
+from horizon.checkpoint.recycle import POOL
 from horizon.store import format_bytes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,8 @@ def _dir_bytes(path: str) -> int:
 
 
 def _state(name: str) -> str:
+    if name == POOL:
+        return "recycling pool: a retired checkpoint's files, which the next one writes over"
     if ".corrupt-" in name:
         return "quarantined"
     if name.startswith(".inflight."):

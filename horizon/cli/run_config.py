@@ -134,6 +134,8 @@ class CheckpointSection:
     """A checkpoint due while the previous one is still being written: "wait" for it, or "skip" this one."""
     timeout_s: float = 1800.0
     """Abort a checkpoint that is not durable this many seconds after it was requested (seconds)."""
+    recycle_files: bool = True
+    """Write over the files of the checkpoint retention retires instead of deleting them (false = delete)."""
 
     def __post_init__(self) -> None:
         for name in ("every_steps", "keep_every"):
@@ -154,7 +156,7 @@ class CheckpointSection:
             return None
         return horizon.CheckpointConfig(dir=self.dir, every_steps=self.every_steps or None, keep_last=self.keep_last,
                                         keep_every=self.keep_every or None, on_busy=self.on_busy,
-                                        timeout_s=self.timeout_s)
+                                        timeout_s=self.timeout_s, recycle_files=self.recycle_files)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

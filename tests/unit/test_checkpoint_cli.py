@@ -12,6 +12,7 @@ import horizon
 from horizon.checkpoint.commit import step_dir_name
 from horizon.cli.main import main
 from horizon.models import Decoder, DecoderConfig
+from horizon.store import format_bytes
 from ckpt_helpers import config, data, model
 
 
@@ -24,19 +25,22 @@ def _train(root, steps=2):
 
 
 def test_list_and_verify(tmp_path, capsys):
-    _train(tmp_path)
+    _train(tmp_path, steps=3)  # retention moves step 1's files into the recycling pool
     assert main(["checkpoint", "list", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "step-000000001" in out and "step-000000002" in out and out.count("committed") == 2
+    assert "step-000000002" in out and "step-000000003" in out and out.count("committed") == 2
+    pool = next(line for line in out.splitlines() if line.startswith(".recycle"))
+    assert "recycling pool" in pool and format_bytes(sum(
+        os.path.getsize(os.path.join(tmp_path, ".recycle", f)) for f in os.listdir(tmp_path / ".recycle"))) in pool
     assert main(["checkpoint", "verify", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("ok ") == 2
-    shard = os.path.join(tmp_path, step_dir_name(2), "shard-00001-of-00004.safetensors")
+    shard = os.path.join(tmp_path, step_dir_name(3), "shard-00001-of-00004.safetensors")
     with open(shard, "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
     assert main(["checkpoint", "verify", str(tmp_path)]) == 1
     assert "CRC-32" in capsys.readouterr().out
-    assert os.path.isdir(os.path.join(tmp_path, step_dir_name(2)))  # verify only reads
+    assert os.path.isdir(os.path.join(tmp_path, step_dir_name(3)))  # verify only reads
 
 
 def test_export_loads_back_into_the_model(tmp_path):

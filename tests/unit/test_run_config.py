@@ -102,14 +102,17 @@ def test_cli_dump_config_reads_back_and_bad_keys_exit_2(tmp_path, capsys):
 
 def test_cli_dump_config_round_trips_the_checkpoint_section(tmp_path, capsys):
     argv = ["train", "--checkpoint-dir", str(tmp_path / "ck"), "--resume", "--set", "checkpoint.every_steps=10",
-            "--set", "checkpoint.keep_every=50", "--set", "checkpoint.on_busy=skip", "--dump-config"]
+            "--set", "checkpoint.keep_every=50", "--set", "checkpoint.on_busy=skip",
+            "--set", "checkpoint.recycle_files=false", "--dump-config"]
     assert main(argv) == 0
     dumped = capsys.readouterr().out
     assert "[checkpoint]\n" in dumped and "resume = true\n" in dumped
     path = tmp_path / "run.toml"
     path.write_text(dumped)
     cfg = load_run_config(str(path))
-    assert cfg.checkpoint == CheckpointSection(dir=str(tmp_path / "ck"), every_steps=10, keep_every=50, on_busy="skip")
+    assert cfg.checkpoint == CheckpointSection(dir=str(tmp_path / "ck"), every_steps=10, keep_every=50, on_busy="skip",
+                                               recycle_files=False)
+    assert not cfg.checkpoint.checkpoint_config().recycle_files
     assert cfg.training.resume
     # without --resume on the command line, the file's resume = true stands
     assert main(["train", "--config", str(path), "--dump-config"]) == 0 and capsys.readouterr().out == dumped
