@@ -65,7 +65,8 @@ class FilePool:
             return None
         sized = sorted((int(name.split(".")[0]), name) for name in names if name.split(".")[0].isdigit())
         fits = [entry for entry in sized if entry[0] >= nbytes]
-        for size, name in fits + sized[:len(sized) - len(fits)][::-1]:
+        short = [entry for entry in sized if entry[0] < nbytes]
+        for size, name in fits + short[::-1]:
             try:
                 self.disk.rename(os.path.join(self.path, name), path)
             except FileNotFoundError:  # another rank took it first

@@ -112,8 +112,9 @@ class PendingShard:
         """Seconds computing CRCs (``start_shard``), waiting for the writes and in the fsync (``finish``)."""
 
     def finish(self, written: Callable[[], None] | None = None) -> tuple[int, list[TensorRecord]]:
-        """Wait for every write, cut the file to size (the last page's padding, a longer recycled file), call ``written`` (the source buffer is free from
-        here: O_DIRECT writes have left it), fsync, close; (file bytes, records)."""
+        """Wait for every write, cut the file to size (the last page's padding, the rest of a longer recycled
+        file), call ``written`` (the source buffer is free from here: O_DIRECT writes have left it), fsync,
+        close; (file bytes, records)."""
         try:
             start = time.perf_counter()
             for future in self._pending:
