@@ -10,10 +10,8 @@ KEEP graph, the next under a SWAP graph, the rest keep only their input and are 
 backward joins the parts (input gradients by rows, parameter gradients summed): the gradient of
 the whole batch, with another summation order. Rows, not token chunks, because attention mixes
 a row's tokens.
-Weights for position j + (slots - 1) are copied while position j computes; parameter gradients
-leave for the host store as soon as a unit's backward is done. With a sharded store (ZeRO-3,
-``collectives``) a load copies this rank's shard and all-gathers the slot, and a unit's gradient
-is reduce-scattered on the device so only this rank's shard goes back (docs/distributed.md).
+The copies (weights in, restores in, gradients out) are ``traffic.py``'s; this module computes,
+and issues a block's offloads as its forward runs.
 
 The order of units in one step is ``embedding, block 0 … block N-1, head, block N-1 … block 0,
 embedding``; ``assign_slots`` maps it onto the slots once per step.
@@ -21,9 +19,7 @@ embedding``; ``assign_slots`` maps it onto the slots once per step.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -35,10 +31,12 @@ from horizon.engine.activations import HostActivations, KeptGraph
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import Plan
-from horizon.engine.slots import SlotPool, SlotUse, assign_slots
+from horizon.engine.slots import SlotPool, assign_slots
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.sharded import Collectives, ShardedIO
-from horizon.engine.transfer import DONE, Handle, Transfer
+from horizon.engine.sweep import Sweep, nbytes_of
+from horizon.engine.traffic import Traffic
+from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitKind, UnitSpec
 from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore
@@ -46,44 +44,8 @@ from horizon.store.weight_stream import WeightStream
 
 __all__ = ["Engine"]
 
-_GRADS_IN_FLIGHT = 2
-"""Units whose gradients may be on their way to the host at once (the newest included)."""
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _is_stochastic(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
-
-
-@dataclasses.dataclass
-class _Sweep:
-    """The state of one step's sweeps."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    loss_divisor: int
-    order: list[int]
-    uses: list[SlotUse]
-    checkpoints: dict[int, torch.Tensor] | None = None    # host inputs of RECOMPUTE blocks, by unit
-    ready: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)
-    restored: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # device inputs, by unit
-    kept: dict[int, KeptGraph] = dataclasses.field(default_factory=dict)
-    swapped: dict[int, SwappedGraph] = dataclasses.field(default_factory=dict)
-    rng: dict[int, tuple] = dataclasses.field(default_factory=dict)
-    rows: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # by block: (KEEP, SWAP) rows
-    pending: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
-    offloads: dict[int, list[Handle]] = dataclasses.field(default_factory=dict)  # by unit, in issue order
-    next_restore: int = 0                                               # next backward position to restore
-    grads: collections.deque = dataclasses.field(default_factory=collections.deque)
-    hidden: torch.Tensor | None = None
-    loss_sum: torch.Tensor | None = None
-    norm_sq: torch.Tensor | None = None    # running sum of squared gradient norms (fp32, on the device)
-    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, position_ids
-    load_after: Callable[[int], Future | None] = lambda unit: None
-    grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None
 
 
 class Engine:
@@ -93,13 +55,9 @@ class Engine:
                  transfer: Transfer, weights: WeightStream | None = None, grads: GradRing | None = None,
                  collectives: Collectives | None = None) -> None:
         self.specs, self.store, self.plan = specs, store, plan
-        self.weights, self.grads = weights, grads
-        """For ``store.streamed`` units (SSDConfig(weights=True)): where their compute copies are read from
-        and where their gradients land, instead of the store's buffers."""
         self.device, self.transfer = device, transfer
-        self.layouts = [unit.layout for unit in store.units]
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
-        self.pool = SlotPool([s.module for s in specs], self.layouts, num_slots=plan.num_slots, device=device,
+        self.pool = SlotPool([s.module for s in specs], [unit.layout for unit in store.units], num_slots=plan.num_slots, device=device,
                              dtype=store.compute_dtype, world_size=store.world_size if collectives else 1)
         self.sharded = None if collectives is None else ShardedIO(store, self.pool, collectives=collectives,
                                                                   transfer=transfer, device=device)
@@ -112,6 +70,12 @@ class Engine:
         self._recompute_blocks = [u for u, split in enumerate(splits) if split is not None and split.recompute > 0]
         self._stochastic = [_is_stochastic(s.module) for s in specs]
         self.host_activations = HostActivations(pin=store.pinned)
+        self.traffic = Traffic(store, self.pool, transfer=transfer, ledger=self.ledger,
+                               host_activations=self.host_activations, device=device, sharded=self.sharded,
+                               weights=weights, grads=grads)
+        """Every copy of a step across the link: weights and restores in, gradients out. ``weights`` and
+        ``grads``: for ``store.streamed`` units (SSDConfig(weights=True)), where their compute copies are read
+        from and where their gradients land, instead of the store's buffers."""
         self.vocab_size = specs[-1].module.head.out_features
 
     # -- the step ---------------------------------------------------------------------------
@@ -136,21 +100,19 @@ class Engine:
         rows = {u: self.plan.rows(s.name, input_ids.shape[0])  # a ValueError before anything runs
                 for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
-        sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
+        sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
                        uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
                        load_after=load_after, grads_sent=grads_sent, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        if self.weights is not None:
-            self.weights.start([(p, u) for p, (u, use) in enumerate(zip(order, sweep.uses))
-                                if use.load and u in self.store.streamed], load_after)
+        self.traffic.start(sweep)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
-            self._issue_weights(sweep, position)
+            self.traffic.issue_weights(sweep, position)
         for position, unit in enumerate(order):
             if position + depth < len(order):
-                self._issue_weights(sweep, position + depth)
-            self._issue_restores(sweep, position, until=position + depth)
+                self.traffic.issue_weights(sweep, position + depth)
+            self.traffic.issue_restores(sweep, position, until=position + depth)
             with torch.profiler.record_function("horizon.wait_loads"):
                 for handle in sweep.ready.pop(position):
                     handle.wait_device()
@@ -162,67 +124,14 @@ class Engine:
                     self._forward_unit(sweep, unit, slot)
                 else:
                     self._backward_unit(sweep, unit, slot)
-        self._drain(sweep)
+        self.traffic.drain(sweep)
         assert sweep.loss_sum is not None
         norm = sweep.norm_sq.sqrt() if grad_norm else None
         return sweep.loss_sum, norm
 
-    def _issue_weights(self, sweep: _Sweep, position: int) -> None:
-        unit, use = sweep.order[position], sweep.uses[position]
-        handle = self._load_weights(sweep, unit, use.slot, position) if use.load else DONE
-        sweep.ready.setdefault(position, []).append(handle)
-
-    def _issue_restores(self, sweep: _Sweep, position: int, *, until: int) -> None:
-        """Bring back the saved inputs of RECOMPUTE blocks for backward positions up to ``until``.
-
-        A restore is issued only once the block's forward has run (its offload exists) and waits
-        for that offload to finish: both touch the same host buffer, on different copy streams.
-        """
-        while sweep.next_restore <= min(until, len(sweep.order) - 1):
-            unit = sweep.order[sweep.next_restore]
-            if unit >= position:  # the block's forward (at position == unit) has not run yet
-                return
-            if unit in sweep.offloads:
-                self._wait_offload(sweep, unit)
-            handles, nbytes = [], 0
-            if unit in sweep.swapped:
-                graph = sweep.swapped[unit]
-                nbytes += graph.nbytes
-                handles.append(graph.restore(self.transfer, self.host_activations.swap_buffer(unit, graph.nbytes)))
-            if sweep.checkpoints is not None and unit in sweep.checkpoints:
-                host = sweep.checkpoints.pop(unit)
-                device_input = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-                nbytes += _nbytes(device_input)
-                sweep.restored[unit] = device_input
-                handles.append(self.transfer.h2d([device_input], [host]))
-            if handles:
-                self.ledger.hold(("input", unit), nbytes)
-                sweep.ready.setdefault(sweep.next_restore, []).extend(handles)
-            sweep.next_restore += 1
-
-    def _load_weights(self, sweep: _Sweep, unit: int, slot: int, position: int) -> Handle:
-        layout, buffers = self.layouts[unit], self.store.units[unit]
-        if self.sharded is not None:
-            owners = [unit] + [b.owner for b in layout.borrowed]
-            return self.sharded.load(unit, slot, [f for f in map(sweep.load_after, owners) if f is not None])
-        flat = self.pool.slots[slot]
-        streamed = unit in self.store.streamed
-        src, read = self.weights.take(position) if streamed else (buffers.compute, None)
-        dsts, srcs, owners = [flat[:layout.numel]], [src], [] if streamed else [unit]
-        for b in layout.borrowed:
-            owner = self.store.units[b.owner].compute
-            dsts.append(flat[b.offset:b.offset + b.owner_slot.numel])
-            srcs.append(owner[b.owner_slot.offset:b.owner_slot.offset + b.owner_slot.numel])
-            owners.append(b.owner)
-        after = [f for f in map(sweep.load_after, owners) if f is not None] + ([read] if streamed else [])
-        handle = self.transfer.h2d(dsts, srcs, after)
-        if streamed:
-            self.weights.copying(position, handle, src)
-        return handle
-
     # -- forward ----------------------------------------------------------------------------
 
-    def _forward_unit(self, sweep: _Sweep, unit: int, slot: int) -> None:
+    def _forward_unit(self, sweep: Sweep, unit: int, slot: int) -> None:
         spec, template = self.specs[unit], self.pool.template(slot, unit)
         if spec.kind is UnitKind.EMBEDDING:
             self._save_rng(sweep, unit)
@@ -235,16 +144,16 @@ class Engine:
             self._forward_block(sweep, unit, slot)
         # The previous block's offload drains during this unit (two rotating buffers, as MEMO).
         for earlier in [u for u in sweep.offloads if u < unit]:
-            self._wait_offload(sweep, earlier)
+            self.traffic.wait_offload(sweep, earlier)
 
-    def _set_hidden(self, sweep: _Sweep, hidden: torch.Tensor | None) -> None:
+    def _set_hidden(self, sweep: Sweep, hidden: torch.Tensor | None) -> None:
         if sweep.hidden is not None:
             self.ledger.release(("hidden", id(sweep.hidden)))
         sweep.hidden = hidden
         if hidden is not None:
-            self.ledger.hold(("hidden", id(hidden)), _nbytes(hidden))
+            self.ledger.hold(("hidden", id(hidden)), nbytes_of(hidden))
 
-    def _forward_block(self, sweep: _Sweep, unit: int, slot: int) -> None:
+    def _forward_block(self, sweep: Sweep, unit: int, slot: int) -> None:
         """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (input to the host)."""
         x, (k, s) = sweep.hidden, sweep.rows[unit]
         rows, template = x.shape[0], self.pool.template(slot, unit)
@@ -255,7 +164,7 @@ class Engine:
                 sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
             host = sweep.checkpoints[unit] = sweep.checkpoints[unit][:rows - k - s]
             handles.append(self.transfer.d2h([host], [x[k + s:] if k + s else x]))
-            moved += _nbytes(host)
+            moved += nbytes_of(host)
         if k:
             kept = sweep.kept[unit] = KeptGraph(self.pool.slots[slot])
             kept.params = self.pool.params(slot, unit)
@@ -285,23 +194,18 @@ class Engine:
         """Rows [start, end) of ``x``; a part of the batch is copied out, so a graph holds its rows, not the batch."""
         return x if (start, end) == (0, x.shape[0]) else x[start:end].clone()
 
-    def _wait_offload(self, sweep: _Sweep, unit: int) -> None:
-        for handle in sweep.offloads.pop(unit):
-            handle.wait_host()
-        self.ledger.release(("offloading", unit))
-
-    def _loss_head(self, sweep: _Sweep, unit: int, slot: int) -> None:
+    def _loss_head(self, sweep: Sweep, unit: int, slot: int) -> None:
         template = self.pool.template(slot, unit)
         loss_sum, grad_hidden, grads = head_forward_backward(
             lambda x: self.specs[unit].call(template, x), self.pool.params(slot, unit), sweep.hidden,
             sweep.labels, loss_divisor=sweep.loss_divisor, chunk_tokens=self.plan.loss_chunk(self.vocab_size))
         sweep.loss_sum = loss_sum
         self._set_hidden(sweep, grad_hidden)  # from here on, "hidden" is the gradient flowing back
-        self._land_grads(sweep, unit, grads)
+        self.traffic.land_grads(sweep, unit, grads)
 
     # -- backward ---------------------------------------------------------------------------
 
-    def _backward_unit(self, sweep: _Sweep, unit: int, slot: int) -> None:
+    def _backward_unit(self, sweep: Sweep, unit: int, slot: int) -> None:
         spec, template = self.specs[unit], self.pool.template(slot, unit)
         grad_y = sweep.hidden
         if spec.kind is UnitKind.EMBEDDING:
@@ -310,7 +214,7 @@ class Engine:
                 y = self._call(sweep, unit, template, sweep.input_ids)
                 grads = torch.autograd.grad(y, params, grad_y)
             self._set_hidden(sweep, None)
-            self._land_grads(sweep, unit, list(grads))
+            self.traffic.land_grads(sweep, unit, list(grads))
             return
         (k, s), rows = sweep.rows[unit], grad_y.shape[0]
         rows_of = lambda start, end: grad_y if (start, end) == (0, rows) else grad_y[start:end]  # noqa: E731
@@ -327,16 +231,16 @@ class Engine:
         grads = parts[0] if len(parts) == 1 else [torch.cat([p[0] for p in parts])] + \
             [functools.reduce(torch.add, g) for g in zip(*(p[1:] for p in parts))]
         self._set_hidden(sweep, grads[0])
-        self._land_grads(sweep, unit, list(grads[1:]))
+        self.traffic.land_grads(sweep, unit, list(grads[1:]))
 
-    def _recompute_backward(self, sweep: _Sweep, unit: int, slot: int, grad_y: torch.Tensor, rows: slice):
+    def _recompute_backward(self, sweep: Sweep, unit: int, slot: int, grad_y: torch.Tensor, rows: slice):
         x = sweep.restored.pop(unit).requires_grad_()
         params = self.pool.params(slot, unit)
         with self._replayed_rng(sweep, unit), torch.enable_grad():
             y = self._call(sweep, unit, self.pool.template(slot, unit), x, rows=rows)
             return torch.autograd.grad(y, [x, *params], grad_y)
 
-    def _call(self, sweep: _Sweep, unit: int, module: nn.Module, x: torch.Tensor,
+    def _call(self, sweep: Sweep, unit: int, module: nn.Module, x: torch.Tensor,
               rows: slice | None = None) -> torch.Tensor:
         """A unit's call; embeddings and blocks also get the batch's extras (the head never needs them),
         sliced to ``rows`` of the batch when a block runs on a part of it."""
@@ -346,60 +250,16 @@ class Engine:
             return spec.call(module, x, **extras)
         return spec.call(module, x)
 
-    def _land_grads(self, sweep: _Sweep, unit: int, grads: list[torch.Tensor]) -> None:
-        """Route a unit's parameter gradients: own ones to its host GRAD buffer, borrowed ones to their owner."""
-        layout = self.layouts[unit]
-        own = grads[:len(layout.own)]
-        for b, g in zip(layout.borrowed, grads[len(layout.own):]):
-            index = next(i for i, p in enumerate(self.layouts[b.owner].own) if p.offset == b.owner_slot.offset)
-            sweep.pending.setdefault(b.owner, []).append((index, g))
-            self.ledger.hold(("pending", b.owner, index), _nbytes(g))
-        for index, g in sweep.pending.pop(unit, []):
-            own[index] = own[index] + g
-            self.ledger.release(("pending", unit, index))
-        if sweep.norm_sq is not None:  # one accumulator: device memory does not grow with depth
-            sweep.norm_sq += torch.stack(torch._foreach_norm(own, 2.0, dtype=torch.float32)).square().sum()
-        while len(sweep.grads) >= _GRADS_IN_FLIGHT:
-            self._wait_grad(sweep)
-        if self.sharded is not None:
-            handle, held_bytes = self.sharded.reduce(unit, own)
-            sweep.grads.append((unit, handle))
-            self.ledger.hold(("grad", unit), held_bytes)
-            sweep.grads_sent(unit, handle.host_waiter())
-            return
-        buffers = self.store.units[unit]
-        flat = self.grads.take(unit) if unit in self.store.streamed else buffers.grad
-        dsts = list(buffers.views(flat).values())
-        handle = self.transfer.d2h(dsts, own)
-        sweep.grads.append((unit, handle))
-        self.ledger.hold(("grad", unit), sum(_nbytes(g) for g in own))
-        if unit not in self.store.streamed:  # a streamed unit's ring buffer is handed on once it landed
-            sweep.grads_sent(unit, handle.host_waiter())
-
-    def _wait_grad(self, sweep: _Sweep) -> None:
-        unit, handle = sweep.grads.popleft()
-        handle.wait_host()
-        self.ledger.release(("grad", unit))
-        if unit in self.store.streamed:
-            sweep.grads_sent(unit, lambda: None)
-
-    def _drain(self, sweep: _Sweep) -> None:
-        while sweep.grads:
-            self._wait_grad(sweep)
-        for unit in list(sweep.offloads):
-            self._wait_offload(sweep, unit)
-        assert not (sweep.pending or sweep.kept or sweep.swapped or sweep.restored), "every unit's backward ran"
-
     # -- randomness for recomputed dropout -----------------------------------------------------
 
-    def _save_rng(self, sweep: _Sweep, unit: int) -> None:
+    def _save_rng(self, sweep: Sweep, unit: int) -> None:
         """Before a stochastic unit's forward: the RNG state its recompute will replay."""
         if self._stochastic[unit]:
             cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
             sweep.rng[unit] = (torch.get_rng_state(), cuda)
 
     @contextlib.contextmanager
-    def _replayed_rng(self, sweep: _Sweep, unit: int):
+    def _replayed_rng(self, sweep: Sweep, unit: int):
         """Run a recompute with the forward's RNG state, leaving the global RNG as it was."""
         if not self._stochastic[unit]:
             yield

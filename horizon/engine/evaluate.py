@@ -16,7 +16,8 @@ from concurrent.futures import Future
 import torch
 import torch.nn.functional as F
 
-from horizon.engine.engine import Engine, _Sweep
+from horizon.engine.engine import Engine
+from horizon.engine.sweep import Sweep
 from horizon.engine.loss import IGNORE_INDEX
 from horizon.engine.slots import assign_slots
 from horizon.models.units import UnitKind
@@ -44,15 +45,15 @@ def forward_loss_sum(engine: Engine, input_ids: torch.Tensor, labels: torch.Tens
 
     ``load_after(unit)``: the future a copy of ``unit``'s weights must wait for (its pending update)."""
     order = list(range(len(engine.specs)))
-    sweep = _Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
+    sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
                    uses=assign_slots(order, engine.pool.num_slots), load_after=load_after, extras=extras or {})
     depth = engine.pool.num_slots - 1
     for position in range(min(depth, len(order))):
-        engine._issue_weights(sweep, position)
+        engine.traffic.issue_weights(sweep, position)
     hidden, loss_sum = input_ids, None
     for position, unit in enumerate(order):
         if position + depth < len(order):
-            engine._issue_weights(sweep, position + depth)
+            engine.traffic.issue_weights(sweep, position + depth)
         for handle in sweep.ready.pop(position):
             handle.wait_device()
         spec, template = engine.specs[unit], engine.pool.template(sweep.uses[position].slot, unit)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from horizon.engine.engine import _GRADS_IN_FLIGHT
+from horizon.engine.traffic import GRADS_IN_FLIGHT
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.plan import ActivationPolicy
 from horizon.store.layout import UnitLayout
@@ -75,7 +75,7 @@ def replay_device_peak(layouts: list[UnitLayout], policies: list[ActivationPolic
             ledger.hold(key, b.owner_slot.numel * itemsize)
         for key in pending.pop(unit, []):
             ledger.release(key)
-        while len(grads) >= _GRADS_IN_FLIGHT:
+        while len(grads) >= GRADS_IN_FLIGHT:
             ledger.release(("grad", grads.popleft()))
         grads.append(unit)
         ledger.hold(("grad", unit), _own_grad_bytes(layouts[unit], itemsize))

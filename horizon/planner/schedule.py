@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable
 
 from horizon.engine.slots import assign_slots
+from horizon.engine.traffic import GRADS_IN_FLIGHT
 from horizon.planner import choice as C
 from horizon.planner.choice import Choice
 from horizon.planner.profile import Profile
@@ -24,8 +25,6 @@ __all__ = ["Term", "Event", "events", "value"]
 
 Term = tuple[tuple[float, int | None, Choice | None], ...]
 """((coefficient, unit, choice), ...): coefficients count when ``unit`` is None or has ``choice``."""
-
-_GRADS_IN_FLIGHT = 2  # as the engine's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +165,7 @@ class _Walk:
         for other in range(len(self.p.units)):
             if any(owner == unit for owner, _ in self.p.units[other].borrowed_grad_bytes):
                 self.emit("release", ("pending", unit, other))
-        while len(self.grads) >= _GRADS_IN_FLIGHT:
+        while len(self.grads) >= GRADS_IN_FLIGHT:
             self.wait_grad()
         self.grad_copy[unit] = self.copy("d2h", _const(cost.grad_bytes))
         self.grads.append(unit)

@@ -151,8 +151,8 @@ def test_eager_updates_match_plain_pytorch():
 
 def _poison(trainer, unit=2):
     """Make one element of a unit's gradient NaN on the device, as the engine lands it."""
-    engine = trainer.engine
-    land_grads = engine._land_grads
+    traffic = trainer.engine.traffic
+    land_grads = traffic.land_grads
 
     def poisoned(sweep, u, grads):
         if u == unit:
@@ -160,7 +160,7 @@ def _poison(trainer, unit=2):
             grads[0].view(-1)[5] = float("nan")
         return land_grads(sweep, u, grads)
 
-    engine._land_grads = poisoned
+    traffic.land_grads = poisoned
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
