@@ -59,6 +59,11 @@ def steps_for(n: int) -> int:
     return max(20, 10 * n)  # at least 10 checkpoints per interval (5 at N=10 left its blocking mean to one outlier)
 
 
+def durable_rate(rows: list[dict]) -> float:
+    """Bytes per second from request to durable commit: the median over runs of each run's median checkpoint."""
+    return median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in rows])
+
+
 def make_batches(num: int, *, batch: int, seq: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 256, (batch, seq), generator=g),
@@ -219,7 +224,7 @@ def main() -> None:
     h = [rows[f"horizon@{n}"] for n in INTERVALS if n >= 2]
     new_files = [rows[f"horizon_new_files@{n}"] for n in INTERVALS if n >= 2]
     same_size_bps = same_size_limit(os.path.join(args.dir, "limit"), h[0]["bytes_per_ckpt"])
-    durable_bps = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in h])
+    durable_bps = durable_rate(h)
     done_bps = median([r["bytes_per_ckpt"] / r["median_done_s"] for r in h])
     writer_bps = median([r["bytes_per_ckpt"] / r["median_write_s"] for r in h])
     print(f"disk limit {limit_bps / 1e9:.2f} GB/s ({limit_tool}); horizon request to durable "
@@ -230,7 +235,7 @@ def main() -> None:
     if same_size_bps:
         print(f"fio writing one checkpoint's bytes to a new file, fsynced (median of 5): {same_size_bps / 1e9:.2f} GB/s; "
               f"horizon's request to durable = {durable_bps / same_size_bps:.2f} of it")
-    new_bps = median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in new_files])
+    new_bps = durable_rate(new_files)
     print(f"without recycling (new files, retired ones deleted): {new_bps / 1e9:.2f} GB/s to durable; recycled "
           f"{durable_bps / new_bps:.2f}x that")
     print("per checkpoint (N>=2, ms): " + ", ".join(

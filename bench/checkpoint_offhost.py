@@ -31,9 +31,10 @@ import os
 import torch
 
 from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
-from checkpoint import make_batches, run, steps_for
+from checkpoint import durable_rate, make_batches, run, steps_for
 from checkpoint_write import disk_limit, same_size_limit
 from overlap import Chain
+
 
 def block_params(dim: int) -> int:
     """Parameters of one block of ``bench/checkpoint.py``'s decoder (attention 4·dim², SwiGLU 3·dim·4dim,
@@ -53,10 +54,6 @@ def rounds(n: int, model, batches, args) -> dict[str, list[dict]]:
             row = run(system, n, model, batches, args)
             rows[system].append(dict(row, r=row["mean_iter_s"] / base["mean_iter_s"]))
     return rows
-
-
-def durable_bps(rows: list[dict]) -> float:
-    return median([r["bytes_per_ckpt"] / r["median_durable_s"] for r in rows])
 
 
 def main() -> None:
@@ -93,7 +90,7 @@ def main() -> None:
     limit_bps, limit_tool, _ = max(limit_before, limit_after, key=lambda m: m[0])
     ours = [r for n in intervals for r in rows[f"horizon@{n}"]]
     same_size_bps = same_size_limit(os.path.join(args.dir, "limit"), ours[0]["bytes_per_ckpt"])
-    bps = {system: durable_bps([r for n in intervals for r in rows[f"{system}@{n}"]]) for system in SYSTEMS}
+    bps = {system: durable_rate([r for n in intervals for r in rows[f"{system}@{n}"]]) for system in SYSTEMS}
     ratios = {"vs_limit": bps["horizon"] / limit_bps,
               "vs_same_size_fio": bps["horizon"] / same_size_bps if same_size_bps else None,
               "new_files_vs_limit": bps["horizon_new_files"] / limit_bps,

@@ -36,25 +36,12 @@ class Disk:
 
         ``direct`` asks for O_DIRECT (bypass the page cache); a file system that refuses it gets an
         ordinary file, and the same aligned writes work on both."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                return os.open(path, flags | os.O_DIRECT, 0o644)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-        return os.open(path, flags, 0o644)
+        return _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct=direct)
 
     def open_existing(self, path: str, *, direct: bool = False) -> int:
         """An existing file for writing over its blocks (a recycled shard file): not truncated, not
         extended; ``direct`` as in ``open_new``."""
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                return os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-        return os.open(path, os.O_WRONLY)
+        return _open(path, os.O_WRONLY, direct=direct)
 
     def write(self, fd: int, data: memoryview, offset: int) -> None:
         """Write all of ``data`` at byte ``offset`` of ``fd`` (thread-safe: positioned, no shared file offset).
@@ -100,3 +87,14 @@ class Disk:
 
     def at(self, point: str) -> None:
         """Called at each of ``PROTOCOL_POINTS``; the real disk does nothing."""
+
+
+def _open(path: str, flags: int, *, direct: bool) -> int:
+    """``os.open`` with O_DIRECT added where asked for and the file system accepts it."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644)
