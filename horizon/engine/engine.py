@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from horizon.engine.activations import HostActivations, KeptGraph
+from horizon.engine.cpu_heap import keep_freed_memory_mapped
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import Plan
@@ -55,6 +56,8 @@ class Engine:
                  transfer: Transfer, weights: WeightStream | None = None, grads: GradRing | None = None,
                  collectives: Collectives | None = None) -> None:
         self.specs, self.store, self.plan = specs, store, plan
+        if device.type == "cpu":
+            keep_freed_memory_mapped()  # a KEEP step's activations are not faulted in again every step
         self.device, self.transfer = device, transfer
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         self.pool = SlotPool([s.module for s in specs], [unit.layout for unit in store.units], num_slots=plan.num_slots, device=device,
