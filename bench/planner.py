@@ -8,8 +8,9 @@ Decoder trained by horizon.Trainer on CPU with TrainConfig(cpu_link_bytes_per_s=
   * greedy        the greedy planner's plan at the same budget (fractions allowed)
   * recompute     every block RECOMPUTE (the baseline: what fits any budget)
   * keep_floor    every block KEEP with the budget lifted (the floor no plan can beat)
-Systems take turns step by step, and every round also measures the units once (so a burst of
-load lands on profile and steps alike). It prints the simulator's prediction for each plan beside
+Systems take turns step by step on one trainer (``PlanSwitch``: one store, optimizer and transfer
+thread, an engine per plan), and every round also measures the units once (so a burst of load
+lands on profile and steps alike). It prints the simulator's prediction for each plan beside
 the measurement, uncalibrated and with one compute scale fitted on recompute and keep_floor
 (horizon.planner.calibrate), and times the MIP (HiGHS when highspy is installed) on an 80-block
 profile (the measured block repeated) at a tight budget, both slot counts.
@@ -37,6 +38,7 @@ import time
 import torch
 
 import horizon
+from horizon.engine.engine import Engine
 from horizon.models import Decoder, decoder_config
 from horizon.planner import Profile, simulate, solve_greedy, solve_mip
 from horizon.planner.apply import to_plan
@@ -95,6 +97,36 @@ def _whole_blocks(profile: Profile) -> Profile:
         for u in profile.units))
 
 
+class PlanSwitch:
+    """Every plan on one trainer: an engine per plan over the trainer's store, swapped in before each of
+    the plan's steps, as plan="auto" swaps it (horizon/auto_plan.py).
+
+    Why not a trainer per plan, as this bench had: in one process, with three or more trainers, the
+    all-KEEP trainer measured 0.91-0.94x all-RECOMPUTE in every run on the AMD VM, slower than the
+    half-KEEP plans beside it, against 0.77-0.83x with two trainers or on one trainer; unexplained
+    (docs/planner.md). On one trainer every plan also meets what a run meets: its step starts while
+    the previous step's updates are still running."""
+
+    def __init__(self, model: torch.nn.Module, link_bytes_per_s: float, plans: dict[str, horizon.Plan]) -> None:
+        self.trainer = t = horizon.Trainer(model, horizon.TrainConfig(cpu_link_bytes_per_s=link_bytes_per_s))
+        t.engine.close()
+        self.engines = {name: Engine(t.engine.specs, t.store, plan=plan, device=t.device, transfer=t.transfer)
+                        for name, plan in plans.items()}
+
+    def step(self, name: str, batch: dict) -> float:
+        self.trainer.engine = self.engines[name]
+        return self.trainer.step(batch).seconds
+
+    def device_peak_bytes(self, name: str) -> int:
+        self.trainer.engine = self.engines[name]
+        return self.trainer.memory().device_peak_bytes
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.trainer.close()
+
+
 def _balance(profile: Profile) -> dict[str, float]:
     """Per block, seconds on the link per second of KEEP compute (forward with autograd + backward):
     ``weights`` for its weights (there and back) and gradients, ``swap`` for its saved activations
@@ -129,14 +161,13 @@ def main(argv=None) -> None:
              "greedy": (to_plan(profile, greedy), greedy.choices, greedy.num_slots)}
     for name, policy in (("recompute", P.RECOMPUTE), ("keep_floor", P.KEEP)):
         plans[name] = (horizon.Plan.uniform(policy), {u: horizon.RowSplit.of(policy) for u in profile.blocks}, 2)
-    trainers = {name: horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link, plan=plan))
-                for name, (plan, _, _) in plans.items()}
+    runs = PlanSwitch(copy.deepcopy(model), link, {name: plan for name, (plan, _, _) in plans.items()})
     data, times, profiles = _batches(a, a.warmup + a.steps), {name: [] for name in plans}, []
     meter = CpuMeter().start()
     for i, batch in enumerate(data):
         round_profile = measure()
-        for name, trainer in trainers.items():
-            seconds = trainer.step(batch).seconds
+        for name in plans:
+            seconds = runs.step(name, batch)
             if i >= a.warmup:
                 times[name].append(seconds)
         if i >= a.warmup:
@@ -144,10 +175,10 @@ def main(argv=None) -> None:
     load = meter.stop()
     profiler.close()
     results, peaks = {}, {}
-    for name, trainer in trainers.items():
+    for name in plans:
         results[name] = median(times[name])
-        peaks[name] = trainer.memory().device_peak_bytes
-        trainer.close()
+        peaks[name] = runs.device_peak_bytes(name)
+    runs.close()
     during = median_profile(profiles)
     fitted = calibrate(during, [(plans[n][1], plans[n][2], results[n]) for n in ("recompute", "keep_floor")])
     predicted = {name: simulate(fitted, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
