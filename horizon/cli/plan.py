@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
               "units": [{"unit": profile.units[u].name, "keep": choices[u].keep, "swap": choices[u].swap,
-                         "recompute": choices[u].recompute, "device_bytes": kept_bytes(profile, u, choices[u]),
+                         "recompute": choices[u].recompute, "input_on_device": choices[u].input_on_device,
+                         "device_bytes": kept_bytes(profile, u, choices[u]),
                          "host_bytes": host_bytes_of(profile, u, choices[u]),
                          "predicted_s": seconds[u]} for u in profile.blocks],
               "baselines": baselines}
@@ -98,10 +99,12 @@ def _print_table(r: dict) -> None:
           f"({'optimal' if r['optimal'] or r['solver'] == 'greedy' else 'time limit reached'}, "
           f"{r['solve_s']:.2f} s to solve)")
     row = "  {:<16} {:>6} {:>6} {:>9} {:>12} {:>12} {:>12}"
-    print("  fractions of the block's rows kept, swapped and recomputed; device bytes held until its backward")
+    print("  fractions of the block's rows kept, swapped and recomputed (d: their input waits on the device);")
+    print("  device bytes held until its backward")
     print(row.format("unit", "keep", "swap", "recompute", "device", "host", "predicted"))
     for u in r["units"]:
-        print(row.format(u["unit"], f"{u['keep']:g}", f"{u['swap']:g}", f"{u['recompute']:g}",
+        recompute = f"{u['recompute']:g}" + (" d" if u["input_on_device"] else "")
+        print(row.format(u["unit"], f"{u['keep']:g}", f"{u['swap']:g}", recompute,
                          format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
                          f"{u['predicted_s'] * 1e3:.1f} ms"))
     print(f"predicted step {r['simulated_step_s']:.4f} s, peak {format_bytes(r['peak_bytes'])}")

@@ -70,7 +70,10 @@ class Engine:
             self.ledger.hold(("slot", slot), self.pool.slot_bytes)
         splits = [plan.split(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
         # Blocks with rows to recompute: their inputs get host buffers.
-        self._recompute_blocks = [u for u, split in enumerate(splits) if split is not None and split.recompute > 0]
+        self._recompute_blocks = [u for u, split in enumerate(splits)
+                                  if split is not None and split.recompute > 0 and not split.input_on_device]
+        self._device_inputs = {u for u, split in enumerate(splits) if split is not None and split.input_on_device}
+        """Blocks whose recomputed rows keep their input on the device (no host copy, no restore)."""
         self._stochastic = [_is_stochastic(s.module) for s in specs]
         self.host_activations = HostActivations(pin=store.pinned)
         self.traffic = Traffic(store, self.pool, transfer=transfer, ledger=self.ledger,
@@ -160,8 +163,11 @@ class Engine:
         """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (input to the host)."""
         x, (k, s) = sweep.hidden, sweep.rows[unit]
         rows, template = x.shape[0], self.pool.template(slot, unit)
-        handles, moved, outputs = [], 0, []
-        if k + s < rows:  # the input of the recomputed rows leaves for the host while the unit computes
+        handles, moved, outputs, held = [], 0, [], 0
+        if k + s < rows and unit in self._device_inputs:  # the recomputed rows' input waits here
+            sweep.restored[unit] = self._part(x, k + s, rows)
+            held += nbytes_of(sweep.restored[unit])
+        elif k + s < rows:  # the input of the recomputed rows leaves for the host while the unit computes
             if sweep.checkpoints is None:
                 buffers = self.host_activations.buffers(len(self._recompute_blocks), tuple(x.shape), x.dtype)
                 sweep.checkpoints = dict(zip(self._recompute_blocks, buffers))
@@ -174,8 +180,10 @@ class Engine:
             kept.x = self._part(x, 0, k).detach().requires_grad_()
             with torch.enable_grad(), kept.hooks():
                 kept.y = self._call(sweep, unit, template, kept.x, rows=slice(0, k))
-            self.ledger.hold(("kept", unit), kept.saved_bytes)
+            held += kept.saved_bytes
             outputs.append(kept.y.detach())
+        if k or unit in self._device_inputs:
+            self.ledger.hold(("kept", unit), held)
         if s:
             graph = sweep.swapped[unit] = SwappedGraph(self.pool.slots[slot])
             call = lambda h: self._call(sweep, unit, template, h, rows=slice(k, k + s))  # noqa: E731
@@ -224,12 +232,13 @@ class Engine:
         parts = []
         if k:
             parts.append(sweep.kept.pop(unit).backward(rows_of(0, k), self.pool.slots[slot]))
-            self.ledger.release(("kept", unit))
         if s:
             parts.append(sweep.swapped.pop(unit).backward(rows_of(k, k + s), self.pool.slots[slot]))
         if k + s < rows:
             parts.append(self._recompute_backward(sweep, unit, slot, rows_of(k + s, rows), slice(k + s, rows)))
-        if s or k + s < rows:
+        if k or unit in self._device_inputs:
+            self.ledger.release(("kept", unit))
+        if s or (k + s < rows and unit not in self._device_inputs):
             self.ledger.release(("input", unit))
         grads = parts[0] if len(parts) == 1 else [torch.cat([p[0] for p in parts])] + \
             [functools.reduce(torch.add, g) for g in zip(*(p[1:] for p in parts))]

@@ -2,8 +2,8 @@
 
 Why a plan object: the engine carries out decisions and never makes them. ``Plan`` is what the
 planner (or a user, by hand) hands it: an activation policy per block, or, MEMO-style, a split
-of the block's batch rows between KEEP, SWAP and RECOMPUTE; the number of device slots and the
-loss-head chunk size. The engine validates it against the model before a step.
+of the block's batch rows between KEEP, SWAP and RECOMPUTE (and where the recomputed rows' input
+waits: host or device); the number of device slots and the loss-head chunk size. The engine validates it against the model before a step.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class RowSplit:
 
     keep: float = 0.0
     swap: float = 0.0
+    input_on_device: bool = False
+    """Where the recomputed rows' input waits for their backward: False = on the host (it crosses the
+    link twice), True = on the device (it holds device memory instead)."""
 
     def __post_init__(self) -> None:
         for name in ("keep", "swap"):
@@ -37,6 +40,11 @@ class RowSplit:
         if self.keep + self.swap > 1 + 1e-9:
             raise ValueError(f"RowSplit keep + swap must be at most 1 (the rest is recomputed), got "
                              f"{self.keep} + {self.swap}")
+        if not isinstance(self.input_on_device, bool):
+            raise ValueError(f"RowSplit.input_on_device must be True or False, got {self.input_on_device!r}")
+        if self.input_on_device and self.recompute == 0:
+            raise ValueError("RowSplit.input_on_device=True needs rows to recompute (keep + swap < 1): "
+                             "it says where their input waits")
 
     @classmethod
     def of(cls, policy: ActivationPolicy) -> "RowSplit":
@@ -48,7 +56,8 @@ class RowSplit:
 
     def __str__(self) -> str:
         whole = {(1.0, 0.0): "keep", (0.0, 1.0): "swap", (0.0, 0.0): "recompute"}.get((self.keep, self.swap))
-        return whole or f"keep {self.keep:g} swap {self.swap:g} recompute {self.recompute:g}"
+        text = whole or f"keep {self.keep:g} swap {self.swap:g} recompute {self.recompute:g}"
+        return text + (" (input on device)" if self.input_on_device else "")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

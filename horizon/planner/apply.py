@@ -42,7 +42,8 @@ def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = 
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
               "loss_chunk_tokens": plan.loss_chunk_tokens,
               "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
-              "splits": {name: {"keep": c.keep, "swap": c.swap} for name, c in plan.splits.items()},
+              "splits": {name: {"keep": c.keep, "swap": c.swap} | ({"input_on_device": True} if c.input_on_device else {})
+                         for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
@@ -76,10 +77,11 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if bad:
         raise ValueError(f"{path}: per_unit policies must be one of {sorted(words)}, got {bad}")
     splits = record.get("splits", {})
-    if not isinstance(splits, dict) or not all(isinstance(v, dict) and set(v) <= {"keep", "swap"}
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and set(v) <= {"keep", "swap", "input_on_device"}
                                                for v in splits.values()):
         raise ValueError(f"{path}: splits must map unit names to {{\"keep\": fraction, \"swap\": fraction}} "
-                         f"(the rest of the rows recomputed), got {splits!r}")
+                         f"(the rest of the rows recomputed; \"input_on_device\": true keeps their input on the "
+                         f"device), got {splits!r}")
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
                 per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
                 splits={k: RowSplit(**v) for k, v in splits.items()},

@@ -15,7 +15,7 @@ from horizon.engine.plan import ActivationPolicy as P
 from horizon.engine.plan import RowSplit
 from horizon.planner.profile import Profile
 
-__all__ = ["Choice", "as_choice", "choices", "kept_bytes", "swapped_bytes", "input_bytes", "host_bytes_of",
+__all__ = ["Choice", "DEVICE_INPUT_RECOMPUTE", "as_choice", "choices", "kept_bytes", "swapped_bytes", "input_bytes", "host_bytes_of",
            "forward_s", "backward_s"]
 
 Choice = RowSplit
@@ -25,13 +25,18 @@ def as_choice(x: P | Choice) -> Choice:
     return x if isinstance(x, RowSplit) else RowSplit.of(x)
 
 
+DEVICE_INPUT_RECOMPUTE = RowSplit(input_on_device=True)
+"""RECOMPUTE with the block input left on the device: no link traffic for it, its bytes held instead.
+Offered for whole blocks only (one more column per block; on every split it would be ten)."""
+
+
 def choices(profile: Profile) -> tuple[Choice, ...]:
-    """KEEP, SWAP, RECOMPUTE, then every split of the rows into KEEP, SWAP and RECOMPUTE at the
-    profile's fractions (keep + swap <= 1)."""
+    """KEEP, SWAP, RECOMPUTE, RECOMPUTE with its input on the device, then every split of the rows into
+    KEEP, SWAP and RECOMPUTE at the profile's fractions (keep + swap <= 1)."""
     levels = (0.0, *profile.fractions, 1.0)
     measured = lambda f: any(abs(f - m) < 1e-9 for m in levels)  # noqa: E731  (the recomputed part too)
     splits = [RowSplit(k, s) for k in levels for s in levels if k + s <= 1 + 1e-9 and measured(1 - k - s)]
-    whole = [RowSplit.of(P.KEEP), RowSplit.of(P.SWAP), RowSplit.of(P.RECOMPUTE)]
+    whole = [RowSplit.of(P.KEEP), RowSplit.of(P.SWAP), RowSplit.of(P.RECOMPUTE), DEVICE_INPUT_RECOMPUTE]
     return (*whole, *(c for c in splits if c not in whole))
 
 
@@ -45,9 +50,11 @@ def _at(profile: Profile, fraction: float, full, at: tuple):
 
 
 def kept_bytes(profile: Profile, unit: int, c: Choice) -> int:
-    """Device bytes the block's kept graph holds until its backward."""
+    """Device bytes the block holds until its backward: its kept graph, and its recomputed rows' input
+    when that stays on the device."""
     cost = profile.units[unit]
-    return _at(profile, c.keep, cost.keep_bytes, cost.keep_bytes_at)
+    device_input = round(c.recompute * profile.hidden_bytes) if c.input_on_device else 0
+    return _at(profile, c.keep, cost.keep_bytes, cost.keep_bytes_at) + device_input
 
 
 def swapped_bytes(profile: Profile, unit: int, c: Choice) -> int:
@@ -57,13 +64,13 @@ def swapped_bytes(profile: Profile, unit: int, c: Choice) -> int:
 
 
 def input_bytes(profile: Profile, c: Choice) -> int:
-    """Bytes of the recomputed rows' input, sent to the host and back."""
-    return round(c.recompute * profile.hidden_bytes)
+    """Bytes of the recomputed rows' input, sent to the host and back (none when it stays on the device)."""
+    return 0 if c.input_on_device else round(c.recompute * profile.hidden_bytes)
 
 
 def host_bytes_of(profile: Profile, unit: int, c: Choice) -> int:
-    """Host bytes the engine parks for the block: swapped bytes, and a whole hidden state for any input."""
-    return swapped_bytes(profile, unit, c) + (profile.hidden_bytes if c.recompute > 0 else 0)
+    """Host bytes the engine parks for the block: swapped bytes, and a whole hidden state for an input it sends."""
+    return swapped_bytes(profile, unit, c) + (profile.hidden_bytes if input_bytes(profile, c) else 0)
 
 
 def _part_s(profile: Profile, unit: int, fraction: float, name: str) -> float:

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from horizon.engine.plan import ActivationPolicy as P
-from horizon.planner.choice import Choice, as_choice
+from horizon.planner.choice import Choice, as_choice, choices
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term, events, value
 
@@ -30,6 +30,16 @@ def chooser(policies: Policies):
     return lambda unit, choice: 1 if chosen[unit] == choice else 0
 
 
+def check_offered(profile: Profile, policies: Policies) -> None:
+    """A ValueError for a choice the profile does not price (the schedule's terms cover only ``choices``)."""
+    offered = set(choices(profile))
+    missing = {u: str(c) for u, p in policies.items() if (c := as_choice(p)) not in offered}
+    if missing:
+        raise ValueError(f"the planner cannot price these choices: {missing}; it prices whole policies, RECOMPUTE "
+                         f"with its input on the device, and row splits at the profile's fractions "
+                         f"{profile.fractions} with their input on the host")
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     step_s: float
@@ -43,6 +53,7 @@ class Prediction:
 
 
 def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction:
+    check_offered(profile, policies)
     choose = chooser(policies)
     now = compute = busy = 0.0
     free = {"h2d": 0.0, "d2h": 0.0}
@@ -132,6 +143,7 @@ def intervals(profile: Profile, num_slots: int) -> list[Interval]:
 
 def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
     """The MIP's objective for one plan: Σ over positions of max(compute, link time)."""
+    check_offered(profile, policies)
     choose, bw = chooser(policies), profile.link_bytes_per_s
     total = 0.0
     for iv in intervals(profile, num_slots):

@@ -54,7 +54,7 @@ def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profil
     rc, r = _plan_json(capsys, ["plan", "--profile", str(profile_path), "--budget", str(budget), "--out", str(out)])
     assert rc == 0 and r["peak_bytes"] <= budget < r["baselines"]["keep"]["peak_bytes"]
     assert r["baselines"]["recompute"]["fits"] and not r["baselines"]["keep"]["fits"]
-    policies = {u: RowSplit(row["keep"], row["swap"]) for u, row in zip(profile.blocks, r["units"])}
+    policies = {u: RowSplit(row["keep"], row["swap"], row["input_on_device"]) for u, row in zip(profile.blocks, r["units"])}
     assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"]), rel=1e-9)
     # Per-unit seconds plus the prologue (weights issued before the first unit) are the step.
     prologue = intervals(profile, r["num_slots"])[0]

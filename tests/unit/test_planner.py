@@ -10,7 +10,8 @@ import pytest
 import horizon
 from horizon.planner import (PlanInfeasible, Profile, UnitCost, UnitRole, model_step_s, peak_bytes, simulate,
                              solve_greedy, solve_mip)
-from horizon.planner.choice import Choice, choices
+from horizon.engine.plan import RowSplit
+from horizon.planner.choice import DEVICE_INPUT_RECOMPUTE, Choice, choices
 from horizon.planner.mip import POLICIES
 from horizon.planner.simulate import chooser, intervals, memory_rows
 
@@ -167,7 +168,8 @@ def test_ties_go_to_the_plan_that_moves_the_fewest_bytes(seed):
     profile = synthetic(rng, 3, link=rng.uniform(50e9, 200e9))
     budget = _budget_between(rng, profile)
     mip = solve_mip(profile, budget, num_slots=(2,), gap=0.0)
-    plans = [dict(zip(profile.blocks, c)) for c in itertools.product(POLICIES, repeat=3)]
+    whole = [RowSplit.of(p) for p in POLICIES] + [DEVICE_INPUT_RECOMPUTE]
+    plans = [dict(zip(profile.blocks, c)) for c in itertools.product(whole, repeat=3)]
     fitting = [p for p in plans if peak_bytes(profile, p, 2) <= budget]
     fastest = min(model_step_s(profile, p, 2) for p in fitting)
     least_link = min(_link_s(profile, p, 2) for p in fitting if model_step_s(profile, p, 2) <= fastest * (1 + 1e-9))
@@ -193,12 +195,14 @@ def test_fractions_never_make_the_optimum_worse(seed):
 
 def test_a_budget_for_half_the_rows_keeps_half_the_rows():
     """One block, a budget that fits KEEP of half its rows and not all, a link too slow to swap: KEEP half
-    the rows (and recompute the other half, which moves half the input) beats every whole policy."""
-    profile = synthetic(random.Random(11), 1, fractions=(0.5,), link=1e7)
+    the rows (and recompute the other half, which moves half the input) beats every whole policy, RECOMPUTE
+    with its input left on the device included (it fits, and is slower here)."""
+    profile = synthetic(random.Random(50), 1, fractions=(0.5,), link=1e8)
     half = {1: Choice(keep=0.5)}
     budget = peak_bytes(profile, half, 2)
     assert peak_bytes(profile, {1: P.KEEP}, 2) > budget
     mip = solve_mip(profile, budget, num_slots=(2,), gap=0.0)
     assert mip.choices == half
+    assert peak_bytes(profile, {1: DEVICE_INPUT_RECOMPUTE}, 2) <= budget
     assert mip.step_s < solve_mip(_without_fractions(profile), budget, num_slots=(2,), gap=0.0).step_s
     assert solve_greedy(profile, budget, num_slots=(2,)).choices == half

@@ -10,7 +10,7 @@ import horizon
 from helpers import batches, horizon_run, rel_err, tiny_decoder
 from horizon.planner import simulate
 from horizon.planner.apply import auto_plan, load_plan, save_plan, to_plan
-from horizon.planner.choice import choices
+from horizon.planner.choice import DEVICE_INPUT_RECOMPUTE, choices
 import horizon.planner.measure
 from horizon.planner.measure import measure_profile
 
@@ -49,6 +49,18 @@ def test_engine_ledger_peak_equals_the_prediction(model_and_profile, seed):
     assert memory.device_peak_bytes == simulate(profile, policies, slots).peak_bytes
 
 
+def test_inputs_left_on_the_device_are_held_as_predicted(model_and_profile):
+    model, profile = model_and_profile
+    policies = {u: DEVICE_INPUT_RECOMPUTE for u in profile.blocks}
+    plan = horizon.Plan(splits={profile.units[u].name: c for u, c in policies.items()})
+    _, _, memory = horizon_run(model, batches(2, batch=BATCH, seq=SEQ), config=horizon.TrainConfig(plan=plan))
+    assert memory.device_peak_bytes == simulate(profile, policies, 2).peak_bytes
+    # A split whose recomputed rows keep their input on the device runs (tests/parity/test_device_input.py),
+    # but the planner does not offer it, so it cannot price it either.
+    with pytest.raises(ValueError, match="cannot price"):
+        simulate(profile, {u: horizon.RowSplit(keep=0.5, input_on_device=True) for u in profile.blocks}, 2)
+
+
 def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile):
     model, profile = model_and_profile
     data = batches(3, batch=BATCH, seq=SEQ)
@@ -84,8 +96,9 @@ def test_auto_plan_calibrates_on_the_measured_step(model_and_profile, monkeypatc
 
 def test_plan_file_round_trip_drives_the_trainer(tmp_path, model_and_profile):
     model, profile = model_and_profile
-    plan = horizon.Plan(per_unit={"layers.0": P.SWAP, "layers.2": P.KEEP},
-                        splits={"layers.1": horizon.RowSplit(keep=0.5, swap=0.5), "layers.3": horizon.RowSplit(swap=0.5)},
+    plan = horizon.Plan(per_unit={"layers.0": P.SWAP},
+                        splits={"layers.1": horizon.RowSplit(keep=0.5, swap=0.5), "layers.3": horizon.RowSplit(swap=0.5),
+                                "layers.2": horizon.RowSplit(input_on_device=True)},
                         num_slots=3)
     path = tmp_path / "plan.json"
     save_plan(path, plan, profile=profile, budget_bytes=10**7)
@@ -113,5 +126,10 @@ def test_bad_plan_configs_are_value_errors(tmp_path):
     bad.write_text('{"format": "horizon-plan/1", "splits": {"layers.0": {"keep": 0.75, "swap": 0.5}}}')
     with pytest.raises(ValueError, match="at most 1"):
         load_plan(bad)
+    bad.write_text('{"format": "horizon-plan/1", "splits": {"layers.0": {"input_on_device": "yes"}}}')
+    with pytest.raises(ValueError, match="input_on_device must be True or False"):
+        load_plan(bad)
+    with pytest.raises(ValueError, match="needs rows to recompute"):
+        horizon.RowSplit(keep=0.5, swap=0.5, input_on_device=True)
     with pytest.raises(ValueError, match="two weight slots"):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=1000))
