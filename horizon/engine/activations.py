@@ -5,7 +5,8 @@ are views into a slot that will hold other units by the time backward runs. ``Ke
 therefore saves every tensor that aliases the slot as its place in the slot (offset, size,
 stride) and, in backward, reads it from whichever slot holds the unit then: the weights are the
 same because the optimizer has not run yet. Everything else it saves is a real activation and is
-counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations``; SWAP
+counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations`` (or left on the
+device, ``RowSplit(input_on_device=True)``); SWAP
 (``swap.py``) keeps the saved tensors there too.
 """
 

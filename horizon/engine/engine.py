@@ -160,7 +160,8 @@ class Engine:
             self.ledger.hold(("hidden", id(hidden)), nbytes_of(hidden))
 
     def _forward_block(self, sweep: Sweep, unit: int, slot: int) -> None:
-        """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (input to the host)."""
+        """Rows [0, k) under a KEEP graph, [k, k + s) under a SWAP graph, the rest recomputed (their input to
+        the host, or held on the device for ``RowSplit(input_on_device=True)``)."""
         x, (k, s) = sweep.hidden, sweep.rows[unit]
         rows, template = x.shape[0], self.pool.template(slot, unit)
         handles, moved, outputs, held = [], 0, [], 0

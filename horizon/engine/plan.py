@@ -3,7 +3,8 @@
 Why a plan object: the engine carries out decisions and never makes them. ``Plan`` is what the
 planner (or a user, by hand) hands it: an activation policy per block, or, MEMO-style, a split
 of the block's batch rows between KEEP, SWAP and RECOMPUTE (and where the recomputed rows' input
-waits: host or device); the number of device slots and the loss-head chunk size. The engine validates it against the model before a step.
+waits: host or device); the number of device slots and the loss-head chunk size. The engine
+validates it against the model before a step.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = 
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
               "loss_chunk_tokens": plan.loss_chunk_tokens,
               "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
-              "splits": {name: {"keep": c.keep, "swap": c.swap} | ({"input_on_device": True} if c.input_on_device else {})
-                         for name, c in plan.splits.items()},
+              "splits": {name: {"keep": c.keep, "swap": c.swap}
+                         | ({"input_on_device": True} if c.input_on_device else {}) for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:

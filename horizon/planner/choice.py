@@ -15,8 +15,8 @@ from horizon.engine.plan import ActivationPolicy as P
 from horizon.engine.plan import RowSplit
 from horizon.planner.profile import Profile
 
-__all__ = ["Choice", "DEVICE_INPUT_RECOMPUTE", "as_choice", "choices", "kept_bytes", "swapped_bytes", "input_bytes", "host_bytes_of",
-           "forward_s", "backward_s"]
+__all__ = ["Choice", "DEVICE_INPUT_RECOMPUTE", "as_choice", "choices", "kept_bytes", "swapped_bytes", "input_bytes",
+           "host_bytes_of", "forward_s", "backward_s"]
 
 Choice = RowSplit
 

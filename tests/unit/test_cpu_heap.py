@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[1] == "off":
         engine_module.keep_freed_memory_mapped = lambda: False
     torch.manual_seed(0)
-    model = Decoder(decoder_config("small", dim=256, num_layers=6, num_heads=8, num_kv_heads=4, vocab_size=1024, ffn_dim=None))
+    cfg = decoder_config("small", dim=256, num_layers=6, num_heads=8, num_kv_heads=4, vocab_size=1024, ffn_dim=None)
+    model = Decoder(cfg)
     trainer = horizon.Trainer(model, horizon.TrainConfig(plan="keep"))
     x = torch.randint(0, 1024, (4, 256))
     for _ in range(3):  # the heap reaches its peak
