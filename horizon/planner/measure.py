@@ -6,8 +6,8 @@ structure is timed once (identical blocks share it): forward without autograd, f
 autograd under the KEEP hooks, backward from the kept graph; medians after two warm-ups. Saved
 bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, also for each
 row fraction the engine can execute at this batch (a copy of the first f·B rows, as the engine
-runs it), and so are the seconds of such a part; the link is timed through the engine's own transfer (throttled on CPU, a
-copy stream on CUDA).
+runs it), and so are the seconds of such a part, timed in the same rounds as the whole block; the
+link is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -99,8 +100,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
         if spec.kind is UnitKind.BLOCK:
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
-                timed[key] = _time_block(run, hidden, params, slot, median_s, medians_s)
-                timed[key].update(_time_parts(run, hidden, params, slot, median_s, medians_s, levels))
+                timed[key] = _time_block(run, hidden, params, slot, medians_s, levels)
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -119,10 +119,15 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                    duplex=device.type == "cuda", tokens=batch_size * seq_len, fractions=levels)
 
 
-def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
-    with torch.no_grad():
-        fwd_s = median_s(lambda: run(hidden))
+def _block_timers(run, hidden, params, slot) -> tuple[list, Callable[[list[float]], dict]]:
+    """The three things ``_time_block`` times for a block on ``hidden`` (forward without autograd, KEEP
+    forward, its backward), and how to turn their medians into the block's costs."""
     graphs: list[KeptGraph] = []  # at most one: each backward consumes the graph the forward before it made
+    grad_y, keep_bytes = torch.ones_like(hidden), []
+
+    def forward() -> None:
+        with torch.no_grad():
+            run(hidden)
 
     def forward_keep() -> None:
         kept = KeptGraph(slot)
@@ -131,29 +136,32 @@ def _time_block(run, hidden, params, slot, median_s, medians_s) -> dict:
             kept.y = run(kept.x)
         graphs.append(kept)
 
-    grad_y = torch.ones_like(hidden)
-    keep_bytes = []
-
     def backward() -> None:
         kept = graphs.pop()
         keep_bytes.append(kept.saved_bytes)
         kept.backward(grad_y, slot)
 
-    fwd_grad_s, bwd_s = medians_s([forward_keep, backward])
-    keep_bytes = keep_bytes[-1]
-    swapped = SwappedGraph(slot)
-    swapped.forward(run, hidden, params)
-    return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes,
-            "swap_bytes": swapped.nbytes}
+    def costs(seconds: list[float]) -> dict:
+        swapped = SwappedGraph(slot)
+        swapped.forward(run, hidden, params)
+        fwd_s, fwd_grad_s, bwd_s = seconds
+        return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes[-1],
+                "swap_bytes": swapped.nbytes}
+
+    return [forward, forward_keep, backward], costs
 
 
-def _time_parts(run, hidden, params, slot, median_s, medians_s, levels: tuple[float, ...]) -> dict:
-    """Every cost of ``_time_block`` for the first f·B rows, copied out as the engine does, per level f:
-    small parts run less efficiently than a share of the whole, and not every saved tensor is per row."""
-    parts = [_time_block(run, hidden[:round(f * hidden.shape[0])].clone(), params, slot, median_s, medians_s)
-             for f in levels]
-    return {f"{name}_at": tuple(p[name] for p in parts)
-            for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
+def _time_block(run, hidden, params, slot, medians_s, levels: tuple[float, ...]) -> dict:
+    """The block's costs on the whole batch and, per level f, on its first f·B rows copied out as the
+    engine does them (small parts run less efficiently than a share of the whole, and not every saved
+    tensor is per row). All of them are timed in the same rounds, in turn: the planner weighs a split
+    against whole blocks by the ratio of these times, so they share the machine's state of each round."""
+    sizes = [hidden] + [hidden[:round(f * hidden.shape[0])].clone() for f in levels]
+    timers = [_block_timers(run, h, params, slot) for h in sizes]
+    seconds = medians_s([fn for fns, _ in timers for fn in fns])
+    whole, *parts = [costs(seconds[3 * i:3 * i + 3]) for i, (_, costs) in enumerate(timers)]
+    return whole | {f"{name}_at": tuple(p[name] for p in parts)
+                    for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
 
 
 def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
