@@ -30,8 +30,9 @@ import torch
 from horizon.checkpoint.commit import abandon, clean_leftovers, new_inflight_dir, publish, retain, write_manifest
 from horizon.checkpoint.config import CheckpointConfig
 from horizon.checkpoint.disk import Disk
-from horizon.checkpoint.manifest import build_manifest, layout_hash, layout_of, tensor_name
-from horizon.checkpoint.ranks import RankGroup, sharded_file_name
+from horizon.checkpoint.contents import Contents
+from horizon.checkpoint.manifest import layout_hash, layout_of
+from horizon.checkpoint.ranks import RankGroup
 from horizon.checkpoint.recycle import FilePool
 from horizon.checkpoint.shard import QUEUE_DEPTH, PendingShard, start_shard
 from horizon.checkpoint.snapshot import ROLES, Snapshot
@@ -100,9 +101,10 @@ class Checkpointer:
             log.info("removed leftovers of an earlier run in %s: %s", self.root, removed)
         self.pool = FilePool(self.root, self.disk) if config.recycle_files else None
         """Shard files of retired checkpoints, written over by the next ones (``recycle.py``)."""
-        self.layout = layout_of(store, param_names)
-        self.layout_hash = layout_hash(self.layout)
-        self.model_config = model_config
+        layout = layout_of(store, param_names)
+        self.layout_hash = layout_hash(layout)
+        self.contents = Contents(store, layout, ranks=ranks, model_config=model_config)
+        """What the files hold: shard names, each unit's tensors, the manifest (``contents.py``)."""
         slot_bytes, num_slots = staging_plan(config, [u.layout for u in store.units],
                                              world_size=ranks.world_size if ranks else 1)
         self.ring = StagingRing(slot_bytes=slot_bytes, num_slots=num_slots)
@@ -267,7 +269,7 @@ class Checkpointer:
         try:
             for index, unit in enumerate(snapshot.order):
                 snapshot.wait_started(unit, deadline_s)
-                path = os.path.join(inflight, self._file_name(index, len(snapshot.order)))
+                path = os.path.join(inflight, self.contents.file_name(index, len(snapshot.order)))
                 pending, where = self._start_unit(snapshot, unit, path, deadline_s)
                 flight.shards.append(pending)
                 if flight.first_write_s is None:
@@ -293,21 +295,9 @@ class Checkpointer:
         written["waited_s"] = snapshot.writer_waited_s
         return written
 
-    def _file_name(self, index: int, n: int) -> str:
-        if self.ranks is None:
-            return f"shard-{index:05d}-of-{n:05d}.safetensors"
-        return sharded_file_name(index, n, self.ranks.rank, self.ranks.world_size)
-
     def _manifest(self, flight: _Flight, everyone: list[dict]) -> dict:
-        """The manifest over every rank's files."""
-        snapshot = flight.snapshot
-        files = {name: n for written in everyone for name, n in written["files"].items()}
-        tensors = {name: r for written in everyone for name, r in written["tensors"].items()}
-        train_state = dict(flight.train_state, adam_steps=[snapshot.adam_step[u] for u in range(len(self.store.units))])
-        return build_manifest(step=snapshot.step, layout=self.layout, files=files, tensors=tensors,
-                              train_state=train_state, model_config=self.model_config,
-                              timing={"requested_unix_s": flight.requested_unix_s, "written_unix_s": time.time()},
-                              world_size=self.ranks.world_size if self.ranks else 1)
+        return self.contents.manifest(flight.snapshot, train_state=flight.train_state,
+                                      requested_unix_s=flight.requested_unix_s, everyone=everyone)
 
     def _commit(self, flight: _Flight, inflight: str, everyone: list[dict]) -> str:
         """The manifest (a sharded run's: over every rank's files; a single process wrote it already), the
@@ -329,13 +319,10 @@ class Checkpointer:
 
     def _start_unit(self, snapshot: Snapshot, unit: int, path: str, deadline_s: float) -> tuple[PendingShard, dict]:
         """Queue ``unit``'s shard and compute its CRCs; (the pending shard, where each tensor comes from)."""
-        if self.ranks is not None:
-            named, where = self._shard_tensors(snapshot, unit)
-        else:
-            named, where = self._param_tensors(snapshot, unit)
-        metadata = {"format": "horizon-ckpt", "step": str(snapshot.step), "unit": self.layout[unit]["name"]}
-        pending = start_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata, disk=self.disk,
-                              writers=self._writers, deadline_s=deadline_s, pool=self.pool,
+        named, where = self.contents.tensors(snapshot, unit)
+        metadata = self.contents.metadata(snapshot, unit)
+        pending = start_shard(path, named, buffer=snapshot.staged_slot(unit), metadata=metadata,
+                              disk=self.disk, writers=self._writers, deadline_s=deadline_s, pool=self.pool,
                               staged=lambda nbytes: snapshot.wait_copied(unit, nbytes, deadline_s))
         return pending, where
 
@@ -349,29 +336,6 @@ class Checkpointer:
         except BaseException:
             snapshot.abort()
             raise
-
-    def _param_tensors(self, snapshot: Snapshot, unit: int) -> tuple[list, dict]:
-        """The whole unit, one tensor per parameter and role (format 1's records)."""
-        named, where = [], {}
-        for role in ROLES:
-            flat = snapshot.staged_view(unit, role)
-            for p in self.layout[unit]["params"]:
-                name = tensor_name(p["name"], role)
-                numel = int(torch.Size(p["shape"]).numel())
-                named.append((name, flat[p["offset"]:p["offset"] + numel].view(p["shape"])))
-                where[name] = {"unit": unit, "role": role, "offset": p["offset"], "param": p["name"]}
-        return named, where
-
-    def _shard_tensors(self, snapshot: Snapshot, unit: int) -> tuple[list, dict]:
-        """This rank's flat shard of the unit, one tensor per role: elements [start, start + shard numel),
-        zero-padded past the unit's end (format 2's slice records)."""
-        start = self.store.units[unit].shard_start
-        named, where = [], {}
-        for role in ROLES:
-            name = f"{self.layout[unit]['name']}.{role}@{start}"
-            named.append((name, snapshot.staged_view(unit, role)))
-            where[name] = {"unit": unit, "role": role, "offset": start, "param": None}
-        return named, where
 
     def close(self) -> None:
         self.wait()
