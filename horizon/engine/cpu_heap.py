@@ -17,7 +17,6 @@ does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 __all__ = ["keep_freed_memory_mapped", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES"]
@@ -33,14 +32,11 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1
 @functools.cache
 def keep_freed_memory_mapped() -> bool:
     """Set glibc's mmap and trim thresholds (once per process); False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-            return False
+        libc = ctypes.CDLL(None)  # the symbols this process already has (no ldconfig subprocess)
     except OSError:
+        return False
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
     ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     return libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
