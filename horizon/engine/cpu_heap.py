@@ -7,8 +7,9 @@ the kernel zero-fills them page by page. A step of the planner bench with every 
 12 blocks, 1024 tokens, 286 MB of kept activations) took 37-50 thousand minor page faults, against
 1 for all-RECOMPUTE, and took 0.605 s against 0.541 s without them (docs/planner.md). A GPU's
 caching allocator reuses its blocks; this gives the CPU device the same: allocations up to glibc's
-largest mmap threshold (32 MiB on 64-bit) come from the heap, and the heap is never trimmed, so the process keeps its
-peak heap, which every step needs again. Chunks above 32 MiB are still mapped per allocation.
+largest mmap threshold (32 MiB on 64-bit) come from the heap, and the heap is never trimmed, so
+the process keeps its peak heap, which every step needs again. Chunks above 32 MiB are still mapped
+per allocation.
 
 It sets process-wide allocator parameters (``mallopt``), once, and only under glibc; elsewhere it
 does nothing.
