@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--link-gbps", type=float, default=0.5,
                    help="throttled link, GB/s (0.5: a PCIe-like balance for the default shape on a 2-core CPU)")
+    p.add_argument("--one-queue", action="store_true",
+                   help="one copy queue for both directions (before session 8) instead of a duplex link")
     p.add_argument("--budget-frac", type=float, default=0.5,
                    help="device budget between all-RECOMPUTE's peak (0) and all-KEEP's (1)")
     p.add_argument("--out", default=str(RESULTS_DIR / "planner.json"))
@@ -107,8 +109,8 @@ class PlanSwitch:
     (docs/planner.md). On one trainer every plan also meets what a run meets: its step starts while
     the previous step's updates are still running."""
 
-    def __init__(self, model: torch.nn.Module, link_bytes_per_s: float, plans: dict[str, horizon.Plan]) -> None:
-        self.trainer = t = horizon.Trainer(model, horizon.TrainConfig(cpu_link_bytes_per_s=link_bytes_per_s))
+    def __init__(self, model: torch.nn.Module, link: dict, plans: dict[str, horizon.Plan]) -> None:
+        self.trainer = t = horizon.Trainer(model, horizon.TrainConfig(**link))
         t.engine.close()
         self.engines = {name: Engine(t.engine.specs, t.store, plan=plan, device=t.device, transfer=t.transfer)
                         for name, plan in plans.items()}
@@ -143,8 +145,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
                                    num_kv_heads=4, ffn_dim=None))
-    link = a.link_gbps * 1e9
-    profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=link))
+    link = {"cpu_link_bytes_per_s": a.link_gbps * 1e9, "cpu_link_duplex": not a.one_queue}
+    profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link))
 
     def measure() -> Profile:
         return measure_profile(profiler.engine.specs, profiler.store, device=profiler.device,

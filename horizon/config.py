@@ -52,6 +52,9 @@ class TrainConfig:
     """Page-lock the buffers that cross PCIe (CUDA only; falls back with a warning if short)."""
     cpu_link_bytes_per_s: float | None = None
     """device="cpu" only: throttle the transfer thread to this bandwidth (to model a PCIe link)."""
+    cpu_link_duplex: bool = False
+    """device="cpu" only: copies to and from the "device" run at once on two threads, each direction at
+    cpu_link_bytes_per_s, as over PCIe with a GPU's two copy engines; False = one queue for both."""
     checkpoint: CheckpointConfig | None = None
     """Asynchronous checkpoints (horizon.CheckpointConfig); None = none."""
     resume: bool = False
@@ -108,6 +111,11 @@ class TrainConfig:
                                  "it has no meaning on CUDA")
             if not self.cpu_link_bytes_per_s > 0:
                 raise ValueError(f"TrainConfig.cpu_link_bytes_per_s must be positive, got {self.cpu_link_bytes_per_s}")
+        if not isinstance(self.cpu_link_duplex, bool):
+            raise ValueError(f"TrainConfig.cpu_link_duplex must be True or False, got {self.cpu_link_duplex!r}")
+        if self.cpu_link_duplex and device.type != "cpu":
+            raise ValueError("TrainConfig.cpu_link_duplex models two copy engines on device='cpu'; "
+                             "CUDA copies are duplex already: leave it False")
         if self.checkpoint is not None and not isinstance(self.checkpoint, CheckpointConfig):
             raise ValueError(f"TrainConfig.checkpoint must be a horizon.CheckpointConfig or None, "
                              f"got {type(self.checkpoint).__name__}")

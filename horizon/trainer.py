@@ -154,7 +154,8 @@ class Trainer:
         self.vocab_size = specs[0].module.num_embeddings
         self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
-        self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s)
+        self.transfer = transfer or make_transfer(device, bandwidth_bytes_per_s=config.cpu_link_bytes_per_s,
+                                                     duplex=config.cpu_link_duplex)
         self.collectives = self.data_parallel if sharded else None
         """ZeRO-3 (shard_optimizer_state under torchrun): what the engine gathers and reduce-scatters with."""
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,

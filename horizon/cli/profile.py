@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where units compute")
     parser.add_argument("--cpu-link-gbps", type=float,
                         help="device=cpu only: throttle the transfer thread to this many GB/s (1e9 bytes/s)")
+    parser.add_argument("--cpu-link-duplex", action="store_true",
+                        help="device=cpu only: copies to and from the device at once, each direction at the "
+                             "link's GB/s (a GPU's two copy engines)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="timed rounds, each one unit measurement and one real step (count; after 2 warm-up rounds)")
     parser.add_argument("--out", required=True, help="profile JSON to write (path)")
@@ -52,6 +55,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--num-layers must be positive, got {args.num_layers}")
     if args.cpu_link_gbps is not None and (args.device != "cpu" or not args.cpu_link_gbps > 0):
         parser.error("--cpu-link-gbps needs --device cpu and a positive number of GB/s")
+    if args.cpu_link_duplex and args.device != "cpu":
+        parser.error("--cpu-link-duplex needs --device cpu (CUDA copies are duplex already)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
 
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     model = spec.build(args.num_layers or spec.num_layers)
     link = args.cpu_link_gbps * 1e9 if args.cpu_link_gbps else None
-    config = horizon.TrainConfig(device=args.device, plan="recompute", cpu_link_bytes_per_s=link)
+    config = horizon.TrainConfig(device=args.device, plan="recompute", cpu_link_bytes_per_s=link,
+                                 cpu_link_duplex=args.cpu_link_duplex)
     g = torch.Generator().manual_seed(0)
     profiles, steps_s = [], []
     with horizon.Trainer(model, config) as trainer:
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     measured_s = statistics.median(steps_s)
     profile = calibrate(profile, [(recompute, 2, measured_s)])
     record = {"format": FORMAT, "model": spec.description, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "device": args.device, "cpu_link_bytes_per_s": link, "torch": torch.__version__,
+              "device": args.device, "cpu_link_bytes_per_s": link,
+              "cpu_link_duplex": args.cpu_link_duplex, "torch": torch.__version__,
               "calibration": {"plan": "recompute", "num_slots": 2, "measured_step_s": measured_s},
               "profile": profile.to_dict()}
     with open(args.out, "w") as f:

@@ -75,8 +75,11 @@ class Transfer:
     """The interface the engine uses; see the two implementations below.
 
     ``after``: host futures (pending optimizer updates of the source) the copy must wait for;
-    the caller does not block on them.
+    the caller does not block on them. ``duplex``: whether copies to and from the device run at
+    once, each at the full bandwidth (a GPU's two copy engines), or share one queue.
     """
+
+    duplex: bool = False
 
     def h2d(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
             after: Sequence[concurrent.futures.Future] = ()) -> Handle:
@@ -129,15 +132,24 @@ def _copy_all(dsts, srcs) -> None:
 
 
 class CpuTransfer(Transfer):
-    """A single transfer thread; copies run in submission order, like one DMA engine."""
+    """A transfer thread; copies run in submission order, like one DMA engine.
+
+    ``duplex=True``: a second thread for copies to the host, as a GPU has a copy engine per
+    direction; each direction is throttled to ``bandwidth_bytes_per_s`` on its own. Collectives
+    (sharded loads and gradient reductions) all stay on the first thread, so every rank issues them
+    in the engine's order.
+    """
 
     def __init__(self, *, bandwidth_bytes_per_s: float | None = None,
-                 delay_s: Callable[[], float] | None = None) -> None:
+                 delay_s: Callable[[], float] | None = None, duplex: bool = False) -> None:
         if bandwidth_bytes_per_s is not None and bandwidth_bytes_per_s <= 0:
             raise ValueError(f"bandwidth_bytes_per_s must be positive, got {bandwidth_bytes_per_s}")
         self.bandwidth_bytes_per_s = bandwidth_bytes_per_s
         self.delay_s = delay_s
+        self.duplex = duplex
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-transfer")
+        self._d2h_pool = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-d2h")
+                          if duplex else self._pool)
 
     def _wait(self, after) -> float:
         """Wait for ``after`` and the delay hook; the start time the throttle counts from."""
@@ -164,7 +176,7 @@ class CpuTransfer(Transfer):
         return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs), list(after)))
 
     def d2h(self, dsts, srcs) -> Handle:
-        return Handle(future=self._pool.submit(self._run, list(dsts), list(srcs)))
+        return Handle(future=self._d2h_pool.submit(self._run, list(dsts), list(srcs)))
 
     def _gather(self, gathers, copies, after) -> None:
         start = self._wait(after)
@@ -188,6 +200,7 @@ class CpuTransfer(Transfer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._d2h_pool.shutdown(wait=True)
 
 
 class CudaTransfer(Transfer):
@@ -196,6 +209,8 @@ class CudaTransfer(Transfer):
     Each copy first waits for an event recorded on the compute stream at submission, so a buffer
     the compute stream is still reading or has just allocated is never overwritten early.
     """
+
+    duplex = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -280,9 +295,10 @@ class CudaTransfer(Transfer):
 
 
 def make_transfer(device: torch.device, *, bandwidth_bytes_per_s: float | None = None,
-                  delay_s: Callable[[], float] | None = None) -> Transfer:
+                  delay_s: Callable[[], float] | None = None, duplex: bool = False) -> Transfer:
     if device.type == "cuda":
-        if bandwidth_bytes_per_s is not None or delay_s is not None:
-            raise ValueError("the transfer throttle and delay hook exist only for device='cpu'")
+        if bandwidth_bytes_per_s is not None or delay_s is not None or duplex:
+            raise ValueError("the transfer throttle, delay hook and duplex switch exist only for device='cpu' "
+                             "(CUDA copies are duplex already)")
         return CudaTransfer(device)
-    return CpuTransfer(bandwidth_bytes_per_s=bandwidth_bytes_per_s, delay_s=delay_s)
+    return CpuTransfer(bandwidth_bytes_per_s=bandwidth_bytes_per_s, delay_s=delay_s, duplex=duplex)

@@ -116,7 +116,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                                                         for b in layout.borrowed), **times))
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
-                   duplex=device.type == "cuda", tokens=batch_size * seq_len, fractions=levels)
+                   duplex=transfer.duplex, tokens=batch_size * seq_len, fractions=levels)
 
 
 def _block_timers(run, hidden, params, slot) -> tuple[list, Callable[[list[float]], dict]]:

@@ -35,11 +35,11 @@ def test_device_input_is_bitwise_host_input_and_keep():
 
 def test_a_split_with_its_recomputed_rows_input_on_the_device_is_bitwise_the_host_one():
     """Half the rows kept, the other half recomputed from an input on the device or on the host; a slow,
-    randomly delayed link reorders the host copies against compute."""
+    randomly delayed duplex link reorders the host copies against compute and each other."""
     rng = random.Random(0)
     model = tiny_decoder(num_layers=4)
     data = batches(2, batch=2)
-    slow = CpuTransfer(bandwidth_bytes_per_s=50e6, delay_s=lambda: rng.uniform(0, 0.002))
+    slow = CpuTransfer(bandwidth_bytes_per_s=50e6, delay_s=lambda: rng.uniform(0, 0.002), duplex=True)
     host = horizon.Plan(splits={n: horizon.RowSplit(keep=0.5) for n in NAMES})
     mixed = horizon.Plan(splits={"layers.0": horizon.RowSplit(keep=0.5, input_on_device=True),
                                  "layers.1": DEVICE_INPUT, "layers.3": horizon.RowSplit(keep=0.5)})

@@ -36,8 +36,10 @@ def test_swap_matches_plain_pytorch():
     assert all(rel_err(state[k], ref_state[k]) <= 1e-6 for k in ref_state)
 
 
-def test_mixed_plan_with_swap_and_a_slow_link_is_bitwise_keep():
-    """A throttled link with random delays reorders every copy against compute; no number moves."""
+@pytest.mark.parametrize("duplex", [False, True])
+def test_mixed_plan_with_swap_and_a_slow_link_is_bitwise_keep(duplex):
+    """A throttled link with random delays reorders every copy against compute; no number moves.
+    Duplex: swaps out and restores run on two threads, each direction at the full bandwidth."""
     import random
 
     rng = random.Random(0)
@@ -45,7 +47,7 @@ def test_mixed_plan_with_swap_and_a_slow_link_is_bitwise_keep():
     data = batches(2)
     mixed = horizon.Plan(per_unit={"layers.0": P.SWAP, "layers.1": P.KEEP, "layers.2": P.SWAP,
                                    "layers.3": P.RECOMPUTE, "layers.4": P.SWAP})
-    slow = CpuTransfer(bandwidth_bytes_per_s=50e6, delay_s=lambda: rng.uniform(0, 0.002))
+    slow = CpuTransfer(bandwidth_bytes_per_s=50e6, delay_s=lambda: rng.uniform(0, 0.002), duplex=duplex)
     assert _equal(_run(model, data, mixed, transfer=slow), _run(model, data, "keep"))
 
 

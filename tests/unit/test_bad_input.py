@@ -50,6 +50,8 @@ def test_bad_batches_are_refused_and_change_nothing(trainer, batch, match):
     (dict(compute_dtype=torch.float16), "loss scaling"),
     (dict(optimizer="adam"), "horizon.AdamW"),
     (dict(cpu_link_bytes_per_s=-1.0), "positive"),
+    (dict(cpu_link_duplex=1), "True or False"),
+    (dict(device="cuda", cpu_link_duplex=True), "duplex already"),
     (dict(grad_accum_steps=0), "grad_accum_steps"),
     (dict(grad_accum_steps=2.0), "grad_accum_steps"),
     (dict(on_nonfinite="warn"), "on_nonfinite"),

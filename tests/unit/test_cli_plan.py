@@ -22,7 +22,7 @@ LAYERS, BATCH, SEQ = 3, 2, 32
 def profile_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("profile") / "profile.json"
     rc = main(["profile", "--model", "tiny", "--num-layers", str(LAYERS), "--seq-len", str(SEQ), "--batch-size",
-               str(BATCH), "--device", "cpu", "--cpu-link-gbps", "0.5", "--rounds", "2", "--out", str(path)])
+               str(BATCH), "--device", "cpu", "--cpu-link-gbps", "0.5", "--cpu-link-duplex", "--rounds", "2", "--out", str(path)])
     assert rc == 0
     return path
 
@@ -39,6 +39,7 @@ def test_profile_file_holds_exact_bytes_and_its_calibration(profile_path):
     dim = horizon.models.decoder_config("tiny").dim
     assert [u.name for u in profile.units] == ["embed_tokens", *(f"layers.{i}" for i in range(LAYERS)), "lm_head"]
     assert profile.hidden_bytes == BATCH * SEQ * dim * 4 and profile.tokens == BATCH * SEQ
+    assert record["cpu_link_duplex"] and profile.duplex  # the link was measured as two copy engines
     block_bytes = sum(p.numel() for p in tiny_decoder(num_layers=LAYERS).layers[0].parameters()) * 4
     assert all(profile.units[u].weight_bytes == block_bytes for u in profile.blocks)
     # The compute scale makes the simulator reproduce the measured all-RECOMPUTE step.
@@ -88,3 +89,5 @@ def test_bad_inputs_say_what_to_do(profile_path, tmp_path, capsys):
         main(["plan", "--profile", str(profile_path), "--budget", "1GiB", "--slots", "1"])
     with pytest.raises(SystemExit):
         main(["profile", "--model", "tiny", "--seq-len", "8", "--device", "cuda", "--cpu-link-gbps", "1", "--out", "p"])
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "tiny", "--seq-len", "8", "--device", "cuda", "--cpu-link-duplex", "--out", "p"])

@@ -21,8 +21,11 @@ def _delayed(fn, rng):
     return call
 
 
-@pytest.mark.parametrize("plan,num_slots", [("recompute", 2), ("recompute", 3), ("keep", 2)])
-def test_delays_change_no_number(monkeypatch, plan, num_slots):
+@pytest.mark.parametrize("plan,num_slots,duplex", [("recompute", 2, False), ("recompute", 3, False), ("keep", 2, False),
+                                                   ("recompute", 2, True), ("swap", 3, True)])
+def test_delays_change_no_number(monkeypatch, plan, num_slots, duplex):
+    """``duplex``: copies to the host run on a thread of their own, as on a GPU's second copy engine,
+    so only the engine's waits (not one queue's order) keep a restore behind its offload."""
     model = tiny_decoder(num_layers=4, tie_embeddings=True)
     data = batches(3)
     config = horizon.TrainConfig(grad_clip_norm=1.0, plan=horizon.Plan.uniform(plan, num_slots=num_slots))
@@ -30,7 +33,7 @@ def test_delays_change_no_number(monkeypatch, plan, num_slots):
     rng = random.Random(0)
     monkeypatch.setattr(units_module, "_call_block", _delayed(units_module._call_block, rng))
     monkeypatch.setattr(units_module, "_call_module", _delayed(units_module._call_module, rng))
-    transfer = CpuTransfer(delay_s=lambda: rng.uniform(0, 0.004))
+    transfer = CpuTransfer(delay_s=lambda: rng.uniform(0, 0.004), duplex=duplex)
     stormy = horizon_run(model, data, config=config, transfer=transfer)
     assert calm[0] == stormy[0]
     assert all(torch.equal(calm[1][k], stormy[1][k]) for k in calm[1])
@@ -49,6 +52,26 @@ def test_throttled_link_takes_the_time_its_bandwidth_says():
     assert 0.1 <= elapsed < 2.0  # the lower bound is the throttle; the upper one only catches a hang
 
 
+@pytest.mark.parametrize("duplex", [False, True])
+def test_a_duplex_link_carries_both_directions_at_once_and_one_queue_does_not(duplex):
+    import time
+
+    transfer = CpuTransfer(bandwidth_bytes_per_s=100e6, duplex=duplex)
+    down, up = torch.ones(5_000_000), torch.full((5_000_000,), 2.0)  # 20 MB each way: 0.2 s at 100 MB/s
+    host, device = torch.empty_like(up), torch.empty_like(down)
+    start = time.perf_counter()
+    handles = [transfer.h2d([device], [down]), transfer.d2h([host], [up])]
+    for handle in handles:
+        handle.wait_host()
+    elapsed = time.perf_counter() - start
+    transfer.close()
+    assert torch.equal(device, down) and torch.equal(host, up)
+    if duplex:  # each direction's 0.2 s at once; the bound leaves 0.1 s for a loaded machine
+        assert 0.2 <= elapsed < 0.3
+    else:
+        assert elapsed >= 0.4
+
+
 @pytest.mark.parametrize("clip,nonfinite,accum", [(None, "ignore", 1), (None, "skip", 1), (1.0, "skip", 1),
                                                   (1.0, "skip", 2)])
 def test_optimizer_delays_change_no_number(clip, nonfinite, accum):
@@ -63,7 +86,7 @@ def test_optimizer_delays_change_no_number(clip, nonfinite, accum):
     import copy
 
     with horizon.Trainer(copy.deepcopy(model), config, optimizer_delay_s=lambda: rng.uniform(0, 0.004),
-                         transfer=CpuTransfer(delay_s=lambda: rng.uniform(0, 0.002))) as trainer:
+                         transfer=CpuTransfer(delay_s=lambda: rng.uniform(0, 0.002), duplex=accum == 2)) as trainer:
         losses = [trainer.step(b).loss for b in data]
         state = trainer.state_dict()
         assert losses == calm[0]

@@ -33,22 +33,23 @@ def _plans(blocks):
             "swap": ({u: P.SWAP for u in blocks}, 2), "mixed": (mixed, 3)}
 
 
-def measure_plans():
-    """(profile, calibrated profile, predicted s, measured s by plan name).
+def measure_plans(duplex: bool = False):
+    """(profile, calibrated profile, predicted s, measured s by plan name); ``duplex``: the CPU link
+    carries both directions at once (TrainConfig.cpu_link_duplex), as a GPU's copy engines do.
 
     Every round measures the profile once and then runs one step of each plan, so a burst of load
     from other processes lands on profile and steps alike; medians over the rounds after warm-up."""
     torch.manual_seed(0)
     model = Decoder(decoder_config("small", dim=128, num_layers=4, vocab_size=VOCAB, num_heads=4, num_kv_heads=2,
                                    ffn_dim=None))
-    profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(cpu_link_bytes_per_s=LINK_BYTES_PER_S))
+    link = {"cpu_link_bytes_per_s": LINK_BYTES_PER_S, "cpu_link_duplex": duplex}
+    profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link))
     blocks = range(1, len(profiler.engine.specs) - 1)
     plans = _plans(blocks)
     trainers = {}
     for name, (policies, slots) in plans.items():
         plan = horizon.Plan(per_unit={profiler.engine.specs[u].name: p for u, p in policies.items()}, num_slots=slots)
-        trainers[name] = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(
-            cpu_link_bytes_per_s=LINK_BYTES_PER_S, plan=plan))
+        trainers[name] = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link, plan=plan))
     times, profiles = {name: [] for name in plans}, []
     for i, batch in enumerate(batches(WARMUP + STEPS, vocab=VOCAB, batch=BATCH, seq=SEQ)):
         profile = measure_profile(profiler.engine.specs, profiler.store, device=profiler.device,
@@ -62,15 +63,16 @@ def measure_plans():
     for trainer in (profiler, *trainers.values()):
         trainer.close()
     profile = median_profile(profiles)
+    assert profile.duplex == duplex
     measured = {name: statistics.median(ts) for name, ts in times.items()}
     fitted = calibrate(profile, [(*plans[name], measured[name]) for name in FITTED])
     predicted = {name: simulate(fitted, *plans[name]).step_s for name in plans}
     return profile, fitted, predicted, measured
 
 
-@pytest.fixture(scope="module")
-def predicted_and_measured():
-    return measure_plans()
+@pytest.fixture(scope="module", params=[False, True], ids=["one-queue", "duplex"])
+def predicted_and_measured(request):
+    return measure_plans(duplex=request.param)
 
 
 @pytest.mark.parametrize("name", ["recompute", "keep", "swap", "mixed"])
