@@ -7,7 +7,8 @@ autograd under the KEEP hooks, backward from the kept graph; medians after two w
 bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exact, also for each
 row fraction the engine can execute at this batch (a copy of the first f·B rows, as the engine
 runs it), and so are the seconds of such a part, timed in the same rounds as the whole block; the
-link is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA).
+link is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA), and so
+is what a copy costs the compute beside it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
     load(0)
     with torch.no_grad():
         hidden = specs[0].call(pool.template(0, 0), ids)
-    costs, timed = [], {}
+    costs, timed, copy_cost = [], {}, 0.0
     for unit, spec in enumerate(specs):
         load(unit)
         template, params = pool.template(0, unit), pool.params(0, unit)
@@ -101,6 +102,9 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
             key = (type(spec.module).__qualname__, layouts[unit].device_numel)
             if key not in timed:
                 timed[key] = _time_block(run, hidden, params, slot, medians_s, levels)
+                if len(timed) == 1:
+                    copy_cost = _copy_cost_s_per_byte(run, hidden, params, slot, transfer,
+                                                      timed[key]["swap_bytes"], reps=reps, warmup=warmup)
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -116,7 +120,8 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                                                         for b in layout.borrowed), **times))
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
-                   duplex=transfer.duplex, tokens=batch_size * seq_len, fractions=levels)
+                   duplex=transfer.duplex, tokens=batch_size * seq_len, fractions=levels,
+                   copy_compute_s_per_byte=copy_cost)
 
 
 def _block_timers(run, hidden, params, slot) -> tuple[list, Callable[[list[float]], dict]]:
@@ -164,6 +169,37 @@ def _time_block(run, hidden, params, slot, medians_s, levels: tuple[float, ...])
                     for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
 
 
+def _copy_cost_s_per_byte(run, hidden, params, slot, transfer: Transfer, nbytes: int, *, reps: int,
+                          warmup: int) -> float:
+    """What a copy to the host costs the compute beside it, per byte: a block's KEEP forward and backward
+    timed alone and while the transfer copies ``nbytes`` (what swapping the block moves), in turn.
+
+    Only the compute is timed (on CUDA its stream is synchronised, not the copy's; on the CPU the
+    throttle's sleep costs no core, the copy does). ~0 with a DMA engine; on the CPU device a copy
+    takes one of the cores the compute runs on."""
+    device = slot.device
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    (_, forward_keep, backward), _ = _block_timers(run, hidden, params, slot)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(warmup + reps):
+        for beside, out in zip((False, True), times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            handle = transfer.d2h([dst], [src]) if beside else None
+            forward_keep()
+            backward()
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+            if handle is not None:
+                handle.wait_host()
+    alone_s, beside_s = map(statistics.median, times)
+    return max(beside_s - alone_s, 0.0) / nbytes if nbytes else 0.0
+
+
 def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
     with torch.no_grad():
         fwd_s = median_s(lambda: spec.call(template, ids))
@@ -205,4 +241,5 @@ def median_profile(profiles: list[Profile]) -> Profile:
                                                                         "fwd_grad_s_at", "bwd_s_at")})
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
-                               link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles))
+                               link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles),
+                               copy_compute_s_per_byte=statistics.median(p.copy_compute_s_per_byte for p in profiles))

@@ -10,12 +10,12 @@ step. Every cost is a constant per choice, so fractions add columns, not nonline
 - [Constraint] one choice per block: Σ_c x[u, c] = 1;
 - [Constraint] τ_t ≥ compute of position t (forward, recompute, backward, by policy);
 - [Constraint] τ_t ≥ link time of the copies issued at t (weights ahead, restores, offloads, gradients);
-  one row for the shared queue on CPU, one per direction on CUDA;
+  one row for a shared queue, one per direction on a duplex link (CUDA; the CPU's ``cpu_link_duplex``);
 - [Constraint] every ledger row (the device bytes held after each hold, ``memory_rows``) ≤ budget;
 - [Constraint] optional: host bytes of swapped activations and offloaded inputs ≤ the host budget.
 
 Objective: min Σ_t τ_t (seconds, as ``model_step_s``); then, among plans no slower than the one
-found, the least link time (a second solve with Σ τ capped): when the link is hidden under compute
+found, the least link time (a second solve with Σ τ capped, started from the first plan): when the link is hidden under compute
 many plans tie, and moving bytes is never free in practice (host memory bandwidth; on CPU the copy
 itself takes a core), so the tie goes to the plan that moves least. Bytes are in MiB and times in ms inside
 the solver, so coefficients stay in a range CBC and HiGHS solve without tolerance trouble. The
@@ -91,10 +91,28 @@ def _solver(time_limit_s: float, gap: float, *, warm_start: bool = False):
     import pulp
 
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, warmStart=warm_start)
+        highs = _warm_highs() if warm_start else pulp.HiGHS
+        return highs(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, warmStart=warm_start)
+
+
+def _warm_highs():
+    """``pulp.HiGHS`` that starts from the variables' current values. PuLP's highspy interface ignores
+    ``warmStart`` (only HiGHS_CMD reads it): without this, the 80-block tie-break solve started cold and
+    spent its whole time limit without finding a plan."""
+    import numpy as np
+    import pulp
+
+    class WarmHiGHS(pulp.HiGHS):
+        def callSolver(self, lp):
+            columns = lp.variables()  # in the order buildSolverModel added them (their ``index``)
+            lp.solverModel.setSolution(len(columns), np.arange(len(columns), dtype=np.int32),
+                                       np.array([v.varValue or 0.0 for v in columns], dtype=np.float64))
+            super().callSolver(lp)
+
+    return WarmHiGHS
 
 
 def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
@@ -138,17 +156,21 @@ class _Expressions:
         return pulp.LpAffineExpression(list(coefs.items()), constant=const / unit_scale)
 
     def _variable(self, unit: int, vector: dict, unit_scale: float):
-        """(variable, coefficient) standing for ``Σ_c vector[c] · x[unit, c] / unit_scale``."""
+        """(variable, coefficient) standing for ``Σ_c vector[c] · x[unit, c] / unit_scale``.
+
+        Vectors equal up to a factor share one variable (a block's moved bytes are link time in one
+        row and, through ``copy_compute_s_per_byte``, compute in another)."""
         import pulp
 
-        nonzero = [(c, a / unit_scale) for c, a in vector.items() if a]
+        nonzero = [(c, a) for c, a in vector.items() if a]
         if len(nonzero) == 1:
-            return self.x[(unit, nonzero[0][0])], nonzero[0][1]
-        key = (unit, unit_scale, tuple(vector.get(c, 0.0) for c in self.options))
+            return self.x[(unit, nonzero[0][0])], nonzero[0][1] / unit_scale
+        scale = max(abs(a) for _, a in nonzero)
+        key = (unit, tuple(round(vector.get(c, 0.0) / scale, 12) for c in self.options))
         if key not in self._defined:
             y = self._defined[key] = pulp.LpVariable(f"y_{unit}_{len(self._defined)}")
-            self.m += y == pulp.LpAffineExpression([(self.x[(unit, c)], a) for c, a in nonzero])
-        return self._defined[key], 1.0
+            self.m += y == pulp.LpAffineExpression([(self.x[(unit, c)], a / scale) for c, a in nonzero])
+        return self._defined[key], scale / unit_scale
 
 
 def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
@@ -202,7 +224,7 @@ def _policies(x, profile: Profile) -> dict[int, Choice]:
 _TIGHTEN_TRIES = 3
 """Solves per slot count when the rounded plan lands over the budget by the solver's tolerance."""
 
-_TIE_BREAK_S = 1.0
+_TIE_BREAK_S = 0.5
 """Time limit of the second solve: a tie-break, so its best plan so far is good enough."""
 
 
@@ -216,7 +238,7 @@ def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float) -
     step_ms, link_ms = objective
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        m += step_ms <= step_ms.value() + 1e-6, "no_slower"
+        m += step_ms <= step_ms.value() * (1 + 1e-9) + 1e-6, "no_slower"
         m.setObjective(link_ms)
         m.solve(_solver(_TIE_BREAK_S, gap, warm_start=True))
     if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

@@ -77,8 +77,8 @@ class Profile:
     link_bytes_per_s: float
     """Host↔device bandwidth of the copy engine."""
     duplex: bool = False
-    """True: host-to-device and device-to-host copies run at once (two CUDA copy engines);
-    False: one queue for both (the CPU transfer thread)."""
+    """True: host-to-device and device-to-host copies run at once (two CUDA copy engines, or the CPU
+    transfer's two threads with ``cpu_link_duplex``); False: one queue for both."""
     tokens: int = 0
     """Tokens per step the profile was measured at (batch × sequence)."""
     compute_scale: float = 1.0
@@ -87,6 +87,10 @@ class Profile:
     fractions: tuple[float, ...] = ()
     """Row fractions in (0, 1) a KEEP or SWAP block may hold, the rest recomputed (multiples of
     1/batch rows, increasing); their bytes are each block's ``keep_bytes_at`` / ``swap_bytes_at``."""
+    copy_compute_s_per_byte: float = 0.0
+    """Seconds a copy adds to the compute running beside it, per byte copied: ~0 where a DMA engine
+    copies; on the CPU device the copy takes one of the cores the compute runs on (measured:
+    ``measure.py``). Not scaled by ``compute_scale``."""
 
     def __post_init__(self) -> None:
         roles = [u.role for u in self.units]
@@ -106,6 +110,8 @@ class Profile:
                                  f"({len(self.fractions)}), got lengths {sorted(lengths)}")
         if not self.compute_scale > 0:
             raise ValueError(f"Profile.compute_scale must be positive, got {self.compute_scale}")
+        if not self.copy_compute_s_per_byte >= 0:
+            raise ValueError(f"Profile.copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
 
     @property
     def blocks(self) -> range:

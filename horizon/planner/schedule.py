@@ -4,7 +4,8 @@ Why: the simulator (which replays one plan) and the MIP (which chooses among all
 agree with the engine, and with each other, about what is copied, computed, held and let go,
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
 positions ahead, restores as far ahead, each block's offload drained during the next unit,
-at most two units of gradients in flight. Every amount is a ``Term``: a sum of coefficients,
+at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
+``Profile.copy_compute_s_per_byte``. Every amount is a ``Term``: a sum of coefficients,
 each counted always (unit None) or only when the named block has the named ``Choice`` (a
 policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a number; over the
 MIP's 0/1 variables it is a linear expression.
@@ -72,8 +73,12 @@ class _Walk:
         self.out.append(Event(kind, key, amount, direction))
 
     def copy(self, direction: str, amount: Term) -> int:
+        """A copy issued now; what it costs the compute beside it (``copy_compute_s_per_byte``) counts as
+        compute at the same position, outside ``compute_scale``."""
         self.copies += 1
         self.emit("copy", self.copies, amount, direction)
+        if (per_byte := self.p.copy_compute_s_per_byte) and amount:
+            self.out.append(Event("compute", amount=tuple((c * per_byte, unit, ch) for c, unit, ch in amount)))
         return self.copies
 
     def per_choice(self, unit: int, amount: Callable[[Choice], float]) -> Term:

@@ -1,7 +1,7 @@
 """Predict a plan's step time and device peak: a discrete-event replay, and the MIP's interval model.
 
 Why both: ``simulate`` replays the engine's events for one plan, with a FIFO copy queue per
-direction (one shared queue on the CPU transfer thread) and the compute thread waiting where
+direction (one shared queue unless the link is duplex) and the compute thread waiting where
 the engine waits; its ledger is the engine's ledger, byte for byte. The MIP cannot branch on
 queue states, so it uses ``model_step_s``: per position of the step, the longer of its compute
 and the link time of the copies issued there (the epigraph form of Checkmate/MEMO-style

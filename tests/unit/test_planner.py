@@ -19,7 +19,7 @@ P = horizon.ActivationPolicy
 
 
 def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, compute=True,
-              fractions=()) -> Profile:
+              fractions=(), copy_compute_s_per_byte=0.0) -> Profile:
     hidden = rng.randint(1, 8) * 4096
     t = (lambda lo, hi: rng.uniform(lo, hi)) if compute else (lambda lo, hi: 0.0)
 
@@ -42,7 +42,8 @@ def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, c
     units.append(UnitCost(name="head", role=UnitRole.HEAD, weight_bytes=131072, grad_bytes=65536,
                           borrowed_grad_bytes=((0, 65536),), fwd_s=t(1e-3, 4e-3)))
     return Profile(units=tuple(units), hidden_bytes=hidden, slot_bytes=8 * 65536 + 131072,
-                   link_bytes_per_s=link or rng.uniform(0.2e9, 2e9), duplex=duplex, fractions=tuple(fractions))
+                   link_bytes_per_s=link or rng.uniform(0.2e9, 2e9), duplex=duplex, fractions=tuple(fractions),
+                   copy_compute_s_per_byte=copy_compute_s_per_byte)
 
 
 def _every_plan(profile, terms):
@@ -86,7 +87,10 @@ FRACTION_LEVELS = [(), (0.5,), (0.25, 0.5, 0.75)]
 def test_mip_equals_brute_force_and_greedy_is_never_better(seed):
     rng = random.Random(seed)
     fractions = FRACTION_LEVELS[seed % 3]
-    profile = synthetic(rng, rng.randint(2, 4 if len(fractions) < 3 else 3), duplex=seed % 4 == 0, fractions=fractions)
+    # every fifth instance: copies slow the compute beside them (up to ~1 ms per MB, as on a CPU device)
+    copy_cost = random.Random(-seed).uniform(0, 1e-9) if seed % 5 == 1 else 0.0
+    profile = synthetic(rng, rng.randint(2, 4 if len(fractions) < 3 else 3), duplex=seed % 4 == 0, fractions=fractions,
+                        copy_compute_s_per_byte=copy_cost)
     budget = _budget_between(rng, profile)
     want, _ = brute_force(profile, budget)
     mip = solve_mip(profile, budget, gap=0.0)
@@ -148,6 +152,21 @@ def test_simulator_matches_formulas_at_the_extremes():
     assert sim.link_busy_s == pytest.approx((moved + weights + grads) / 1e9, rel=1e-9)
 
 
+def test_a_copy_costs_the_compute_its_bytes_times_the_profiles_rate_outside_the_compute_scale():
+    free = synthetic(random.Random(4), 4, link=1e18)
+    policies = dict(zip(free.blocks, (P.SWAP, P.RECOMPUTE, P.KEEP, P.SWAP)))
+    copied_bytes = simulate(free, policies, 2).link_busy_s * free.link_bytes_per_s
+    for scale in (1.0, 2.0):
+        plain = dataclasses.replace(free, compute_scale=scale)
+        costly = dataclasses.replace(plain, copy_compute_s_per_byte=1e-9)
+        want = simulate(plain, policies, 2).step_s + 1e-9 * copied_bytes
+        assert simulate(costly, policies, 2).step_s == pytest.approx(want, rel=1e-9)
+        assert simulate(costly, policies, 2).compute_s == pytest.approx(want, rel=1e-9)
+        assert model_step_s(costly, policies, 2) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="copy_compute_s_per_byte"):
+        dataclasses.replace(free, copy_compute_s_per_byte=-1.0)
+
+
 def test_profile_round_trips_through_a_dict():
     profile = synthetic(random.Random(1), 3)
     assert Profile.from_dict(profile.to_dict()) == profile
@@ -206,3 +225,25 @@ def test_a_budget_for_half_the_rows_keeps_half_the_rows():
     assert peak_bytes(profile, {1: DEVICE_INPUT_RECOMPUTE}, 2) <= budget
     assert mip.step_s < solve_mip(_without_fractions(profile), budget, num_slots=(2,), gap=0.0).step_s
     assert solve_greedy(profile, budget, num_slots=(2,)).choices == half
+
+
+def test_the_tie_break_solve_starts_from_the_first_solves_plan():
+    """PuLP's highspy interface drops ``warmStart``; cold, the second solve of an 80-block model found no
+    plan within its time limit, so the least-link tie-break silently never ran at that size."""
+    import pulp
+
+    from horizon.planner import mip
+
+    rng = random.Random(11)
+    one = synthetic(rng, 1, fractions=(0.25, 0.5, 0.75), duplex=True, link=0.5e9)
+    block = one.units[1]
+    profile = dataclasses.replace(one, units=(one.units[0], *(dataclasses.replace(block, name=f"layers.{i}")
+                                                              for i in range(80)), one.units[-1]))
+    m, x, (step_ms, link_ms) = mip._build(profile, 2, _budget_between(random.Random(0), profile), None)
+    m.solve(mip._solver(30.0, 1e-3))
+    first_step_ms = step_ms.value()
+    m += step_ms <= first_step_ms * (1 + 1e-9) + 1e-6
+    m.setObjective(link_ms)
+    m.solve(mip._solver(0.05, 1e-3, warm_start=True))
+    assert m.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    assert step_ms.value() <= first_step_ms * (1 + 1e-6)

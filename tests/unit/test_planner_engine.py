@@ -8,7 +8,7 @@ import pytest
 
 import horizon
 from helpers import batches, horizon_run, rel_err, tiny_decoder
-from horizon.planner import simulate
+from horizon.planner import Profile, simulate
 from horizon.planner.apply import auto_plan, load_plan, save_plan, to_plan
 from horizon.planner.choice import DEVICE_INPUT_RECOMPUTE, choices
 import horizon.planner.measure
@@ -35,6 +35,35 @@ def test_measured_bytes_are_exact(model_and_profile):
     assert all(profile.units[u].swap_bytes >= profile.units[u].keep_bytes > profile.hidden_bytes
                for u in profile.blocks)
     assert profile.units[-1].borrowed_grad_bytes == ((0, model.embed_tokens.weight.numel() * 4),)
+
+
+class _BlockingCopies(horizon.engine.transfer.CpuTransfer):
+    """A copy to the host that holds the issuing thread ``hold_s`` (as a copy sharing the compute's
+    cores would slow it), so what it costs the compute beside it is known."""
+
+    def __init__(self, hold_s: float) -> None:
+        super().__init__()
+        self.hold_s = hold_s
+
+    def d2h(self, dsts, srcs):
+        import time
+
+        time.sleep(self.hold_s)
+        return super().d2h(dsts, srcs)
+
+
+def test_the_profile_measures_what_a_copy_costs_the_compute_beside_it(model_and_profile):
+    model, plain = model_and_profile
+    hold_s = 0.02
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig()) as t:
+        profile = measure_profile(t.engine.specs, t.store, device=t.device, transfer=_BlockingCopies(hold_s),
+                                  batch_size=BATCH, seq_len=SEQ, reps=3, warmup=1)
+    per_copy_s = profile.copy_compute_s_per_byte * profile.units[1].swap_bytes  # one copy of the block's swap
+    assert 0.75 * hold_s <= per_copy_s <= 3 * hold_s  # the sleep is a floor; the ceiling allows a loaded machine
+    assert profile.units[1].swap_bytes == plain.units[1].swap_bytes
+    assert Profile.from_dict(profile.to_dict()) == profile
+    old_file = {k: v for k, v in profile.to_dict().items() if k != "copy_compute_s_per_byte"}
+    assert Profile.from_dict(old_file).copy_compute_s_per_byte == 0.0  # profiles saved before it: no cost
 
 
 @pytest.mark.parametrize("seed", range(8))
