@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import resource
 import time
 
 import torch
@@ -115,9 +116,12 @@ class PlanSwitch:
         self.engines = {name: Engine(t.engine.specs, t.store, plan=plan, device=t.device, transfer=t.transfer)
                         for name, plan in plans.items()}
 
-    def step(self, name: str, batch: dict) -> float:
+    def step(self, name: str, batch: dict) -> tuple[float, int]:
+        """(seconds, minor page faults) of one step of plan ``name``."""
         self.trainer.engine = self.engines[name]
-        return self.trainer.step(batch).seconds
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = self.trainer.step(batch).seconds
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     def device_peak_bytes(self, name: str) -> int:
         self.trainer.engine = self.engines[name]
@@ -164,14 +168,16 @@ def main(argv=None) -> None:
     for name, policy in (("recompute", P.RECOMPUTE), ("keep_floor", P.KEEP)):
         plans[name] = (horizon.Plan.uniform(policy), {u: horizon.RowSplit.of(policy) for u in profile.blocks}, 2)
     runs = PlanSwitch(copy.deepcopy(model), link, {name: plan for name, (plan, _, _) in plans.items()})
-    data, times, profiles = _batches(a, a.warmup + a.steps), {name: [] for name in plans}, []
+    data, profiles = _batches(a, a.warmup + a.steps), []
+    times, faults = {name: [] for name in plans}, {name: [] for name in plans}
     meter = CpuMeter().start()
     for i, batch in enumerate(data):
         round_profile = measure()
         for name in plans:
-            seconds = runs.step(name, batch)
+            seconds, step_faults = runs.step(name, batch)
             if i >= a.warmup:
                 times[name].append(seconds)
+                faults[name].append(step_faults)
         if i >= a.warmup:
             profiles.append(round_profile)
     load = meter.stop()
@@ -196,7 +202,7 @@ def main(argv=None) -> None:
     for name in results:
         print(f"{name:11s} measured {results[name]:.3f} s/step  simulated {predicted[name]:.3f} s "
               f"({errors[name]:+.0%}; uncalibrated {raw_errors[name]:+.0%})  peak {peaks[name]:,} B  "
-              f"{' '.join(str(v) for v in plans[name][1].values())}")
+              f"faults/step {median(faults[name]):.0f}  {' '.join(str(v) for v in plans[name][1].values())}")
     balance = _balance(during)
     print(f"compute scale {fitted.compute_scale:.3f}; budget {budget:,} B; link s per compute s: weights "
           f"{balance['weights']:.2f}, swap {balance['swap']:.2f} (PCIe-like: 0.25-1 and 2-4)")
@@ -207,6 +213,7 @@ def main(argv=None) -> None:
                            results={**results, "solve_s_80_units": solve_s}, ratios=ratios,
                            simulated_s=predicted, simulator_error=errors, simulator_error_uncalibrated=raw_errors,
                            compute_scale=fitted.compute_scale, device_peak_bytes=peaks,
+                           samples_s=times, minor_faults_per_step={n: median(f) for n, f in faults.items()},
                            solver={"name": _solver_name(), "optimal_80_units": solve_optimal},
                            plans={n: {str(k): str(v) for k, v in plans[n][1].items()} for n in plans},
                            load=load, config={**vars(a), "budget_bytes": budget, "link_per_compute_s": balance,

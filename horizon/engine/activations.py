@@ -48,7 +48,9 @@ class KeptGraph:
         if storage.data_ptr() not in self._seen_storages:
             self._seen_storages.add(storage.data_ptr())
             self.saved_bytes += storage.nbytes()
-        return t
+        # Not ``t`` itself: a saved output returned as is would hold its own grad_fn, a cycle through
+        # autograd's C++ nodes that only a backward breaks (a discarded graph would leak).
+        return t.detach()
 
     def _unpack(self, packed):
         if isinstance(packed, _SlotRef):
@@ -60,9 +62,15 @@ class KeptGraph:
         self.backward_slot = backward_slot
         inputs = ([self.x] if self.x is not None else []) + self.params
         grads = torch.autograd.grad(self.y, inputs, grad_y)
+        self.discard()
+        return grads
+
+    def discard(self) -> None:
+        """Let the graph go. Its saved tensors' unpack hooks are this object's methods, so the graph and
+        this object hold each other through autograd's C++ nodes, a cycle Python's collector cannot
+        see: a graph that no backward consumes must be discarded, or its activations leak."""
         self.x = self.y = self.backward_slot = None
         self.params = []
-        return grads
 
 
 class HostActivations:

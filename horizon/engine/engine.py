@@ -112,6 +112,19 @@ class Engine:
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         self.traffic.start(sweep)
+        try:
+            self._sweep(sweep)
+        except BaseException:
+            self.traffic.abandon(sweep)
+            raise
+        self.traffic.drain(sweep)
+        assert sweep.loss_sum is not None
+        norm = sweep.norm_sq.sqrt() if grad_norm else None
+        return sweep.loss_sum, norm
+
+    def _sweep(self, sweep: Sweep) -> None:
+        """Every unit forward, then backward, each after the loads it needs; copies issued ahead."""
+        order, num_units = sweep.order, len(self.specs)
         depth = self.pool.num_slots - 1
         for position in range(min(depth, len(order))):
             self.traffic.issue_weights(sweep, position)
@@ -130,10 +143,6 @@ class Engine:
                     self._forward_unit(sweep, unit, slot)
                 else:
                     self._backward_unit(sweep, unit, slot)
-        self.traffic.drain(sweep)
-        assert sweep.loss_sum is not None
-        norm = sweep.norm_sq.sqrt() if grad_norm else None
-        return sweep.loss_sum, norm
 
     # -- forward ----------------------------------------------------------------------------
 

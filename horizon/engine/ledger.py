@@ -10,6 +10,8 @@ allocator's peak covers them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["DeviceLedger"]
 
 
@@ -27,6 +29,11 @@ class DeviceLedger:
 
     def release(self, key: object) -> None:
         self.current_bytes -= self._held.pop(key)
+
+    def release_all_but(self, keep: Callable[[object], bool]) -> None:
+        """Let go of every entry whose key ``keep`` refuses (after a step that failed midway)."""
+        for key in [k for k in self._held if not keep(k)]:
+            self.release(key)
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes

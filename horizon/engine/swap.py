@@ -89,7 +89,7 @@ class SwappedGraph(KeptGraph):
 
     def _pack(self, t: torch.Tensor):
         packed = super()._pack(t)
-        if packed is not t or t.device != self._device:
+        if not isinstance(packed, torch.Tensor) or t.device != self._device:
             return packed  # a slot view, or a host scalar autograd keeps as it is
         storage = t.untyped_storage()
         key = storage.data_ptr()
@@ -137,6 +137,11 @@ class SwappedGraph(KeptGraph):
         self._holder["grad_y"] = grad_y
         grads = torch.autograd.grad(self.y, [self._anchor, *self.params], grad_y.new_empty(0))
         grad_x = self._holder.pop("grad_x")
-        self.y = self.backward_slot = self._device_flat = self._anchor = None
-        self.params = []
+        self.discard()
         return (grad_x, *grads[1:])
+
+    def discard(self) -> None:
+        super().discard()
+        self._device_flat = self._anchor = None
+        self._storages = []
+        self._holder.clear()

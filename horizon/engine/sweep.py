@@ -52,3 +52,11 @@ class Sweep:
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # attention_mask, position_ids
     load_after: Callable[[int], Future | None] = lambda unit: None
     grads_sent: Callable[[int, Callable[[], None]], None] = lambda unit, landed: None
+
+    def discard_graphs(self) -> None:
+        """After a step that failed midway: let go of the graphs no backward will consume
+        (``KeptGraph.discard``), so a caught error (an out-of-memory, say) leaks no activations."""
+        for graph in (*self.kept.values(), *self.swapped.values()):
+            graph.discard()
+        self.kept.clear()
+        self.swapped.clear()

@@ -140,6 +140,19 @@ class Traffic:
         if unit in self.store.streamed:
             sweep.grads_sent(unit, lambda: None)
 
+    def abandon(self, sweep: Sweep) -> None:
+        """After a step that failed midway: wait for the copies still in flight (their buffers must
+        outlive them), let go of the graphs no backward will consume and of every ledger entry but
+        the slots, so the engine can run the next step."""
+        in_flight = [h for handles in (*sweep.ready.values(), *sweep.offloads.values()) for h in handles]
+        for handle in in_flight + [h for _, h in sweep.grads]:
+            handle.wait_host()
+        sweep.ready.clear()
+        sweep.offloads.clear()
+        sweep.grads.clear()
+        sweep.discard_graphs()
+        self.ledger.release_all_but(lambda key: key[0] == "slot")
+
     def drain(self, sweep: Sweep) -> None:
         while sweep.grads:
             self._wait_grad(sweep)

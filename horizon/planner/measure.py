@@ -149,6 +149,7 @@ def _block_timers(run, hidden, params, slot) -> tuple[list, Callable[[list[float
     def costs(seconds: list[float]) -> dict:
         swapped = SwappedGraph(slot)
         swapped.forward(run, hidden, params)
+        swapped.discard()  # only its bytes are wanted: no backward will free the graph
         fwd_s, fwd_grad_s, bwd_s = seconds
         return {"fwd_s": fwd_s, "fwd_grad_s": fwd_grad_s, "bwd_s": bwd_s, "keep_bytes": keep_bytes[-1],
                 "swap_bytes": swapped.nbytes}
