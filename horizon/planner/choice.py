@@ -6,7 +6,8 @@ engine's own ``RowSplit``; every cost of one is read from the profile here, in o
 schedule, the simulator, the MIP, the greedy planner and ``horizon plan`` cannot disagree.
 Each part of a split costs what it was measured to cost at exactly that many rows
 (``UnitCost.*_at``): seconds, because a small part runs less efficiently than its share of the
-whole, and bytes, because not every tensor a block saves is per row.
+whole, and bytes, because not every tensor a block saves is per row; and each part after the
+first costs the engine's copies, concatenations and sums (``UnitCost.split_fwd_s``, ``split_bwd_s``).
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def _part_s(profile: Profile, unit: int, fraction: float, name: str) -> float:
     return _at(profile, fraction, getattr(cost, name), getattr(cost, f"{name}_at"))
 
 
+def _extra_parts(c: Choice) -> int:
+    return sum(f > 1e-9 for f in (c.keep, c.swap, c.recompute)) - 1
+
+
 def forward_s(profile: Profile, unit: int, c: Choice) -> float:
-    """KEEP and SWAP parts with autograd, the recomputed part without."""
+    """KEEP and SWAP parts with autograd, the recomputed part without, and the split's own copies."""
     return (_part_s(profile, unit, c.keep, "fwd_grad_s") + _part_s(profile, unit, c.swap, "fwd_grad_s")
-            + _part_s(profile, unit, c.recompute, "fwd_s"))
+            + _part_s(profile, unit, c.recompute, "fwd_s") + _extra_parts(c) * profile.units[unit].split_fwd_s)
 
 
 def backward_s(profile: Profile, unit: int, c: Choice) -> float:
-    """Each part's backward; the recomputed part's forward with autograd first."""
+    """Each part's backward; the recomputed part's forward with autograd first; the split's own sums."""
     return sum(_part_s(profile, unit, f, "bwd_s") for f in (c.keep, c.swap, c.recompute)) \
-        + _part_s(profile, unit, c.recompute, "fwd_grad_s")
+        + _part_s(profile, unit, c.recompute, "fwd_grad_s") + _extra_parts(c) * profile.units[unit].split_bwd_s

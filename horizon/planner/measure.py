@@ -164,10 +164,30 @@ def _time_block(run, hidden, params, slot, medians_s, levels: tuple[float, ...])
     against whole blocks by the ratio of these times, so they share the machine's state of each round."""
     sizes = [hidden] + [hidden[:round(f * hidden.shape[0])].clone() for f in levels]
     timers = [_block_timers(run, h, params, slot) for h in sizes]
-    seconds = medians_s([fn for fns, _ in timers for fn in fns])
+    split = _split_timers(hidden, params) if levels else []
+    seconds = medians_s([fn for fns, _ in timers for fn in fns] + split)
     whole, *parts = [costs(seconds[3 * i:3 * i + 3]) for i, (_, costs) in enumerate(timers)]
     return whole | {f"{name}_at": tuple(p[name] for p in parts)
-                    for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")}
+                    for name in ("fwd_s", "fwd_grad_s", "bwd_s", "keep_bytes", "swap_bytes")} \
+        | ({"split_fwd_s": seconds[-2], "split_bwd_s": seconds[-1]} if split else {})
+
+
+def _split_timers(hidden: torch.Tensor, params: list[torch.Tensor]) -> list[Callable[[], None]]:
+    """What the engine does for each part of a split beyond the first (``Engine._forward_block`` and
+    ``_backward_unit``): in forward a part's rows copied out and the outputs concatenated, in backward
+    the input gradients concatenated and one more sum of the block's parameter gradients."""
+    rows = hidden.shape[0] // 2
+    grads = [torch.ones_like(p) for p in params]  # stand-ins for two parts' parameter gradients
+
+    def forward() -> None:
+        torch.cat([hidden[:rows].clone(), hidden[rows:]])
+
+    def backward() -> None:
+        torch.cat([hidden[:rows], hidden[rows:]])
+        for g in grads:
+            torch.add(g, g)
+
+    return [forward, backward]
 
 
 def _copy_cost_s_per_byte(run, hidden, params, slot, transfer: Transfer, nbytes: int, *, reps: int,
@@ -239,7 +259,8 @@ def median_profile(profiles: list[Profile]) -> Profile:
         return tuple(map(statistics.median, zip(*values))) if f.endswith("_at") else statistics.median(values)
 
     units = tuple(dataclasses.replace(u, **{f: median(i, f) for f in ("fwd_s", "fwd_grad_s", "bwd_s", "fwd_s_at",
-                                                                        "fwd_grad_s_at", "bwd_s_at")})
+                                                                        "fwd_grad_s_at", "bwd_s_at", "split_fwd_s",
+                                                                        "split_bwd_s")})
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
                                link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles),

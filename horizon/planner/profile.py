@@ -53,6 +53,11 @@ class UnitCost:
     """``keep_bytes`` when the block holds only ``Profile.fractions[i]`` of the rows."""
     swap_bytes_at: tuple[int, ...] = ()
     """``swap_bytes`` when the block swaps only ``Profile.fractions[i]`` of the rows."""
+    split_fwd_s: float = 0.0
+    """What a row split adds to the block's forward beyond its parts' own, per part after the first:
+    the engine copies a part's rows out and concatenates the parts' outputs."""
+    split_bwd_s: float = 0.0
+    """The same in backward: the parts' input gradients concatenated, their parameter gradients summed."""
 
     def __post_init__(self) -> None:
         for field in ("weight_bytes", "grad_bytes", "keep_bytes", "swap_bytes"):
@@ -61,7 +66,7 @@ class UnitCost:
         if any(not b >= 0 for b in self.keep_bytes_at + self.swap_bytes_at + self.fwd_s_at + self.fwd_grad_s_at
                + self.bwd_s_at):
             raise ValueError("UnitCost's per-fraction bytes and seconds (the *_at fields) must be >= 0")
-        for field in ("fwd_s", "fwd_grad_s", "bwd_s"):
+        for field in ("fwd_s", "fwd_grad_s", "bwd_s", "split_fwd_s", "split_bwd_s"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"UnitCost.{field} must be >= 0 seconds, got {getattr(self, field)}")
 

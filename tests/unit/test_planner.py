@@ -19,7 +19,7 @@ P = horizon.ActivationPolicy
 
 
 def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, compute=True,
-              fractions=(), copy_compute_s_per_byte=0.0) -> Profile:
+              fractions=(), copy_compute_s_per_byte=0.0, split_s=0.0) -> Profile:
     hidden = rng.randint(1, 8) * 4096
     t = (lambda lo, hi: rng.uniform(lo, hi)) if compute else (lambda lo, hi: 0.0)
 
@@ -34,7 +34,8 @@ def synthetic(rng: random.Random, num_blocks: int, *, duplex=False, link=None, c
                         grad_bytes=rng.randint(1, 8) * 65536, fwd_s=fwd, fwd_grad_s=fwd_grad, bwd_s=bwd,
                         fwd_s_at=part(fwd), fwd_grad_s_at=part(fwd_grad), bwd_s_at=part(bwd),
                         keep_bytes=keep, swap_bytes=keep + 64 * rng.randint(0, 4),
-                        keep_bytes_at=keep_at, swap_bytes_at=tuple(b + 64 * rng.randint(0, 4) for b in keep_at))
+                        keep_bytes_at=keep_at, swap_bytes_at=tuple(b + 64 * rng.randint(0, 4) for b in keep_at),
+                        split_fwd_s=split_s, split_bwd_s=2 * split_s)
 
     units = [UnitCost(name="embed", role=UnitRole.EMBEDDING, weight_bytes=65536, grad_bytes=65536,
                       fwd_s=t(1e-4, 1e-3), bwd_s=t(1e-4, 1e-3))]
@@ -89,8 +90,9 @@ def test_mip_equals_brute_force_and_greedy_is_never_better(seed):
     fractions = FRACTION_LEVELS[seed % 3]
     # every fifth instance: copies slow the compute beside them (up to ~1 ms per MB, as on a CPU device)
     copy_cost = random.Random(-seed).uniform(0, 1e-9) if seed % 5 == 1 else 0.0
+    split_s = random.Random(-seed).uniform(0, 5e-4) if seed % 2 else 0.0  # a split's own copies and sums
     profile = synthetic(rng, rng.randint(2, 4 if len(fractions) < 3 else 3), duplex=seed % 4 == 0, fractions=fractions,
-                        copy_compute_s_per_byte=copy_cost)
+                        copy_compute_s_per_byte=copy_cost, split_s=split_s)
     budget = _budget_between(rng, profile)
     want, _ = brute_force(profile, budget)
     mip = solve_mip(profile, budget, gap=0.0)
@@ -150,6 +152,17 @@ def test_simulator_matches_formulas_at_the_extremes():
         - no_compute.units[-2].weight_bytes  # the last block stays in its slot across the head
     grads = sum(u.grad_bytes for u in no_compute.units)
     assert sim.link_busy_s == pytest.approx((moved + weights + grads) / 1e9, rel=1e-9)
+
+
+def test_each_part_of_a_split_after_the_first_costs_the_engines_copies_and_sums():
+    from horizon.planner.choice import backward_s, forward_s
+
+    plain = synthetic(random.Random(5), 2, fractions=(0.25, 0.5, 0.75))
+    costly = synthetic(random.Random(5), 2, fractions=(0.25, 0.5, 0.75), split_s=1e-3)
+    for c, extra in [(RowSplit.of(P.KEEP), 0), (RowSplit.of(P.RECOMPUTE), 0), (RowSplit(keep=0.5), 1),
+                     (RowSplit(keep=0.25, swap=0.75), 1), (RowSplit(keep=0.25, swap=0.25), 2)]:
+        assert forward_s(costly, 1, c) == pytest.approx(forward_s(plain, 1, c) + extra * 1e-3, rel=1e-12)
+        assert backward_s(costly, 1, c) == pytest.approx(backward_s(plain, 1, c) + extra * 2e-3, rel=1e-12)
 
 
 def test_a_copy_costs_the_compute_its_bytes_times_the_profiles_rate_outside_the_compute_scale():

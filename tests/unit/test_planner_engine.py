@@ -35,6 +35,10 @@ def test_measured_bytes_are_exact(model_and_profile):
     assert all(profile.units[u].swap_bytes >= profile.units[u].keep_bytes > profile.hidden_bytes
                for u in profile.blocks)
     assert profile.units[-1].borrowed_grad_bytes == ((0, model.embed_tokens.weight.numel() * 4),)
+    # a split's own copies and sums were timed (two rows: halves), and cost less than the block itself
+    assert profile.fractions == (0.5,)
+    assert all(0 < profile.units[u].split_fwd_s < profile.units[u].fwd_grad_s
+               and 0 < profile.units[u].split_bwd_s < profile.units[u].bwd_s for u in profile.blocks)
 
 
 class _BlockingCopies(horizon.engine.transfer.CpuTransfer):
