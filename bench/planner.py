@@ -8,6 +8,8 @@ Decoder trained by horizon.Trainer on CPU with TrainConfig(cpu_link_bytes_per_s=
   * greedy        the greedy planner's plan at the same budget (fractions allowed)
   * recompute     every block RECOMPUTE (the baseline: what fits any budget)
   * keep_floor    every block KEEP with the budget lifted (the floor no plan can beat)
+  * mip_again     the MIP's plan again: how far apart one plan measures from itself in this run (on
+                  the 2-core VM single steps vary by +-12% and medians by +-3-5%)
 Systems take turns step by step on one trainer (``PlanSwitch``: one store, optimizer and transfer
 thread, an engine per plan), and every round also measures the units once (so a burst of load
 lands on profile and steps alike). It prints the simulator's prediction for each plan beside
@@ -22,7 +24,8 @@ and a 1024-token vocabulary, so that the loss head, which no plan changes, is a 
 step as in the LLMs this targets (with 6 blocks and vocab 4096 it was ~15%, which capped all-KEEP
 at 0.85x all-RECOMPUTE), and a 0.5 GB/s link, so that a block's weight traffic and its swap
 traffic per second of its compute are those of an H100 over PCIe (printed as "link s per compute
-s"; at 1 GB/s swapping was 2-4x cheaper than there).
+s"; at 1 GB/s swapping was 2-4x cheaper than there). The link is duplex, as PCIe and a GPU's two
+copy engines are (TrainConfig(cpu_link_duplex=True); --one-queue for the single queue of sessions 1-7).
 
     python bench/planner.py [--steps 5 --warmup 2 --dim 256 --layers 6 --link-gbps 1.0 ...]
 Writes bench/results/planner.json.
@@ -53,7 +56,7 @@ P = horizon.ActivationPolicy
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--steps", type=int, default=11)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=12)
@@ -165,6 +168,7 @@ def main(argv=None) -> None:
     plans = {"mip": (to_plan(profile, mip), mip.choices, mip.num_slots),
              "mip_whole": (to_plan(whole, mip_whole), mip_whole.choices, mip_whole.num_slots),
              "greedy": (to_plan(profile, greedy), greedy.choices, greedy.num_slots)}
+    plans["mip_again"] = plans["mip"]  # the same plan twice: the noise floor of this run's ratios
     for name, policy in (("recompute", P.RECOMPUTE), ("keep_floor", P.KEEP)):
         plans[name] = (horizon.Plan.uniform(policy), {u: horizon.RowSplit.of(policy) for u in profile.blocks}, 2)
     runs = PlanSwitch(copy.deepcopy(model), link, {name: plan for name, (plan, _, _) in plans.items()})
@@ -196,7 +200,8 @@ def main(argv=None) -> None:
               "mip_vs_greedy": results["mip"] / results["greedy"],
               "mip_vs_keep_floor": results["mip"] / results["keep_floor"],
               "mip_vs_mip_whole": results["mip"] / results["mip_whole"],
-              "keep_floor_vs_recompute": results["keep_floor"] / results["recompute"]}
+              "keep_floor_vs_recompute": results["keep_floor"] / results["recompute"],
+              "noise_mip_again_vs_mip": results["mip_again"] / results["mip"]}
     errors = {name: predicted[name] / results[name] - 1 for name in results}
     raw_errors = {name: uncalibrated[name] / results[name] - 1 for name in results}
     for name in results:
