@@ -143,6 +143,8 @@ def main() -> None:
     p.add_argument("--block-params", type=int, default=4_000_000, help="parameters per block (count)")
     p.add_argument("--compute-ratio", type=float, default=1.5, help="stand-in compute per unit / update time")
     p.add_argument("--link-gb-s", type=float, default=16.0, help="throttle of the transfer thread (GB/s)")
+    p.add_argument("--duplex", action="store_true",
+                   help="copies to and from the device at once, each direction at --link-gb-s (a GPU's two copy engines)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration (count)")
     p.add_argument("--steps", type=int, default=3, help="steps per round (count)")
     p.add_argument("--out", default="bench/results/overlap.json")
@@ -163,7 +165,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = Chain(vocab=256, dim=64, layers=args.layers, numel=args.block_params, compute_s=compute_s[name])
         trainers[name] = horizon.Trainer(model, horizon.TrainConfig(
-            plan="recompute", cpu_link_bytes_per_s=args.link_gb_s * 1e9, **kw))
+            plan="recompute", cpu_link_bytes_per_s=args.link_gb_s * 1e9, cpu_link_duplex=args.duplex, **kw))
     samples = {f"{name}_{mode}": [] for name in schedules for mode in ("adamw", "noop")}
     drains = {key: [] for key in samples}
     meter = CpuMeter().start()
