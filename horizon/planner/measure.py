@@ -35,6 +35,10 @@ __all__ = ["measure_profile", "median_profile", "FRACTIONS"]
 FRACTIONS = (0.25, 0.5, 0.75)
 """Row fractions offered to the planner where they are whole rows of the batch."""
 
+COPY_PROBE_BYTES = 64 << 20
+"""The largest copy timed beside the compute: a large model's block swaps gigabytes, which the profile
+must not allocate again on the device to learn a rate per byte."""
+
 _ROLE = {UnitKind.EMBEDDING: UnitRole.EMBEDDING, UnitKind.BLOCK: UnitRole.BLOCK, UnitKind.HEAD: UnitRole.HEAD}
 
 
@@ -104,7 +108,8 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                 timed[key] = _time_block(run, hidden, params, slot, medians_s, levels)
                 if len(timed) == 1:
                     copy_cost = _copy_cost_s_per_byte(run, hidden, params, slot, transfer,
-                                                      timed[key]["swap_bytes"], reps=reps, warmup=warmup)
+                                                      min(timed[key]["swap_bytes"], COPY_PROBE_BYTES),
+                                                      pin=store.pinned, reps=reps, warmup=warmup)
             times = timed[key]
         elif spec.kind is UnitKind.EMBEDDING:
             times = _time_embedding(spec, template, params, ids, median_s)
@@ -190,17 +195,18 @@ def _split_timers(hidden: torch.Tensor, params: list[torch.Tensor]) -> list[Call
     return [forward, backward]
 
 
-def _copy_cost_s_per_byte(run, hidden, params, slot, transfer: Transfer, nbytes: int, *, reps: int,
+def _copy_cost_s_per_byte(run, hidden, params, slot, transfer: Transfer, nbytes: int, *, pin: bool, reps: int,
                           warmup: int) -> float:
     """What a copy to the host costs the compute beside it, per byte: a block's KEEP forward and backward
-    timed alone and while the transfer copies ``nbytes`` (what swapping the block moves), in turn.
+    timed alone and while the transfer copies ``nbytes`` (what swapping the block moves, up to
+    ``COPY_PROBE_BYTES``), in turn.
 
     Only the compute is timed (on CUDA its stream is synchronised, not the copy's; on the CPU the
     throttle's sleep costs no core, the copy does). ~0 with a DMA engine; on the CPU device a copy
     takes one of the cores the compute runs on."""
     device = slot.device
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     (_, forward_keep, backward), _ = _block_timers(run, hidden, params, slot)
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(warmup + reps):
