@@ -28,6 +28,9 @@ CASES = {
 SHARDED = DistributedConfig(shard_optimizer_state=True)
 CASES |= {f"sharded_{name}": dataclasses.replace(config, distributed=SHARDED) for name, config in list(CASES.items())}
 """The same four with master, m and v split across the ranks."""
+CASES["sharded_duplex_swap"] = dataclasses.replace(CASES["sharded_no_clip"], plan="swap", cpu_link_duplex=True)
+"""Sharded, every block SWAP, copies to the host on their own thread: the gathers and reduce-scatters
+must still reach gloo in one order on both ranks (they stay on the first transfer thread)."""
 
 
 def global_batches() -> list[dict[str, torch.Tensor]]:
