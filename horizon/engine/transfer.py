@@ -4,8 +4,8 @@ Why two implementations: the same engine runs on CUDA and on the CPU. On CUDA, c
 dedicated streams and order against compute with events. On the CPU, "device" buffers are plain
 tensors and a transfer thread stands in for the copy engine (a thread per direction when duplex,
 as a GPU has), with futures as events; an optional throttle makes each thread behave like a link
-of a given bandwidth, and an optional
-delay hook lets race tests reorder everything without changing the schedule.
+of a given bandwidth, and an optional delay hook lets race tests reorder everything without
+changing the schedule.
 
 Lifetime rule (no ``record_stream``): a ``Handle`` holds every tensor its copy touches until a
 consumer has waited on it. Device buffers are allocated on the compute stream, and a copy that
