@@ -26,8 +26,7 @@ from safetensors import safe_open
 
 from horizon.checkpoint.disk import Disk
 from horizon.checkpoint.recycle import FilePool
-from horizon.checkpoint.staging import aligned_empty
-from horizon.store.layout import ALIGN_BYTES
+from horizon.io import ALIGN_BYTES, aligned_empty
 
 __all__ = ["TensorRecord", "PendingShard", "start_shard", "write_shard", "read_tensor", "crc32_of", "WRITE_CHUNK_BYTES",
            "QUEUE_DEPTH", "MIN_WRITE_BYTES"]

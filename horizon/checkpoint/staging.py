@@ -5,6 +5,9 @@ of the disk, but an unbounded staging area is the host OOM users of other runtim
 ring is one allocation of ``num_slots`` slots, each big enough for the largest unit's master,
 m and v, reused by every checkpoint. Slots are granted in the order units will be updated
 (lowest rank first), so a unit the optimizer is waiting for is never starved by a later one.
+The ring is a fresh anonymous mapping (``horizon.io.aligned_empty``), not heap memory: its pages
+take RAM only once a checkpoint writes them, and go back to the OS with the ring (the CPU device
+never trims the heap: horizon/engine/cpu_heap.py).
 """
 
 from __future__ import annotations
@@ -13,16 +16,9 @@ import threading
 
 import torch
 
-from horizon.store.layout import ALIGN_BYTES
+from horizon.io import ALIGN_BYTES, aligned_empty
 
-__all__ = ["StagingRing", "aligned_empty"]
-
-
-def aligned_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of ``nbytes`` starting on a page (what O_DIRECT needs)."""
-    raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8)
-    skip = -raw.data_ptr() % ALIGN_BYTES
-    return raw[skip:skip + nbytes]
+__all__ = ["StagingRing"]
 
 
 class StagingRing:

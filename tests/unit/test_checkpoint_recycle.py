@@ -15,8 +15,7 @@ import horizon
 from horizon.checkpoint import Disk, shard
 from horizon.checkpoint.commit import committed_steps, step_dir_name
 from horizon.checkpoint.recycle import POOL, FilePool
-from horizon.checkpoint.staging import aligned_empty
-from horizon.store.layout import ALIGN_BYTES
+from horizon.io import ALIGN_BYTES, aligned_empty
 from ckpt_helpers import checkpoint_state, config, data, model, reference_states, states_equal
 
 
