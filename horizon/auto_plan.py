@@ -41,7 +41,7 @@ def plan_at_first_step(trainer, input_ids: torch.Tensor, labels: torch.Tensor,
     plan, trainer.plan_profile, trainer.plan_solution = auto_plan(
         specs, trainer.store, device=device, transfer=trainer.transfer, batch_size=input_ids.shape[0],
         seq_len=input_ids.shape[1], budget_bytes=trainer.config.device_memory_budget_bytes,
-        recompute_step_s=recompute_step_s)
+        recompute_step_s=recompute_step_s, cache_dir=trainer.config.profile_cache_dir)
     trainer.engine.close()
     trainer.engine = Engine(specs, trainer.store, plan=plan, device=device, transfer=trainer.transfer,
                             collectives=trainer.collectives)

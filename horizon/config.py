@@ -16,6 +16,7 @@ from horizon.engine.plan import ActivationPolicy, Plan
 from horizon.models.units import Units
 from horizon.optim.adamw import AdamW
 from horizon.optim.schedule import ConstantLR, Schedule, WarmupCosine, WarmupLinear
+from horizon.planner.cache import default_cache_dir
 from horizon.store.ssd_config import SSDConfig
 
 __all__ = ["TrainConfig"]
@@ -44,6 +45,9 @@ class TrainConfig:
     ``device_memory_budget_bytes`` at the first step); a plan JSON path; or a horizon.Plan."""
     device_memory_budget_bytes: int | None = None
     """Device bytes the engine may hold (slots, activations, gradients in flight); needed by plan="auto"."""
+    profile_cache_dir: str | os.PathLike | None = dataclasses.field(default_factory=default_cache_dir)
+    """Where plan="auto" keeps the profiles it measures, one per model shape, batch shape, link and machine,
+    and loads them from at the next start (horizon/planner/cache.py); None = measure every time."""
     compute_dtype: torch.dtype | None = None
     """dtype of the weights and activations on the device (float32 or bfloat16); None = fp32 on CPU, bf16 on CUDA."""
     units: Units | None = None
@@ -164,6 +168,12 @@ class TrainConfig:
                              'units from compute copies in RAM): give the plan ("recompute", a file or a horizon.Plan)')
 
     def _check_plan(self) -> None:
+        cache_dir = self.profile_cache_dir
+        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+            raise ValueError(f"TrainConfig.profile_cache_dir must be a folder path or None, got {cache_dir!r}")
+        if cache_dir is not None and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise ValueError(f"TrainConfig.profile_cache_dir={cache_dir!r} is a file, not a folder: name a folder "
+                             "(it is created at the first plan='auto' step) or None to measure every time")
         budget = self.device_memory_budget_bytes
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"TrainConfig.device_memory_budget_bytes must be a positive int of bytes, got {budget!r}")

@@ -101,6 +101,10 @@ class Transfer:
         """Sharded gradients: ``reduce_scatter(shard, whole)`` on the device, then ``shard`` to the host ``dst``."""
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """What a measurement of this link depends on (the profile cache's key, ``planner/cache.py``)."""
+        return {"kind": type(self).__name__, "duplex": self.duplex}
+
     def close(self) -> None:
         pass
 
@@ -151,6 +155,10 @@ class CpuTransfer(Transfer):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-transfer")
         self._d2h_pool = (concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-d2h")
                           if duplex else self._pool)
+
+    def describe(self) -> dict:
+        return super().describe() | {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+                                     "delay_hook": self.delay_s is not None}
 
     def _wait(self, after) -> float:
         """Wait for ``after`` and the delay hook; the start time the throttle counts from."""

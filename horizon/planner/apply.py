@@ -90,16 +90,18 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
               batch_size: int, seq_len: int, budget_bytes: int,
-              recompute_step_s: Callable[[], float] | None = None) -> tuple[Plan, Profile, Solution]:
-    """Measure, calibrate, solve (the MIP; greedy if PuLP is not installed), and return the plan to execute.
+              recompute_step_s: Callable[[], float] | None = None,
+              cache_dir: str | os.PathLike | None = None) -> tuple[Plan, Profile, Solution]:
+    """Measure (or load from ``cache_dir``), calibrate, solve (the MIP; greedy if PuLP is not installed),
+    and return the plan to execute.
 
     ``recompute_step_s()``: the measured seconds of one real step of the all-RECOMPUTE, 2-slot plan;
-    when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does."""
+    when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does.
+    ``cache_dir``: where measured profiles are kept per model shape and machine (``cache.py``); None = off."""
     from horizon.planner.calibrate import calibrate
-    from horizon.planner.measure import measure_profile
 
-    profile = measure_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
-                              seq_len=seq_len)
+    profile = _measured_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
+                                seq_len=seq_len, cache_dir=cache_dir)
     if recompute_step_s is not None:
         recompute = {u: ActivationPolicy.RECOMPUTE for u in profile.blocks}
         try:
@@ -114,3 +116,21 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
         from horizon.planner.greedy import solve_greedy as solve
     solution = solve(profile, budget_bytes)
     return to_plan(profile, solution), profile, solution
+
+
+def _measured_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
+                      batch_size: int, seq_len: int, cache_dir: str | os.PathLike | None) -> Profile:
+    from horizon.planner import cache, measure
+
+    identity = None
+    if cache_dir is not None:
+        identity = cache.profile_identity(specs, store, device=device, transfer=transfer, batch_size=batch_size,
+                                          seq_len=seq_len, fractions=measure.FRACTIONS)
+        cached = cache.load_cached(cache_dir, identity)
+        if cached is not None:
+            return cached
+    profile = measure.measure_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
+                                      seq_len=seq_len)
+    if identity is not None:
+        cache.save_cached(cache_dir, identity, profile)
+    return profile
