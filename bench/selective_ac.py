@@ -112,9 +112,7 @@ class _Block:
 
     def _keep_forward(self) -> KeptGraph:
         g = KeptGraph(self.slot)
-        g.params, g.x = self.params, self.x.clone().requires_grad_()
-        with torch.enable_grad(), g.hooks():
-            g.y = self.module(g.x)
+        g.forward(self.module, self.x.clone(), self.params)
         return g
 
     def _recompute_forward(self) -> None:

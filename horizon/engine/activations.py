@@ -8,6 +8,13 @@ same because the optimizer has not run yet. Everything else it saves is a real a
 counted. RECOMPUTE keeps only the block input, offloaded to ``HostActivations`` (or left on the
 device, ``RowSplit(input_on_device=True)``); SWAP
 (``swap.py``) keeps the saved tensors there too.
+
+The graph must not keep device memory alive through its roots: the block input enters through
+``_Entry`` (whose backward hands out the input gradient) and the output leaves through ``_Exit`` (a
+0-element root whose backward feeds in the output gradient), so the block's input and output are
+held only where the graph saved them, and counted there. (A graph rooted at the output tensor held
+it until the block's backward, outside the engine's ledger: one hidden state per KEEP block whose
+successor did not save its input.)
 """
 
 from __future__ import annotations
@@ -26,17 +33,45 @@ class _SlotRef:
     stride: tuple[int, ...]
 
 
+class _Entry(torch.autograd.Function):
+    """Identity on the block input; its backward stores the input gradient in ``holder``."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, holder):
+        ctx.holder = holder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        ctx.holder["grad_x"] = grad_x
+        return None, torch.zeros(0, device=grad_x.device), None
+
+
+class _Exit(torch.autograd.Function):
+    """A 0-element root after the block output; its backward returns the output gradient from ``holder``."""
+
+    @staticmethod
+    def forward(ctx, y, holder):
+        ctx.holder = holder
+        return y.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.holder.pop("grad_y"), None
+
+
 class KeptGraph:
-    """One KEEP block: its graph roots, the forward template's parameters, the saved bytes."""
+    """One KEEP block: its graph (roots without data), the forward template's parameters, the saved bytes."""
 
     def __init__(self, forward_slot: torch.Tensor) -> None:
         self._forward_storage = forward_slot.untyped_storage().data_ptr()
         self._seen_storages: set[int] = set()
         self.saved_bytes = 0
         self.backward_slot: torch.Tensor | None = None
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
         self.params: list[torch.Tensor] = []
+        self._holder: dict[str, torch.Tensor] = {}
+        self._anchor: torch.Tensor | None = None
+        self._root: torch.Tensor | None = None
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -58,19 +93,31 @@ class KeptGraph:
             return torch.as_strided(self.backward_slot, packed.size, packed.stride, packed.offset)
         return packed
 
+    def forward(self, fn, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        """Run ``fn(x)`` with autograd under this graph's hooks; returns the output, detached."""
+        self.params = params
+        self._anchor = torch.empty(0, device=x.device, requires_grad=True)
+        with torch.enable_grad(), self.hooks():
+            y = fn(_Entry.apply(x.detach(), self._anchor, self._holder))
+            self._root = _Exit.apply(y, self._holder)
+        return y.detach()
+
     def backward(self, grad_y: torch.Tensor, backward_slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(input gradient, *parameter gradients); the graph is let go."""
         self.backward_slot = backward_slot
-        inputs = ([self.x] if self.x is not None else []) + self.params
-        grads = torch.autograd.grad(self.y, inputs, grad_y)
+        self._holder["grad_y"] = grad_y
+        grads = torch.autograd.grad(self._root, [self._anchor, *self.params], grad_y.new_empty(0))
+        grad_x = self._holder.pop("grad_x")
         self.discard()
-        return grads
+        return (grad_x, *grads[1:])
 
     def discard(self) -> None:
         """Let the graph go. Its saved tensors' unpack hooks are this object's methods, so the graph and
         this object hold each other through autograd's C++ nodes, a cycle Python's collector cannot
         see: a graph that no backward consumes must be discarded, or its activations leak."""
-        self.x = self.y = self.backward_slot = None
+        self._root = self._anchor = self.backward_slot = None
         self.params = []
+        self._holder.clear()
 
 
 class HostActivations:

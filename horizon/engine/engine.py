@@ -186,12 +186,9 @@ class Engine:
             moved += nbytes_of(host)
         if k:
             kept = sweep.kept[unit] = KeptGraph(self.pool.slots[slot])
-            kept.params = self.pool.params(slot, unit)
-            kept.x = self._part(x, 0, k).detach().requires_grad_()
-            with torch.enable_grad(), kept.hooks():
-                kept.y = self._call(sweep, unit, template, kept.x, rows=slice(0, k))
+            call = lambda h: self._call(sweep, unit, template, h, rows=slice(0, k))  # noqa: E731
+            outputs.append(kept.forward(call, self._part(x, 0, k), self.pool.params(slot, unit)))
             held += kept.saved_bytes
-            outputs.append(kept.y.detach())
         if k or unit in self._device_inputs:
             self.ledger.hold(("kept", unit), held)
         if s:

@@ -11,10 +11,8 @@ references unpack from. The bytes are those autograd computed, so SWAP is bitwis
 Storages are copied whole, deduplicated, with each saved tensor's (dtype, size, stride, offset)
 into its storage: views and non-contiguous tensors come back exactly as they were saved.
 
-The graph must not keep device memory alive through its roots either: the block input enters
-through ``_Entry`` (whose backward hands out the input gradient) and the output leaves through
-``_Exit`` (a 0-element root whose backward feeds in the output gradient), so the block's input
-and output tensors are not referenced by anything the graph keeps.
+Its graph is entered and left through ``KeptGraph``'s data-less roots, so the block's input and
+output are not referenced by anything the graph keeps either.
 """
 
 from __future__ import annotations
@@ -47,33 +45,6 @@ class _Swapped:
     storage_offset: int
 
 
-class _Entry(torch.autograd.Function):
-    """Identity on the block input; its backward stores the input gradient in ``holder``."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, holder):
-        ctx.holder = holder
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_x):
-        ctx.holder["grad_x"] = grad_x
-        return None, torch.zeros(0, device=grad_x.device), None
-
-
-class _Exit(torch.autograd.Function):
-    """A 0-element root after the block output; its backward returns the output gradient from ``holder``."""
-
-    @staticmethod
-    def forward(ctx, y, holder):
-        ctx.holder = holder
-        return y.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _):
-        return ctx.holder.pop("grad_y"), None
-
-
 class SwappedGraph(KeptGraph):
     """One SWAP block: its graph (roots without data), the storages it saved, their layout in bytes."""
 
@@ -84,8 +55,6 @@ class SwappedGraph(KeptGraph):
         self._storages: list[torch.UntypedStorage] = []
         self.nbytes = 0
         self._device_flat: torch.Tensor | None = None
-        self._holder: dict[str, torch.Tensor] = {}
-        self._anchor: torch.Tensor | None = None
 
     def _pack(self, t: torch.Tensor):
         packed = super()._pack(t)
@@ -108,14 +77,9 @@ class SwappedGraph(KeptGraph):
                                 packed.byte_offset // packed.dtype.itemsize + packed.storage_offset)
 
     def forward(self, fn, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-        """Run ``fn(x)`` with autograd, packing what it saves; returns the output, detached."""
-        self.params = params
-        self._anchor = torch.empty(0, device=x.device, requires_grad=True)
-        with torch.enable_grad(), self.hooks():
-            y = fn(_Entry.apply(x.detach(), self._anchor, self._holder))
-            self.y = _Exit.apply(y, self._holder)
+        y = super().forward(fn, x, params)
         self.saved_bytes = self.nbytes
-        return y.detach()
+        return y
 
     def offload(self, transfer: Transfer, host_flat: torch.Tensor) -> Handle:
         """Copy the saved storages into ``host_flat`` (uint8, ``nbytes`` long); the handle holds them until done."""
@@ -131,17 +95,7 @@ class SwappedGraph(KeptGraph):
         self._device_flat = torch.empty(self.nbytes, dtype=torch.uint8, device=self._device)
         return transfer.h2d([self._device_flat], [host_flat])
 
-    def backward(self, grad_y: torch.Tensor, backward_slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(input gradient, *parameter gradients), as ``KeptGraph.backward``."""
-        self.backward_slot = backward_slot
-        self._holder["grad_y"] = grad_y
-        grads = torch.autograd.grad(self.y, [self._anchor, *self.params], grad_y.new_empty(0))
-        grad_x = self._holder.pop("grad_x")
-        self.discard()
-        return (grad_x, *grads[1:])
-
     def discard(self) -> None:
         super().discard()
-        self._device_flat = self._anchor = None
+        self._device_flat = None
         self._storages = []
-        self._holder.clear()

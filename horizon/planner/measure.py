@@ -140,11 +140,8 @@ def _block_timers(run, hidden, params, slot) -> tuple[list, Callable[[list[float
             run(hidden)
 
     def forward_keep() -> None:
-        kept = KeptGraph(slot)
-        kept.params, kept.x = params, hidden.detach().requires_grad_()
-        with torch.enable_grad(), kept.hooks():
-            kept.y = run(kept.x)
-        graphs.append(kept)
+        graphs.append(KeptGraph(slot))
+        graphs[-1].forward(run, hidden, params)
 
     def backward() -> None:
         kept = graphs.pop()
