@@ -17,21 +17,10 @@ import time
 
 import torch
 
+from horizon.planner.cache import cpu_model
+
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 _TICKS_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

@@ -27,6 +27,7 @@ from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
+from horizon.engine.slots import slot_numel
 from horizon.estimate.preflight import applies as preflight_applies, preflight
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.evaluation import evaluate
@@ -111,6 +112,10 @@ class Trainer:
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
+        slot_bytes = slot_numel(layouts) * config.resolved_compute_dtype.itemsize
+        if config.plan == "auto" and config.device_memory_budget_bytes < 2 * slot_bytes:
+            raise ValueError(f"device_memory_budget_bytes={config.device_memory_budget_bytes:,} cannot hold two "
+                             f"weight slots of {slot_bytes:,} bytes; raise it")
         weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
             # A budget too small for one unit (or this rank's shard of it) fails before allocating.
@@ -180,9 +185,6 @@ class Trainer:
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
         self.plan_profile = None
         """For plan="auto": the calibrated ``Profile`` the plan was solved from."""
-        if config.plan == "auto" and config.device_memory_budget_bytes < 2 * self.engine.pool.slot_bytes:
-            raise ValueError(f"device_memory_budget_bytes={config.device_memory_budget_bytes:,} cannot hold two "
-                             f"weight slots of {self.engine.pool.slot_bytes:,} bytes; raise it")
         self.global_step = 0
         """Updates made so far (a skipped step does not count)."""
         self.skipped_steps = 0

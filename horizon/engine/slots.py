@@ -18,7 +18,7 @@ from torch import nn
 
 from horizon.store.layout import UnitLayout
 
-__all__ = ["SlotUse", "assign_slots", "SlotPool"]
+__all__ = ["SlotUse", "assign_slots", "SlotPool", "slot_numel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +72,18 @@ def _same_buffers(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(buffers_a[k], buffers_b[k]) for k in buffers_a)
 
 
+def slot_numel(layouts: list[UnitLayout], world_size: int = 1) -> int:
+    """Elements of one slot: the largest unit's, own and borrowed parameters (a sharded run all-gathers
+    ``world_size`` equal pieces of ceil(numel / world_size) into a slot)."""
+    return max(max(layout.device_numel, -(-layout.numel // world_size) * world_size) for layout in layouts)
+
+
 class SlotPool:
     """``num_slots`` device buffers and, per slot, one template for each unit structure."""
 
     def __init__(self, modules: list[nn.Module], layouts: list[UnitLayout], *, num_slots: int,
                  device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
-        # A sharded run all-gathers world_size equal pieces of ceil(numel / world_size) into a slot.
-        self.slot_numel = max(max(layout.device_numel, -(-layout.numel // world_size) * world_size)
-                              for layout in layouts)
+        self.slot_numel = slot_numel(layouts, world_size)
         self.slots = [torch.empty(self.slot_numel, dtype=dtype, device=device) for _ in range(num_slots)]
         self.device, self.dtype = device, dtype
         self._layouts = layouts

@@ -33,8 +33,8 @@ from horizon.models.units import UnitSpec
 from horizon.planner.profile import Profile
 from horizon.store.host_store import HostStore
 
-__all__ = ["FORMAT", "MEASURE_VERSION", "default_cache_dir", "profile_identity", "cache_path", "load_cached",
-           "save_cached"]
+__all__ = ["FORMAT", "MEASURE_VERSION", "cpu_model", "default_cache_dir", "profile_identity", "cache_path",
+           "load_cached", "save_cached"]
 
 FORMAT = "horizon-profile-cache/1"
 MEASURE_VERSION = 1
@@ -49,7 +49,8 @@ def default_cache_dir() -> str:
     return os.path.join(root, "horizon", "profiles")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -62,7 +63,7 @@ def _cpu_model() -> str:
 
 def _machine(device: torch.device) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = {"cpu": _cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads()}
+    machine = {"cpu": cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         machine["gpu"] = {"name": props.name, "capability": [props.major, props.minor],

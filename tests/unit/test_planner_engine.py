@@ -161,7 +161,7 @@ def test_plan_file_round_trip_drives_the_trainer(tmp_path, model_and_profile):
     assert run[2].num_slots == 3
 
 
-def test_bad_plan_configs_are_value_errors(tmp_path):
+def test_bad_plan_configs_are_value_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="device_memory_budget_bytes"):
         horizon.TrainConfig(plan="auto")
     with pytest.raises(ValueError, match="positive int"):
@@ -183,5 +183,10 @@ def test_bad_plan_configs_are_value_errors(tmp_path):
         load_plan(bad)
     with pytest.raises(ValueError, match="needs rows to recompute"):
         horizon.RowSplit(keep=0.5, swap=0.5, input_on_device=True)
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the host store was built")
+
+    monkeypatch.setattr(horizon.trainer, "HostStore", no_store)  # a budget too small fails before allocating
     with pytest.raises(ValueError, match="two weight slots"):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=1000))
