@@ -2,7 +2,9 @@
 
 Why apart from the trainer: the planner (horizon/planner) is pure (profile, simulate, solve); this is
 the one place that runs the trainer's engine for it: two timed all-RECOMPUTE passes on the first
-batch to calibrate the profile, then the engine rebuilt to execute the chosen plan.
+batch to calibrate the profile, then the engine rebuilt to execute the chosen plan. Under torchrun
+rank 0 measures and solves while the others wait, and every rank executes rank 0's plan: ranks that
+timed themselves could choose different plans, and the step would go at the pace of the slowest.
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ def plan_at_first_step(trainer, input_ids: torch.Tensor, labels: torch.Tensor,
         return time.perf_counter() - start_s
 
     specs = trainer.engine.specs
-    plan, trainer.plan_profile, trainer.plan_solution = auto_plan(
-        specs, trainer.store, device=device, transfer=trainer.transfer, batch_size=input_ids.shape[0],
-        seq_len=input_ids.shape[1], budget_bytes=trainer.config.device_memory_budget_bytes,
-        recompute_step_s=recompute_step_s, cache_dir=trainer.config.profile_cache_dir)
+
+    def solve():
+        return auto_plan(specs, trainer.store, device=device, transfer=trainer.transfer,
+                         batch_size=input_ids.shape[0], seq_len=input_ids.shape[1],
+                         budget_bytes=trainer.config.device_memory_budget_bytes, recompute_step_s=recompute_step_s,
+                         cache_dir=trainer.config.profile_cache_dir)
+
+    dp = trainer.data_parallel
+    plan, trainer.plan_profile, trainer.plan_solution = dp.from_rank_zero(solve) if dp is not None else solve()
     trainer.engine.close()
     trainer.engine = Engine(specs, trainer.store, plan=plan, device=device, transfer=trainer.transfer,
                             collectives=trainer.collectives)

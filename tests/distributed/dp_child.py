@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import horizon  # noqa: E402
+import horizon.planner.measure  # noqa: E402
 from horizon.distributed import DistributedConfig  # noqa: E402
 from dp_cases import CASES, global_batches, rank_batch  # noqa: E402
 from helpers import tiny_decoder  # noqa: E402
@@ -39,7 +40,29 @@ def parity(out: Path, rank: int, world_size: int) -> None:
         torch.save({"losses": [m.loss for m in metrics], "tokens": [m.tokens for m in metrics], "state": state,
                     "moments": moments, "by_role": by_role, **sent}, out / f"{name}-rank{rank}.pt")
     resume_in_halves(out, rank, world_size)
+    auto_plan_run(out, rank, world_size)
     dist.destroy_process_group()
+
+
+def auto_plan_run(out: Path, rank: int, world_size: int) -> None:
+    """plan="auto" on both ranks, with the real measurement counted (the cache off, so it must measure)."""
+    measured, real = [0], horizon.planner.measure.measure_profile
+
+    def counting(*args, **kwargs):
+        measured[0] += 1
+        return real(*args, **kwargs)
+
+    horizon.planner.measure.measure_profile = counting
+    config = horizon.TrainConfig(optimizer=CASES["no_clip"].optimizer, plan="auto", profile_cache_dir=None,
+                                 device_memory_budget_bytes=1 << 30)
+    data = [rank_batch(b, rank, world_size) for b in global_batches()[:3]]
+    with horizon.Trainer(tiny_decoder(num_layers=3, tie_embeddings=True), config) as trainer:
+        for b in data:
+            trainer.step(b)
+        state = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
+        plan = repr(trainer.engine.plan)
+    horizon.planner.measure.measure_profile = real
+    torch.save({"measured": measured[0], "plan": plan, "state": state}, out / f"auto-rank{rank}.pt")
 
 
 def resume_in_halves(out: Path, rank: int, world_size: int) -> None:

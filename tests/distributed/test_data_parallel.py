@@ -57,6 +57,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ranks_out, name):
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ref_state)
 
 
+def test_plan_auto_is_measured_and_solved_by_rank_zero_alone(ranks_out):
+    ranks = [torch.load(ranks_out / f"auto-rank{r}.pt") for r in range(WORLD_SIZE)]
+    assert [r["measured"] for r in ranks] == [1] + [0] * (WORLD_SIZE - 1)
+    assert all(r["plan"] == ranks[0]["plan"] for r in ranks)
+    assert all(torch.equal(ranks[0]["state"][k], r["state"][k]) for r in ranks for k in ranks[0]["state"])
+
+
 def test_tokens_are_the_global_label_count(ranks_out):
     batches = global_batches()
     want = [int((b["labels"] != -100).sum()) for b in batches]
