@@ -18,8 +18,7 @@ from torch import nn
 from horizon.auto_plan import plan_at_first_step
 from horizon.batch import check_batch, check_extras
 from horizon.callbacks import CallbackList
-from horizon.checkpoint.commit import committed_steps
-from horizon.checkpoint.manager import CheckpointError, Checkpointer, staging_plan
+from horizon.checkpoint.manager import CheckpointError, Checkpointer
 from horizon.checkpoint.ranks import RankGroup
 from horizon.checkpoint.session import CheckpointSession
 from horizon.checkpoint.train_state import check_json
@@ -27,7 +26,6 @@ from horizon.config import TrainConfig
 from horizon.distributed.data_parallel import DataParallel, ShardedDataParallel
 from horizon.distributed.world import init_world, is_multi_rank
 from horizon.engine.engine import Engine
-from horizon.engine.slots import slot_numel
 from horizon.estimate.preflight import applies as preflight_applies, preflight
 from horizon.engine.transfer import Transfer, make_transfer
 from horizon.evaluation import evaluate
@@ -45,6 +43,7 @@ from horizon.store.layout import plan_layouts
 from horizon.store.ssd import SSDTier
 from horizon.store.ssd_placement import choose_ssd_units, streamed_units
 from horizon.store.weight_stream import WeightStream
+from horizon.trainer_checks import check_auto_budget, check_checkpoint_dir, refuse_sharded_choices
 
 __all__ = ["Trainer"]
 
@@ -92,14 +91,7 @@ class Trainer:
         self.config, self.model = config, model
         specs = find_units(model, config.units)
         check_trainable(model)
-        if config.checkpoint is not None and config.checkpoint.on_busy == "skip" \
-                and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("CheckpointConfig(on_busy='skip') cannot shard: the ranks would disagree on which "
-                             "checkpoints to write; use on_busy='wait' with shard_optimizer_state=True")
-        if config.plan == "auto" and config.distributed.shard_optimizer_state and is_multi_rank():
-            raise ValueError("plan='auto' cannot plan a sharded run yet: its profile times whole-unit copies, "
-                             "not the shard copy and device all-gather of DistributedConfig(shard_optimizer_state"
-                             "=True); pass a fixed plan (plan='keep', 'recompute' or a horizon.Plan)")
+        refuse_sharded_choices(config)
         self.world = init_world(config.distributed, torch.device(config.device))
         """The data-parallel process group under torchrun (horizon.distributed); None for one process."""
         rank0 = self.world is None or self.world.rank == 0  # one metrics file and one TensorBoard run, not W
@@ -108,54 +100,17 @@ class Trainer:
         self.data_parallel = None if self.world is None else (
             ShardedDataParallel if config.distributed.shard_optimizer_state else DataParallel)(self.world)
         sharded = isinstance(self.data_parallel, ShardedDataParallel)
-        device = config.torch_device
+        self.device = device = config.torch_device
         plan = config.resolved_plan
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         layouts = plan_layouts([s.name for s in specs], [s.module for s in specs])
-        slot_bytes = slot_numel(layouts) * config.resolved_compute_dtype.itemsize
-        if config.plan == "auto" and config.device_memory_budget_bytes < 2 * slot_bytes:
-            raise ValueError(f"device_memory_budget_bytes={config.device_memory_budget_bytes:,} cannot hold two "
-                             f"weight slots of {slot_bytes:,} bytes; raise it")
+        check_auto_budget(config, layouts)
         weights = HFWeights.open(model, config.hf_weights) if config.hf_weights else None  # checked before allocating
         if config.checkpoint is not None:
-            # A budget too small for one unit (or this rank's shard of it) fails before allocating.
-            staging_plan(config.checkpoint, layouts, world_size=self.world.world_size if sharded else 1)
-            existing = committed_steps(str(config.checkpoint.dir))
-            if existing and not config.resume:
-                raise ValueError(f"{config.checkpoint.dir} already holds checkpoints (newest: step {existing[-1]}): "
-                                 "pass TrainConfig(resume=True) to continue from it, or use an empty directory")
+            check_checkpoint_dir(config, layouts, world_size=self.world.world_size if sharded else 1)
         if preflight_applies(config, is_multi_rank()):
             preflight(model, config)  # the estimate against this machine, before the store exists
-        ssd_units, streamed = _ssd_units(config, layouts)
-        if ssd_units and (self.data_parallel is not None or weights is not None):
-            raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
-                             "drop ssd=..., or train in one process from an initialised model")
-        if self.data_parallel is not None:
-            self.store = self.data_parallel.make_store(layouts, compute_dtype=config.resolved_compute_dtype,
-                                                       pin=device.type == "cuda" and config.pin_memory,
-                                                       accumulate=config.grad_accum_steps > 1)
-        else:
-            self.store = HostStore(layouts, compute_dtype=config.resolved_compute_dtype,
-                                   pin=device.type == "cuda" and config.pin_memory,
-                                   accumulate=config.grad_accum_steps > 1, ssd_units=ssd_units, streamed=streamed)
-        dtype = config.resolved_compute_dtype
-        self.ssd = SSDTier(config.ssd, layouts, ssd_units, compute_dtype=dtype, streamed=streamed,
-                           spill_grads=not config.eager_updates) if ssd_units else None
-        """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
-        self.weight_stream = WeightStream(self.ssd, dtype=dtype, num_buffers=config.ssd.weight_buffers,
-                                          io_backend=config.ssd.io_backend) if streamed else None
-        self.grad_ring = GradRing(layouts, streamed, dtype) if streamed else None
-        """With SSDConfig(weights=True): the read-ahead window of streamed compute copies and their gradients' ring."""
-        sources = {"ssd": self.ssd} if self.ssd is not None else {}
-        if sharded:
-            sources["weights"] = weights  # each rank reads its own slices
-        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(model), **sources)
-        if weights is not None and not sharded:
-            weights.load()
-            for unit in self.store.units:
-                unit.refresh_compute()
-        if self.data_parallel is not None:
-            self.data_parallel.broadcast_store(self.store)
+        self._build_store(specs, layouts, weights, sharded=sharded)
         self.vocab_size = specs[0].module.num_embeddings
         self.takes_extras = config.units is None and is_hf_model(model)  # attention_mask, position_ids
         self.num_classes = specs[-1].module.head.out_features
@@ -165,22 +120,7 @@ class Trainer:
         """ZeRO-3 (shard_optimizer_state under torchrun): what the engine gathers and reduce-scatters with."""
         self.engine = Engine(specs, self.store, plan=plan, device=device, transfer=self.transfer,
                              weights=self.weight_stream, grads=self.grad_ring, collectives=self.collectives)
-        # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
-        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
-        ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
-            if writes and sharded else None
-        self.checkpointer = None if not writes else Checkpointer(
-            config.checkpoint, self.store, param_names=self.param_names(), model_config=model_config_json(model, check_json),
-            disk=checkpoint_disk, ssd=self.ssd, ranks=ranks)
-        decay_runs = decay_runs_by_name(self.store.units, self.param_names(), config.optimizer)
-        if self.data_parallel is not None:
-            decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
-        self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
-                               before_update=self.checkpointer.before_update if self.checkpointer else None,
-                               reducer=self.data_parallel, ssd=self.ssd, grads=self.grad_ring)
-        if self.checkpointer is not None:
-            self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
-        self.device = device
+        self._build_optimizer(model, checkpoint_disk, optimizer_delay_s, sharded=sharded)
         self.plan_solution = None
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
         self.plan_profile = None
@@ -200,6 +140,57 @@ class Trainer:
             self.device_base_bytes = torch.cuda.memory_allocated(device)
         if config.resume:
             self.resume()
+
+    def _build_store(self, specs, layouts, weights: HFWeights | None, *, sharded: bool) -> None:
+        """The host store (and its SSD tier), its parameters initialised, loaded or broadcast."""
+        config, device, dtype = self.config, self.device, self.config.resolved_compute_dtype
+        ssd_units, streamed = _ssd_units(config, layouts)
+        if ssd_units and (self.data_parallel is not None or weights is not None):
+            raise ValueError("TrainConfig.ssd is not combined with torchrun data parallel or hf_weights yet: "
+                             "drop ssd=..., or train in one process from an initialised model")
+        pin, accumulate = device.type == "cuda" and config.pin_memory, config.grad_accum_steps > 1
+        if self.data_parallel is not None:
+            self.store = self.data_parallel.make_store(layouts, compute_dtype=dtype, pin=pin, accumulate=accumulate)
+        else:
+            self.store = HostStore(layouts, compute_dtype=dtype, pin=pin, accumulate=accumulate,
+                                   ssd_units=ssd_units, streamed=streamed)
+        self.ssd = SSDTier(config.ssd, layouts, ssd_units, compute_dtype=dtype, streamed=streamed,
+                           spill_grads=not config.eager_updates) if ssd_units else None
+        """The optimizer state of ``store.ssd_units`` (TrainConfig.ssd); None when every unit is in RAM."""
+        self.weight_stream = WeightStream(self.ssd, dtype=dtype, num_buffers=config.ssd.weight_buffers,
+                                          io_backend=config.ssd.io_backend) if streamed else None
+        self.grad_ring = GradRing(layouts, streamed, dtype) if streamed else None
+        """With SSDConfig(weights=True): the read-ahead window of streamed compute copies and their gradients' ring."""
+        sources = {"ssd": self.ssd} if self.ssd is not None else {}
+        if sharded:
+            sources["weights"] = weights  # each rank reads its own slices
+        self.store.adopt([s.module for s in specs], init_fn=None if weights else init_fn(self.model), **sources)
+        if weights is not None and not sharded:
+            weights.load()
+            for unit in self.store.units:
+                unit.refresh_compute()
+        if self.data_parallel is not None:
+            self.data_parallel.broadcast_store(self.store)
+
+    def _build_optimizer(self, model: nn.Module, checkpoint_disk, optimizer_delay_s, *, sharded: bool) -> None:
+        """The checkpointer (on the ranks that write) and the updater, which lets the checkpointer copy a
+        unit's state before it changes."""
+        config = self.config
+        # Data parallel: the replicas are equal, rank 0 writes the checkpoints; sharded, every rank writes its shards.
+        writes = config.checkpoint is not None and (self.world is None or self.world.rank == 0 or sharded)
+        ranks = RankGroup(rank=self.world.rank, world_size=self.world.world_size, group=self.world.writer) \
+            if writes and sharded else None
+        self.checkpointer = None if not writes else Checkpointer(
+            config.checkpoint, self.store, param_names=self.param_names(), model_config=model_config_json(model, check_json),
+            disk=checkpoint_disk, ssd=self.ssd, ranks=ranks)
+        decay_runs = decay_runs_by_name(self.store.units, self.param_names(), config.optimizer)
+        if self.data_parallel is not None:
+            decay_runs = self.data_parallel.local_decay_runs(self.store, decay_runs)
+        self.updater = Updater(self.store, config.optimizer, decay_runs=decay_runs, delay_s=optimizer_delay_s,
+                               before_update=self.checkpointer.before_update if self.checkpointer else None,
+                               reducer=self.data_parallel, ssd=self.ssd, grads=self.grad_ring)
+        if self.checkpointer is not None:
+            self.checkpointer.optimizer_busy = self.updater.busy  # the copier yields to the optimizer
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepMetrics:
         """Forward and backward on ``batch`` (input_ids and labels, [B, T]); with
