@@ -8,7 +8,9 @@ is recognisable. ``auto_plan`` is the whole path the trainer takes for ``plan="a
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -23,9 +25,11 @@ from horizon.planner.profile import Profile
 from horizon.planner.simulate import simulate
 from horizon.store.host_store import HostStore
 
-__all__ = ["to_plan", "save_plan", "load_plan", "auto_plan"]
+__all__ = ["to_plan", "save_plan", "load_plan", "auto_plan", "describe"]
 
 FORMAT = "horizon-plan/1"
+
+log = logging.getLogger("horizon.planner")
 
 
 def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | None = None) -> Plan:
@@ -115,7 +119,24 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
     except ImportError:
         from horizon.planner.greedy import solve_greedy as solve
     solution = solve(profile, budget_bytes)
+    log.info("plan='auto': %s", describe(solution, budget_bytes))
     return to_plan(profile, solution), profile, solution
+
+
+def _kind(choice) -> str:
+    if choice.keep == 1 or choice.swap == 1:
+        return "KEEP" if choice.keep == 1 else "SWAP"
+    if choice.recompute == 1:
+        return "RECOMPUTE (input on the device)" if choice.input_on_device else "RECOMPUTE"
+    return "split"
+
+
+def describe(solution: Solution, budget_bytes: int) -> str:
+    """One line: how many blocks take each policy, and the predicted step time and device peak."""
+    counts = collections.Counter(_kind(c) for c in solution.choices.values())
+    blocks = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+    return (f"{blocks} blocks, {solution.num_slots} slots; predicted {solution.step_s:.4g} s/step and a device "
+            f"peak of {solution.peak_bytes:,} of {budget_bytes:,} bytes (solved in {solution.solve_s:.2f} s)")
 
 
 def _measured_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,

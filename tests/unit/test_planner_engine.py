@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import logging
 import random
 
 import pytest
@@ -113,18 +114,23 @@ def test_inputs_left_on_the_device_are_held_as_predicted(model_and_profile):
         simulate(profile, {u: horizon.RowSplit(keep=0.5, input_on_device=True) for u in profile.blocks}, 2)
 
 
-def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile):
+def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile, caplog):
     model, profile = model_and_profile
     data = batches(3, batch=BATCH, seq=SEQ)
     keep = horizon_run(model, data, config=horizon.TrainConfig(plan="keep"))
     recompute = horizon_run(model, data, config=horizon.TrainConfig(plan="recompute"))
     budget = (keep[2].device_peak_bytes + recompute[2].device_peak_bytes) // 2
-    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget)) as t:
+    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget)) as t, \
+            caplog.at_level(logging.INFO, logger="horizon.planner"):
         losses = [t.step(b).loss for b in data]
         state = {k: v.clone() for k, v in t.state_dict().items()}
         solution, peak = t.plan_solution, t.memory().device_peak_bytes
         assert t.engine.plan == to_plan(t.plan_profile, solution)
     assert peak == solution.peak_bytes <= budget
+    (line,) = [r.getMessage() for r in caplog.records if " slots; predicted " in r.getMessage()]
+    assert f"a device peak of {solution.peak_bytes:,} of {budget:,} bytes" in line
+    counted = sum(int(part.split()[0]) for part in line.removeprefix("plan='auto': ").split(" blocks,")[0].split(", "))
+    assert counted == len(profile.blocks)
     assert any(c.recompute < 1 for c in solution.choices.values())  # the budget leaves room to keep or swap some
     # Row fractions change the summation order: 1e-6 on the losses, 1e-5 on weights after 3 AdamW steps.
     assert all(abs(a - b) <= 1e-6 * b for a, b in zip(losses, keep[0]))

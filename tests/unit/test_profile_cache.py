@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,3 +159,18 @@ def test_bad_cache_folders_are_value_errors(tmp_path):
         warnings.simplefilter("error")
         assert _auto(tmp_path / "not-yet").profile_cache_dir == tmp_path / "not-yet"  # created when first needed
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_a_cuda_profile_is_keyed_on_the_gpu(monkeypatch):
+    """Runs on any machine: the GPU's properties are faked, as a lent H100 and H200 would report them."""
+    gpus = {"h100": SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=85_045_870_592),
+            "h200": SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=150_110_011_392)}
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    machines = {}
+    for name, props in gpus.items():
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=props: p)
+        machines[name] = cache._machine(torch.device("cuda", 0))
+    assert machines["h100"]["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0],
+                                       "memory_bytes": 85_045_870_592, "cuda": "12.8"}
+    assert machines["h100"]["cpu"] == cache.cpu_model() and machines["h100"] != machines["h200"]
+    assert "gpu" not in cache._machine(torch.device("cpu"))
