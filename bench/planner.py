@@ -10,8 +10,6 @@ Decoder trained by horizon.Trainer on CPU with TrainConfig(cpu_link_bytes_per_s=
   * keep_floor    every block KEEP with the budget lifted (the floor no plan can beat)
   * mip_again     the MIP's plan again: how far apart one plan measures from itself in this run (on
                   the 2-core VM single steps vary by +-12% and medians by +-3-5%)
-  * mip_lag1      the MIP's plan with every offload drained during the next unit (solve_mip(...,
-                  offload_lag=1), the planner before session 9): what the longer offload lag buys
 Systems take turns step by step on one trainer (``PlanSwitch``: one store, optimizer and transfer
 thread, an engine per plan), and every round also measures the units once (so a burst of load
 lands on profile and steps alike). It prints the simulator's prediction for each plan beside
@@ -98,6 +96,13 @@ def _solve_80(profile: Profile) -> tuple[float, bool]:
     return time.perf_counter() - start, sol.optimal
 
 
+def _whole_blocks(profile: Profile) -> Profile:
+    """``profile`` without row fractions: the planner's choices are whole-block policies."""
+    return dataclasses.replace(profile, fractions=(), units=tuple(
+        dataclasses.replace(u, keep_bytes_at=(), swap_bytes_at=(), fwd_s_at=(), fwd_grad_s_at=(), bwd_s_at=())
+        for u in profile.units))
+
+
 class PlanSwitch:
     """Every plan on one trainer: an engine per plan over the trainer's store, swapped in before each of
     the plan's steps, as plan="auto" swaps it (horizon/auto_plan.py).
@@ -158,14 +163,11 @@ def main(argv=None) -> None:
     low = simulate(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2).peak_bytes
     high = simulate(profile, {u: P.KEEP for u in profile.blocks}, 2).peak_bytes
     budget = int(low + a.budget_frac * (high - low))
-    whole = profile.whole_blocks()
+    whole = _whole_blocks(profile)
     mip, mip_whole, greedy = solve_mip(profile, budget), solve_mip(whole, budget), solve_greedy(profile, budget)
     plans = {"mip": (to_plan(profile, mip), mip.choices, mip.num_slots),
              "mip_whole": (to_plan(whole, mip_whole), mip_whole.choices, mip_whole.num_slots),
              "greedy": (to_plan(profile, greedy), greedy.choices, greedy.num_slots)}
-    # The lag-1 MIP alone (as before session 9): what the offload lag adds, measured in the same rounds.
-    mip_lag1 = solve_mip(profile, budget, offload_lag=1)
-    plans["mip_lag1"] = (to_plan(profile, mip_lag1), mip_lag1.choices, mip_lag1.num_slots)
     plans["mip_again"] = plans["mip"]  # the same plan twice: the noise floor of this run's ratios
     for name, policy in (("recompute", P.RECOMPUTE), ("keep_floor", P.KEEP)):
         plans[name] = (horizon.Plan.uniform(policy), {u: horizon.RowSplit.of(policy) for u in profile.blocks}, 2)
@@ -191,25 +193,21 @@ def main(argv=None) -> None:
     runs.close()
     during = median_profile(profiles)
     fitted = calibrate(during, [(plans[n][1], plans[n][2], results[n]) for n in ("recompute", "keep_floor")])
-    predicted = {name: simulate(fitted, policies, slots, plan.offload_lag).step_s
-                 for name, (plan, policies, slots) in plans.items()}
-    uncalibrated = {name: simulate(during, policies, slots, plan.offload_lag).step_s
-                    for name, (plan, policies, slots) in plans.items()}
+    predicted = {name: simulate(fitted, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
+    uncalibrated = {name: simulate(during, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
     solve_s, solve_optimal = _solve_80(profile)
     ratios = {"mip_vs_recompute": results["mip"] / results["recompute"],
               "mip_vs_greedy": results["mip"] / results["greedy"],
               "mip_vs_keep_floor": results["mip"] / results["keep_floor"],
               "mip_vs_mip_whole": results["mip"] / results["mip_whole"],
               "keep_floor_vs_recompute": results["keep_floor"] / results["recompute"],
-              "noise_mip_again_vs_mip": results["mip_again"] / results["mip"],
-              "mip_vs_mip_lag1": results["mip"] / results["mip_lag1"]}
+              "noise_mip_again_vs_mip": results["mip_again"] / results["mip"]}
     errors = {name: predicted[name] / results[name] - 1 for name in results}
     raw_errors = {name: uncalibrated[name] / results[name] - 1 for name in results}
     for name in results:
         print(f"{name:11s} measured {results[name]:.3f} s/step  simulated {predicted[name]:.3f} s "
               f"({errors[name]:+.0%}; uncalibrated {raw_errors[name]:+.0%})  peak {peaks[name]:,} B  "
-              f"faults/step {median(faults[name]):.0f}  lag {plans[name][0].offload_lag}  "
-              f"{' '.join(str(v) for v in plans[name][1].values())}")
+              f"faults/step {median(faults[name]):.0f}  {' '.join(str(v) for v in plans[name][1].values())}")
     balance = _balance(during)
     print(f"compute scale {fitted.compute_scale:.3f}; budget {budget:,} B; link s per compute s: weights "
           f"{balance['weights']:.2f}, swap {balance['swap']:.2f} (PCIe-like: 0.25-1 and 2-4)")
@@ -223,7 +221,6 @@ def main(argv=None) -> None:
                            samples_s=times, minor_faults_per_step={n: median(f) for n, f in faults.items()},
                            solver={"name": _solver_name(), "optimal_80_units": solve_optimal},
                            plans={n: {str(k): str(v) for k, v in plans[n][1].items()} for n in plans},
-                           offload_lag={n: plans[n][0].offload_lag for n in plans},
                            load=load, config={**vars(a), "budget_bytes": budget, "link_per_compute_s": balance,
                                               "profile": profile.to_dict()})
     print("wrote", write_json(a.out, record))

@@ -49,14 +49,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
 
 
-def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int,
-                 offload_lag: int = 1) -> dict[int, float]:
+def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int) -> dict[int, float]:
     """Per unit, the model's seconds of the positions it computes in (forward and backward)."""
     n = len(profile.units)
     order = list(range(n)) + list(range(n - 2, -1, -1))
     choose = chooser(policies)
     bw, out = profile.link_bytes_per_s, {u: 0.0 for u in range(n)}
-    for unit, iv in zip(order, intervals(profile, num_slots, offload_lag)[1:]):  # [0] is the prologue
+    for unit, iv in zip(order, intervals(profile, num_slots)[1:]):  # [0] is the prologue
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
         link = max(h2d, d2h) if profile.duplex else h2d + d2h
         out[unit] += max(value(iv.compute, choose), link)
@@ -74,10 +73,9 @@ def run(args: argparse.Namespace) -> int:
         baselines[name] = {"simulated_step_s": sim.step_s, "peak_bytes": sim.peak_bytes,
                            "fits": sim.peak_bytes <= args.budget}
     choices = solution.choices
-    chosen = simulate(profile, choices, solution.num_slots, solution.offload_lag)
-    seconds = unit_seconds(profile, choices, solution.num_slots, solution.offload_lag)
+    chosen = simulate(profile, choices, solution.num_slots)
+    seconds = unit_seconds(profile, choices, solution.num_slots)
     report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
-              "offload_lag": solution.offload_lag,
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
               "units": [{"unit": profile.units[u].name, "keep": choices[u].keep, "swap": choices[u].swap,
@@ -97,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(r: dict) -> None:
-    lag = f", offloads drain over {r['offload_lag']} units" if r["offload_lag"] > 1 else ""
-    print(f"budget {format_bytes(r['budget_bytes'])}; {r['solver']} plan, {r['num_slots']} slots{lag} "
+    print(f"budget {format_bytes(r['budget_bytes'])}; {r['solver']} plan, {r['num_slots']} slots "
           f"({'optimal' if r['optimal'] or r['solver'] == 'greedy' else 'time limit reached'}, "
           f"{r['solve_s']:.2f} s to solve)")
     row = "  {:<16} {:>6} {:>6} {:>9} {:>12} {:>12} {:>12}"

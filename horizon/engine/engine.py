@@ -157,9 +157,8 @@ class Engine:
             self._loss_head(sweep, unit, slot)
         else:
             self._forward_block(sweep, unit, slot)
-        # A block's offload drains during the next ``offload_lag`` units (1: the next one, as MEMO's two
-        # rotating buffers); a restore before that waits for it too (``Traffic``).
-        for earlier in [u for u in sweep.offloads if u <= unit - self.plan.offload_lag]:
+        # The previous block's offload drains during this unit (two rotating buffers, as MEMO).
+        for earlier in [u for u in sweep.offloads if u < unit]:
             self.traffic.wait_offload(sweep, earlier)
 
     def _set_hidden(self, sweep: Sweep, hidden: torch.Tensor | None) -> None:

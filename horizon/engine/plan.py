@@ -73,11 +73,6 @@ class Plan:
     """Device buffers for unit weights: 2 = double buffering, more = deeper prefetch."""
     loss_chunk_tokens: int | None = None
     """Tokens per loss-head chunk; None = as many as fit 256 MiB of fp32 logits."""
-    offload_lag: int = 1
-    """Units a block's copy to the host (its swapped activations, its recomputed rows' input) may take:
-    the forward waits for it after the ``offload_lag``-th unit that follows, and the device bytes stay
-    held until then. 1 = during the next unit; more lets a copy longer than a unit's compute run under
-    several (the planner picks it from the link: ``planner.schedule.offload_lag_for``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, ActivationPolicy):
@@ -92,9 +87,6 @@ class Plan:
             raise ValueError(f"Plan.num_slots must be at least 2 (double buffering), got {self.num_slots}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
             raise ValueError(f"Plan.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
-        if isinstance(self.offload_lag, bool) or not isinstance(self.offload_lag, int) or self.offload_lag < 1:
-            raise ValueError(f"Plan.offload_lag must be an int >= 1 (units a copy to the host may take), "
-                             f"got {self.offload_lag!r}")
 
     @classmethod
     def uniform(cls, policy: ActivationPolicy | str, **kwargs) -> "Plan":

@@ -38,20 +38,20 @@ def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | No
     per_unit = {profile.units[u].name: whole[c] for u, c in solution.choices.items() if c in whole}
     splits = {profile.units[u].name: c for u, c in solution.choices.items() if c not in whole}
     return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, splits=splits,
-                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens, offload_lag=solution.offload_lag)
+                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
-              "loss_chunk_tokens": plan.loss_chunk_tokens, "offload_lag": plan.offload_lag,
+              "loss_chunk_tokens": plan.loss_chunk_tokens,
               "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
               "splits": {name: {"keep": c.keep, "swap": c.swap}
                          | ({"input_on_device": True} if c.input_on_device else {}) for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
-        sim = simulate(profile, solution.choices, solution.num_slots, solution.offload_lag)
+        sim = simulate(profile, solution.choices, solution.num_slots)
         record["prediction"] = {"model_step_s": solution.step_s, "simulated_step_s": sim.step_s,
                                 "peak_bytes": solution.peak_bytes, "optimal": solution.optimal,
                                 "solve_s": solution.solve_s}
@@ -73,8 +73,7 @@ def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots,
-    offload_lag)."""
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots)."""
     record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
@@ -90,8 +89,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
                 per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
                 splits={k: RowSplit(**v) for k, v in splits.items()},
-                num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"),
-                offload_lag=record.get("offload_lag", 1))
+                num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
 
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
@@ -137,8 +135,7 @@ def describe(solution: Solution, budget_bytes: int) -> str:
     """One line: how many blocks take each policy, and the predicted step time and device peak."""
     counts = collections.Counter(_kind(c) for c in solution.choices.values())
     blocks = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-    lag = f", offloads drain over {solution.offload_lag} units" if solution.offload_lag > 1 else ""
-    return (f"{blocks} blocks, {solution.num_slots} slots{lag}; predicted {solution.step_s:.4g} s/step and a device "
+    return (f"{blocks} blocks, {solution.num_slots} slots; predicted {solution.step_s:.4g} s/step and a device "
             f"peak of {solution.peak_bytes:,} of {budget_bytes:,} bytes (solved in {solution.solve_s:.2f} s)")
 
 

@@ -20,13 +20,6 @@ many plans tie, and moving bytes is never free in practice (host memory bandwidt
 itself takes a core), so the tie goes to the plan that moves least. Bytes are in MiB and times in ms inside
 the solver, so coefficients stay in a range CBC and HiGHS solve without tolerance trouble. The
 slot count is enumerated outside the MIP (its index sets depend on it); the best is returned.
-
-The offload lag (``Plan.offload_lag``: how many units a block's copy to the host may take) is a second
-solve. Where a whole block's swap takes longer on the link than a block's forward
-(``offload_lag_for``), splits are the only way to swap under compute at lag 1; at a longer lag a
-whole block's copy runs under the forwards that follow it, and the interval model counts an equal
-share of it at each. That solve offers whole blocks only and is time-limited (``LAG_SOLVE_TIME_LIMIT_S``);
-the faster plan of the two is returned.
 """
 
 from __future__ import annotations
@@ -38,10 +31,10 @@ import warnings
 from horizon.engine.plan import ActivationPolicy as P
 from horizon.planner.choice import Choice, as_choice, choices, host_bytes_of
 from horizon.planner.profile import Profile
-from horizon.planner.schedule import Term, offload_lag_for
+from horizon.planner.schedule import Term
 from horizon.planner.simulate import intervals, memory_rows, model_step_s, peak_bytes
 
-__all__ = ["Solution", "PlanInfeasible", "solve_mip", "host_bytes", "POLICIES", "LAG_SOLVE_TIME_LIMIT_S"]
+__all__ = ["Solution", "PlanInfeasible", "solve_mip", "host_bytes", "POLICIES"]
 
 POLICIES = (P.KEEP, P.SWAP, P.RECOMPUTE)
 _MIB, _MS = 2.0 ** 20, 1e-3
@@ -69,15 +62,14 @@ class Solution:
     optimal: bool
     """False when a time limit stopped the solver with a feasible plan."""
     solve_s: float
-    offload_lag: int = 1
-    """Units a block's copy to the host may take (``Plan.offload_lag``)."""
 
 
-def solution(profile: Profile, chosen: dict[int, Choice], num_slots: int, optimal: bool,
-             offload_lag: int = 1) -> Solution:
+
+
+def solution(profile: Profile, chosen: dict[int, Choice], num_slots: int, optimal: bool) -> Solution:
     """A ``Solution`` for these choices, with its model step time and peak (``solve_s`` left 0)."""
-    return Solution(dict(chosen), num_slots, model_step_s(profile, chosen, num_slots, offload_lag),
-                    peak_bytes(profile, chosen, num_slots, offload_lag), optimal, 0.0, offload_lag)
+    return Solution(dict(chosen), num_slots, model_step_s(profile, chosen, num_slots),
+                    peak_bytes(profile, chosen, num_slots), optimal, 0.0)
 
 
 def host_bytes(profile: Profile, policies: dict[int, P | Choice]) -> int:
@@ -123,12 +115,11 @@ def _warm_highs():
     return WarmHiGHS
 
 
-def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None,
-           offload_lag: int = 1):
+def _build(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
     """The model for one slot count; ``budget_bytes=None`` builds the min-peak variant instead."""
     with warnings.catch_warnings():  # PuLP 3.3 announces its 4.0 API on every variable
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _build_model(profile, num_slots, budget_bytes, host_budget_bytes, offload_lag)
+        return _build_model(profile, num_slots, budget_bytes, host_budget_bytes)
 
 
 class _Expressions:
@@ -182,18 +173,17 @@ class _Expressions:
         return self._defined[key], scale / unit_scale
 
 
-def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None,
-                 offload_lag: int):
+def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, host_budget_bytes: int | None):
     import pulp
 
-    m = pulp.LpProblem(f"plan_S{num_slots}_L{offload_lag}", pulp.LpMinimize)
+    m = pulp.LpProblem(f"plan_S{num_slots}", pulp.LpMinimize)
     options = choices(profile)
     x = {(u, c): pulp.LpVariable(f"x_{u}_{i}", cat=pulp.LpBinary)
          for u in profile.blocks for i, c in enumerate(options)}
     expr = _Expressions(m, x, profile)
     for u in profile.blocks:
         m += pulp.lpSum(x[(u, c)] for c in options) == 1
-    rows = [expr(row, _MIB) for row in memory_rows(profile, num_slots, offload_lag)]
+    rows = [expr(row, _MIB) for row in memory_rows(profile, num_slots)]
     if budget_bytes is None:
         peak = pulp.LpVariable("peak_mib", 0)
         for row in rows:
@@ -211,7 +201,7 @@ def _build_model(profile: Profile, num_slots: int, budget_bytes: int | None, hos
             <= host_budget_bytes / _MIB
     bw_ms = profile.link_bytes_per_s * _MS
     taus, link = [], []
-    for t, iv in enumerate(intervals(profile, num_slots, offload_lag)):
+    for t, iv in enumerate(intervals(profile, num_slots)):
         tau = pulp.LpVariable(f"tau_{t}", 0)
         taus.append(tau)
         m += tau >= expr(iv.compute, _MS)
@@ -237,15 +227,8 @@ _TIGHTEN_TRIES = 3
 _TIE_BREAK_S = 0.5
 """Time limit of the second solve: a tie-break, so its best plan so far is good enough."""
 
-LAG_SOLVE_TIME_LIMIT_S = 1.0
-"""Time limit of the whole-block solve at a longer offload lag. Its intervals share each offload among
-the positions it spreads over, which couples neighbouring blocks: at 80 identical blocks HiGHS did not
-prove a plan optimal in 60 s, while its plan after 1 s already beat lag 1's optimum (bench/planner.py's
-profile: a model step of 4.80 against 5.01 s at a quarter of the budget range, 4.50 against 4.69 s at
-half; with row splits as well, 1 s found nothing as good: 4.99 and 4.99 s)."""
 
-
-def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float, lag: int) -> dict[int, Choice]:
+def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float) -> dict[int, Choice]:
     """Second solve: the plan with the least link time among those no slower than the one ``m`` holds.
 
     Warm-started from that plan; if the time-limited solve ends without one, the first plan stands."""
@@ -262,37 +245,42 @@ def _least_link(m, x, objective, profile: Profile, num_slots: int, gap: float, l
         return first
     second = _policies(x, profile)
     # Within the solver's tolerance "no slower" may admit a hair slower: then the first plan stands.
-    faster = model_step_s(profile, second, num_slots, lag) <= model_step_s(profile, first, num_slots, lag)
-    return second if faster else first
+    return second if model_step_s(profile, second, num_slots) <= model_step_s(profile, first, num_slots) else first
 
 
 def smallest_budget_bytes(profile: Profile, num_slots: int, *, time_limit_s: float = 30.0) -> int:
-    """The least device peak any plan reaches at this slot count (a MIP on the ledger rows alone; lag 1,
-    which holds offloads the least)."""
+    """The least device peak any plan reaches at this slot count (a MIP on the ledger rows alone)."""
     m, x, _ = _build(profile, num_slots, None, None)
     m.solve(_solver(time_limit_s, 0.0))
     return peak_bytes(profile, _policies(x, profile), num_slots)
 
 
 def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...] = (2, 3),
-              host_budget_bytes: int | None = None, time_limit_s: float = 30.0, gap: float = 1e-4,
-              offload_lag: int | None = None) -> Solution:
-    """The plan with the least model step time whose device peak fits ``budget_bytes``: the better of
-    every choice at offload lag 1 (each ``num_slots``), and whole blocks at ``offload_lag`` (None:
-    ``offload_lag_for(profile)``) when that is longer (the fewest slots; time limit
-    ``LAG_SOLVE_TIME_LIMIT_S``)."""
+              host_budget_bytes: int | None = None, time_limit_s: float = 30.0, gap: float = 1e-4) -> Solution:
+    """The plan with the least model step time whose device peak fits ``budget_bytes``."""
+    import pulp
+
     _check_options(budget_bytes, host_budget_bytes, num_slots)
-    if offload_lag is not None and (isinstance(offload_lag, bool) or not isinstance(offload_lag, int)
-                                    or offload_lag < 1):
-        raise ValueError(f"offload_lag must be an int >= 1 or None, got {offload_lag!r}")
-    start = time.perf_counter()
-    best = _best(profile, budget_bytes, num_slots, 1, host_budget_bytes, time_limit_s, gap)
-    lag = offload_lag_for(profile) if offload_lag is None else offload_lag
-    if best is not None and lag > 1:
-        longer = _best(profile.whole_blocks(), budget_bytes, (min(num_slots),), lag, host_budget_bytes,
-                       min(time_limit_s, LAG_SOLVE_TIME_LIMIT_S), gap)
-        if longer is not None and longer.step_s < best.step_s:
-            best = solution(profile, longer.choices, longer.num_slots, longer.optimal, lag)
+    start, best = time.perf_counter(), None
+    for slots in num_slots:
+        candidate, target = None, budget_bytes
+        for _ in range(_TIGHTEN_TRIES):
+            m, x, objective = _build(profile, slots, target, host_budget_bytes)
+            if m is None:
+                break
+            m.solve(_solver(time_limit_s, gap))
+            if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+                break
+            optimal = m.sol_status == pulp.LpSolutionOptimal
+            candidate = solution(profile, _least_link(m, x, objective, profile, slots, gap), slots, optimal)
+            if candidate.peak_bytes <= budget_bytes:
+                break
+            # Within its integrality tolerance the solver may pass a plan a few bytes over: ask again, tighter.
+            target, candidate = target - (candidate.peak_bytes - budget_bytes), None
+        if candidate is None:
+            continue
+        if best is None or candidate.step_s < best.step_s:
+            best = candidate
     if best is None:
         smallest = min(smallest_budget_bytes(profile, s) for s in num_slots)
         if smallest <= budget_bytes:
@@ -300,36 +288,3 @@ def solve_mip(profile: Profile, budget_bytes: int, *, num_slots: tuple[int, ...]
                              f"within the device budget must move to the host; raise it")
         raise PlanInfeasible(budget_bytes, smallest)
     return dataclasses.replace(best, solve_s=time.perf_counter() - start)
-
-
-def _best(profile: Profile, budget_bytes: int, num_slots: tuple[int, ...], lag: int,
-          host_budget_bytes: int | None, time_limit_s: float, gap: float) -> Solution | None:
-    """The fastest plan over ``num_slots`` at one lag; None if none fits."""
-    best = None
-    for slots in num_slots:
-        candidate = _solve_one(profile, budget_bytes, slots, lag, host_budget_bytes, time_limit_s, gap)
-        if candidate is not None and (best is None or candidate.step_s < best.step_s):
-            best = candidate
-    return best
-
-
-def _solve_one(profile: Profile, budget_bytes: int, slots: int, lag: int, host_budget_bytes: int | None,
-               time_limit_s: float, gap: float) -> Solution | None:
-    """The best plan at one slot count and lag; None if none fits."""
-    import pulp
-
-    target = budget_bytes
-    for _ in range(_TIGHTEN_TRIES):
-        m, x, objective = _build(profile, slots, target, host_budget_bytes, lag)
-        if m is None:
-            return None
-        m.solve(_solver(time_limit_s, gap))
-        if m.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            return None
-        optimal = m.sol_status == pulp.LpSolutionOptimal
-        candidate = solution(profile, _least_link(m, x, objective, profile, slots, gap, lag), slots, optimal, lag)
-        if candidate.peak_bytes <= budget_bytes:
-            return candidate
-        # Within its integrality tolerance the solver may pass a plan a few bytes over: ask again, tighter.
-        target -= candidate.peak_bytes - budget_bytes
-    return None

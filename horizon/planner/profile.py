@@ -118,12 +118,6 @@ class Profile:
         if not self.copy_compute_s_per_byte >= 0:
             raise ValueError(f"Profile.copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
 
-    def whole_blocks(self) -> "Profile":
-        """This profile without row fractions: the planner's choices are whole-block policies."""
-        parts = {f: () for f in _AT_FIELDS}
-        return dataclasses.replace(self, fractions=(), units=tuple(
-            dataclasses.replace(u, **parts) if u.role is UnitRole.BLOCK else u for u in self.units))
-
     @property
     def blocks(self) -> range:
         """Unit indices of the blocks."""

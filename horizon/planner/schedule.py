@@ -3,8 +3,8 @@
 Why: the simulator (which replays one plan) and the MIP (which chooses among all of them) must
 agree with the engine, and with each other, about what is copied, computed, held and let go,
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
-positions ahead, restores as far ahead, each block's offload drained during the next
-``offload_lag`` units (``Plan.offload_lag``), at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
+positions ahead, restores as far ahead, each block's offload drained during the next unit,
+at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
 ``Profile.copy_compute_s_per_byte``. Every amount is a ``Term``: a sum of coefficients,
 each counted always (unit None) or only when the named block has the named ``Choice`` (a
 policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a number; over the
@@ -22,7 +22,7 @@ from horizon.planner import choice as C
 from horizon.planner.choice import Choice
 from horizon.planner.profile import Profile
 
-__all__ = ["Term", "Event", "events", "value", "offload_lag_for", "MAX_OFFLOAD_LAG"]
+__all__ = ["Term", "Event", "events", "value"]
 
 Term = tuple[tuple[float, int | None, Choice | None], ...]
 """((coefficient, unit, choice), ...): coefficients count when ``unit`` is None or has ``choice``."""
@@ -34,20 +34,6 @@ class Event:
     key: object = None   # ledger key (hold/release) or copy id (copy/wait)
     amount: Term = ()    # bytes (hold/copy) or seconds (compute)
     direction: str = ""  # copies: "h2d" or "d2h"
-    spread: int = 1      # copies: positions the interval model spreads its link time over (an offload's lag)
-
-
-MAX_OFFLOAD_LAG = 4
-"""The longest lag ``offload_lag_for`` gives: each unit of lag holds an offload's device bytes one unit longer."""
-
-
-def offload_lag_for(profile: Profile) -> int:
-    """The lag at which a whole block's copy to the host runs under the forwards that follow it: its
-    seconds on the link over one block forward's, to the nearest unit (a copy a little longer than its
-    lag waits a little; one unit more would hold its bytes a unit longer), 1 to ``MAX_OFFLOAD_LAG``."""
-    lags = [round(u.swap_bytes / profile.link_bytes_per_s / (u.fwd_grad_s * profile.compute_scale))
-            for u in profile.units[1:-1] if u.swap_bytes and u.fwd_grad_s > 0]
-    return max(1, min(MAX_OFFLOAD_LAG, max(lags, default=1)))
 
 
 def value(term: Term, choose: Callable[[int, Choice], object]) -> object:
@@ -59,14 +45,14 @@ def _const(x: float) -> Term:
     return ((x, None, None),)
 
 
-def events(profile: Profile, num_slots: int, offload_lag: int = 1) -> list[Event]:
+def events(profile: Profile, num_slots: int) -> list[Event]:
     """The program-order events of one step; each position starts with an "interval" event."""
-    return _Walk(profile, num_slots, offload_lag).run()
+    return _Walk(profile, num_slots).run()
 
 
 class _Walk:
-    def __init__(self, profile: Profile, num_slots: int, offload_lag: int) -> None:
-        self.p, self.depth, self.lag = profile, num_slots - 1, offload_lag
+    def __init__(self, profile: Profile, num_slots: int) -> None:
+        self.p, self.depth = profile, num_slots - 1
         n = len(profile.units)
         self.order = list(range(n)) + list(range(n - 2, -1, -1))
         self.uses = assign_slots(self.order, num_slots)
@@ -86,11 +72,11 @@ class _Walk:
             amount = tuple((c * self.p.compute_scale, unit, policy) for c, unit, policy in amount)
         self.out.append(Event(kind, key, amount, direction))
 
-    def copy(self, direction: str, amount: Term, spread: int = 1) -> int:
+    def copy(self, direction: str, amount: Term) -> int:
         """A copy issued now; what it costs the compute beside it (``copy_compute_s_per_byte``) counts as
         compute at the same position, outside ``compute_scale``."""
         self.copies += 1
-        self.out.append(Event("copy", self.copies, amount, direction, spread))
+        self.emit("copy", self.copies, amount, direction)
         if (per_byte := self.p.copy_compute_s_per_byte) and amount:
             self.out.append(Event("compute", amount=tuple((c * per_byte, unit, ch) for c, unit, ch in amount)))
         return self.copies
@@ -156,14 +142,14 @@ class _Walk:
             self.emit("compute", amount=_const(cost.fwd_s))
             self.land_grads(unit)
         else:
-            before = self.copy("d2h", self.per_choice(unit, lambda c: C.input_bytes(self.p, c)), self.lag)
+            before = self.copy("d2h", self.per_choice(unit, lambda c: C.input_bytes(self.p, c)))
             self.emit("compute", amount=self.per_choice(unit, lambda c: C.forward_s(self.p, unit, c)))
-            after = self.copy("d2h", self.per_choice(unit, lambda c: C.swapped_bytes(self.p, unit, c)), self.lag)
+            after = self.copy("d2h", self.per_choice(unit, lambda c: C.swapped_bytes(self.p, unit, c)))
             self.emit("hold", ("kept", unit), self.per_choice(unit, lambda c: C.kept_bytes(self.p, unit, c)))
             self.emit("hold", ("offloading", unit), self.moved(unit))
             self.offload_copy[unit] = (before, after)
             self.offloads.append(unit)
-        for earlier in [u for u in self.offloads if u <= unit - self.lag]:
+        for earlier in [u for u in self.offloads if u < unit]:
             self.wait_offload(earlier)
 
     def backward(self, unit: int) -> None:

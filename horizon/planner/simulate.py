@@ -52,7 +52,7 @@ class Prediction:
     """Time the copy queues were busy (summed over queues)."""
 
 
-def simulate(profile: Profile, policies: Policies, num_slots: int, offload_lag: int = 1) -> Prediction:
+def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction:
     check_offered(profile, policies)
     choose = chooser(policies)
     now = compute = busy = 0.0
@@ -60,7 +60,7 @@ def simulate(profile: Profile, policies: Policies, num_slots: int, offload_lag: 
     ends: dict[int, float] = {}
     held: dict[object, float] = {}
     current = peak = 0.0
-    for e in events(profile, num_slots, offload_lag):
+    for e in events(profile, num_slots):
         if e.kind == "compute":
             dt = value(e.amount, choose)
             now += dt
@@ -85,7 +85,7 @@ def simulate(profile: Profile, policies: Policies, num_slots: int, offload_lag: 
     return Prediction(step_s=now, peak_bytes=int(round(peak)), compute_s=compute, link_busy_s=busy)
 
 
-def memory_rows(profile: Profile, num_slots: int, offload_lag: int = 1) -> list[Term]:
+def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
     """The ledger at each of its local maxima, as terms: a plan's peak is the largest row's value.
 
     Every amount is bytes (coefficients >= 0), so the ledger after a hold that another hold follows
@@ -93,7 +93,7 @@ def memory_rows(profile: Profile, num_slots: int, offload_lag: int = 1) -> list[
     held: dict[object, Term] = {}
     rows: list[Term] = []
     rising = False
-    for e in events(profile, num_slots, offload_lag):
+    for e in events(profile, num_slots):
         if e.kind == "hold":
             held[e.key], rising = e.amount, True
         elif e.kind == "release":
@@ -128,40 +128,31 @@ class Interval:
     d2h: Term
 
 
-def intervals(profile: Profile, num_slots: int, offload_lag: int = 1) -> list[Interval]:
-    """Position by position (a prologue first: the weights issued before the first unit). A copy the
-    engine lets run under several positions (an offload with ``offload_lag`` > 1) counts an equal share
-    of its bytes at each of them: the queue's order is not modelled, its throughput over the lag is."""
+def intervals(profile: Profile, num_slots: int) -> list[Interval]:
+    """Position by position (a prologue first: the weights issued before the first unit)."""
     out: list[dict[str, list]] = [{"compute": [], "h2d": [], "d2h": []}]
-    spreading: list[tuple[int, str, Term]] = []  # (positions left, direction, share) of copies still spreading
-    for e in events(profile, num_slots, offload_lag):
+    for e in events(profile, num_slots):
         if e.kind == "interval":
             out.append({"compute": [], "h2d": [], "d2h": []})
-            for _, direction, share in spreading:
-                out[-1][direction].extend(share)
-            spreading = [(left - 1, d, share) for left, d, share in spreading if left > 1]
         elif e.kind == "compute":
             out[-1]["compute"].extend(e.amount)
         elif e.kind == "copy":
-            share = tuple((c / e.spread, unit, choice) for c, unit, choice in e.amount)
-            out[-1][e.direction].extend(share)
-            if e.spread > 1:
-                spreading.append((e.spread - 1, e.direction, share))
+            out[-1][e.direction].extend(e.amount)
     return [Interval(tuple(d["compute"]), tuple(d["h2d"]), tuple(d["d2h"])) for d in out]
 
 
-def model_step_s(profile: Profile, policies: Policies, num_slots: int, offload_lag: int = 1) -> float:
+def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
     """The MIP's objective for one plan: Σ over positions of max(compute, link time)."""
     check_offered(profile, policies)
     choose, bw = chooser(policies), profile.link_bytes_per_s
     total = 0.0
-    for iv in intervals(profile, num_slots, offload_lag):
+    for iv in intervals(profile, num_slots):
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
         link = max(h2d, d2h) if profile.duplex else h2d + d2h
         total += max(value(iv.compute, choose), link)
     return total
 
 
-def peak_bytes(profile: Profile, policies: Policies, num_slots: int, offload_lag: int = 1) -> int:
+def peak_bytes(profile: Profile, policies: Policies, num_slots: int) -> int:
     """The plan's device peak: the largest ``memory_rows`` value, which the replay tracks as it goes."""
-    return simulate(profile, policies, num_slots, offload_lag).peak_bytes
+    return simulate(profile, policies, num_slots).peak_bytes

@@ -13,7 +13,6 @@ from horizon.planner import (PlanInfeasible, Profile, UnitCost, UnitRole, model_
 from horizon.engine.plan import RowSplit
 from horizon.planner.choice import DEVICE_INPUT_RECOMPUTE, Choice, choices
 from horizon.planner.mip import POLICIES
-from horizon.planner.schedule import offload_lag_for
 from horizon.planner.simulate import chooser, intervals, memory_rows
 
 P = horizon.ActivationPolicy
@@ -60,22 +59,12 @@ def _every_plan(profile, terms):
 
 
 def brute_force(profile, budget, slot_options=(2, 3)):
-    """(least model step time, least peak) over every plan (every choice of every block) and slot count at
-    offload lag 1, and every whole-block plan at ``offload_lag_for(profile)`` (the fewest slots) when that
-    is longer, evaluating the model's own definition (``model_step_s``, ``peak_bytes``) for all plans at once."""
-    best, least_peak = _brute_force_at(profile, budget, slot_options, 1)
-    lag = offload_lag_for(profile)
-    if best is not None and lag > 1:
-        longer, _ = _brute_force_at(profile.whole_blocks(), budget, (min(slot_options),), lag)
-        best = best if longer is None else min(best, longer)
-    return best, least_peak
-
-
-def _brute_force_at(profile, budget, slot_options, lag):
+    """(least model step time, least peak) over every plan (every choice of every block) and slot count,
+    evaluating the model's own definition (``model_step_s``, ``peak_bytes``) for all plans at once."""
     best, least_peak, bw = np.inf, np.inf, profile.link_bytes_per_s
     for slots in slot_options:
-        peaks = _every_plan(profile, memory_rows(profile, slots, lag))[0].max(axis=1)
-        ivs = intervals(profile, slots, lag)
+        peaks = _every_plan(profile, memory_rows(profile, slots))[0].max(axis=1)
+        ivs = intervals(profile, slots)
         compute, h2d, d2h = (_every_plan(profile, [getattr(iv, f) for iv in ivs])[0] for f in ("compute", "h2d", "d2h"))
         link = np.maximum(h2d, d2h) / bw if profile.duplex else (h2d + d2h) / bw
         steps = np.maximum(compute, link).sum(axis=1)
@@ -109,69 +98,9 @@ def test_mip_equals_brute_force_and_greedy_is_never_better(seed):
     mip = solve_mip(profile, budget, gap=0.0)
     assert mip.optimal and mip.step_s == pytest.approx(want, rel=1e-6)
     assert mip.peak_bytes <= budget
-    assert simulate(profile, mip.choices, mip.num_slots, mip.offload_lag).peak_bytes == mip.peak_bytes
+    assert simulate(profile, mip.choices, mip.num_slots).peak_bytes == mip.peak_bytes
     greedy = solve_greedy(profile, budget)
     assert greedy.peak_bytes <= budget and greedy.step_s >= mip.step_s * (1 - 1e-9)
-
-
-@pytest.mark.parametrize("seed", range(24))
-def test_on_a_slow_link_the_mip_equals_brute_force_over_both_offload_lags(seed):
-    """Links at which a block's swap takes two to four of its forwards, so the longer-lag solve runs."""
-    rng = random.Random(1000 + seed)
-    profile = synthetic(rng, rng.randint(3, 4), duplex=seed % 3 != 0, fractions=FRACTION_LEVELS[seed % 2], link=1.0)
-    block = profile.units[1]
-    profile = dataclasses.replace(profile, link_bytes_per_s=block.swap_bytes / (rng.uniform(2.0, 4.0) * block.fwd_grad_s))
-    assert offload_lag_for(profile) > 1
-    budget = _budget_between(rng, profile)
-    want, _ = brute_force(profile, budget)
-    mip = solve_mip(profile, budget, gap=0.0)
-    assert mip.optimal and mip.step_s == pytest.approx(want, rel=1e-6)
-    assert mip.peak_bytes <= budget
-    assert simulate(profile, mip.choices, mip.num_slots, mip.offload_lag).peak_bytes == mip.peak_bytes
-    assert mip.step_s <= solve_mip(profile, budget, gap=0.0, offload_lag=1).step_s * (1 + 1e-9)
-
-
-def _bench_like(num_blocks: int) -> Profile:
-    """bench/planner.py's measured block (dim 256, 1024 tokens, fp32 CPU, a 0.48 GB/s duplex link), rounded:
-    a block's swap takes three of its forwards on the link."""
-    block = lambda i: UnitCost(name=f"layers.{i}", role=UnitRole.BLOCK, weight_bytes=3_147_776,  # noqa: E731
-                               grad_bytes=3_147_776, fwd_s=0.0155, fwd_grad_s=0.0154, bwd_s=0.0315,
-                               keep_bytes=23_142_400, swap_bytes=23_142_400)
-    units = (UnitCost(name="embed", role=UnitRole.EMBEDDING, weight_bytes=1 << 20, grad_bytes=1 << 20,
-                      fwd_s=5e-5, bwd_s=5e-4),
-             *(block(i) for i in range(num_blocks)),
-             UnitCost(name="head", role=UnitRole.HEAD, weight_bytes=1_049_600, grad_bytes=1_049_600, fwd_s=0.012))
-    return Profile(units=units, hidden_bytes=1 << 20, slot_bytes=3_147_776, link_bytes_per_s=0.48e9, duplex=True,
-                   copy_compute_s_per_byte=7e-11)
-
-
-def test_where_a_swap_outlasts_the_next_forward_a_longer_lag_is_faster():
-    """On the bench's balance, at half the budget range, whole blocks swapped over three units beat the
-    best lag-1 plan in the model and in the replay, as brute force over both lags confirms."""
-    profile = _bench_like(6)
-    low = peak_bytes(profile, {u: P.RECOMPUTE for u in profile.blocks}, 2)
-    high = peak_bytes(profile, {u: P.KEEP for u in profile.blocks}, 2)
-    budget = (low + high) // 2
-    mip, lag1 = solve_mip(profile, budget, gap=0.0), solve_mip(profile, budget, gap=0.0, offload_lag=1)
-    assert offload_lag_for(profile) == 3 and mip.offload_lag == 3
-    assert mip.step_s == pytest.approx(brute_force(profile, budget)[0], rel=1e-6)
-    assert lag1.step_s == pytest.approx(_brute_force_at(profile, budget, (2, 3), 1)[0], rel=1e-6)
-    assert mip.step_s < 0.99 * lag1.step_s
-    assert simulate(profile, mip.choices, mip.num_slots, 3).step_s < simulate(profile, lag1.choices, lag1.num_slots).step_s
-    assert any(c.swap == 1 for c in mip.choices.values())
-
-
-def test_the_offload_lag_is_a_whole_blocks_swap_over_its_forward_to_the_nearest_unit():
-    profile = dataclasses.replace(_bench_like(3), compute_scale=1.25)
-    block = profile.units[1]
-    for ratio, lag in [(0.3, 1), (1.4, 1), (1.6, 2), (2.6, 3), (3.13, 3), (3.6, 4), (9.0, 4)]:
-        link = block.swap_bytes / (ratio * 1.25 * block.fwd_grad_s)
-        assert offload_lag_for(dataclasses.replace(profile, link_bytes_per_s=link)) == lag, ratio
-    assert offload_lag_for(dataclasses.replace(profile, link_bytes_per_s=1.0)) == 4  # capped
-    with pytest.raises(ValueError, match="offload_lag must be an int >= 1"):
-        solve_mip(profile, 10**9, offload_lag=0)
-    with pytest.raises(ValueError, match="Plan.offload_lag must be an int >= 1"):
-        horizon.Plan(offload_lag=0)
 
 
 @pytest.mark.parametrize("seed", range(4))

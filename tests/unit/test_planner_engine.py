@@ -96,28 +96,10 @@ def test_engine_ledger_peak_equals_the_prediction(model_and_profile, seed):
     rng = random.Random(seed)
     assert profile.fractions == (0.5,)  # of the quarter levels, the whole rows of a batch of 2
     policies = {u: rng.choice(choices(profile)) for u in profile.blocks}
-    slots, lag = rng.choice([2, 3]), rng.choice([1, 1, 2, 4])
-    plan = horizon.Plan(splits={profile.units[u].name: c for u, c in policies.items()}, num_slots=slots,
-                        offload_lag=lag)
+    slots = rng.choice([2, 3])
+    plan = horizon.Plan(splits={profile.units[u].name: c for u, c in policies.items()}, num_slots=slots)
     _, _, memory = horizon_run(model, batches(2, batch=BATCH, seq=SEQ), config=horizon.TrainConfig(plan=plan))
-    assert memory.device_peak_bytes == simulate(profile, policies, slots, lag).peak_bytes
-
-
-def test_a_longer_offload_lag_holds_the_offloads_longer_as_predicted():
-    """Every block SWAP, activations large against the weights: at lag 3 more blocks' saved bytes are in
-    flight at once than at lag 1; the engine's peak is the simulator's in both."""
-    model = tiny_decoder(num_layers=6)
-    batch, seq = 4, 64
-    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig()) as t:
-        profile = measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer, batch_size=batch,
-                                  seq_len=seq, reps=1, warmup=0)
-    policies, peaks = {u: P.SWAP for u in profile.blocks}, {}
-    for lag in (1, 3):
-        plan = horizon.Plan.uniform("swap", offload_lag=lag)
-        _, _, memory = horizon_run(model, batches(1, batch=batch, seq=seq), config=horizon.TrainConfig(plan=plan))
-        peaks[lag] = memory.device_peak_bytes
-        assert peaks[lag] == simulate(profile, policies, 2, lag).peak_bytes
-    assert peaks[3] > peaks[1] + profile.units[1].swap_bytes
+    assert memory.device_peak_bytes == simulate(profile, policies, slots).peak_bytes
 
 
 def test_inputs_left_on_the_device_are_held_as_predicted(model_and_profile):
@@ -175,7 +157,7 @@ def test_plan_file_round_trip_drives_the_trainer(tmp_path, model_and_profile):
     plan = horizon.Plan(per_unit={"layers.0": P.SWAP},
                         splits={"layers.1": horizon.RowSplit(keep=0.5, swap=0.5), "layers.3": horizon.RowSplit(swap=0.5),
                                 "layers.2": horizon.RowSplit(input_on_device=True)},
-                        num_slots=3, offload_lag=2)
+                        num_slots=3)
     path = tmp_path / "plan.json"
     save_plan(path, plan, profile=profile, budget_bytes=10**7)
     assert load_plan(path) == plan

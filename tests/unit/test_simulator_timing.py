@@ -28,11 +28,9 @@ FITTED = ("recompute", "keep")  # the two extremes; swap and mixed are held out
 
 
 def _plans(blocks):
-    """name -> (policies, num_slots, offload_lag); "mixed" is the pattern the planner picks on a slow
-    link (keep, swap, recompute in turn), its offloads drained over three units."""
     mixed = {u: (P.KEEP, P.SWAP, P.RECOMPUTE)[i % 3] for i, u in enumerate(blocks)}
-    return {"recompute": ({u: P.RECOMPUTE for u in blocks}, 2, 1), "keep": ({u: P.KEEP for u in blocks}, 2, 1),
-            "swap": ({u: P.SWAP for u in blocks}, 2, 1), "mixed": (mixed, 3, 3)}
+    return {"recompute": ({u: P.RECOMPUTE for u in blocks}, 2), "keep": ({u: P.KEEP for u in blocks}, 2),
+            "swap": ({u: P.SWAP for u in blocks}, 2), "mixed": (mixed, 3)}
 
 
 def measure_plans(duplex: bool = False):
@@ -49,9 +47,8 @@ def measure_plans(duplex: bool = False):
     blocks = range(1, len(profiler.engine.specs) - 1)
     plans = _plans(blocks)
     trainers = {}
-    for name, (policies, slots, lag) in plans.items():
-        plan = horizon.Plan(per_unit={profiler.engine.specs[u].name: p for u, p in policies.items()}, num_slots=slots,
-                            offload_lag=lag)
+    for name, (policies, slots) in plans.items():
+        plan = horizon.Plan(per_unit={profiler.engine.specs[u].name: p for u, p in policies.items()}, num_slots=slots)
         trainers[name] = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link, plan=plan))
     times, profiles = {name: [] for name in plans}, []
     for i, batch in enumerate(batches(WARMUP + STEPS, vocab=VOCAB, batch=BATCH, seq=SEQ)):
@@ -68,7 +65,7 @@ def measure_plans(duplex: bool = False):
     profile = median_profile(profiles)
     assert profile.duplex == duplex
     measured = {name: statistics.median(ts) for name, ts in times.items()}
-    fitted = calibrate(profile, [(*plans[name][:2], measured[name]) for name in FITTED])
+    fitted = calibrate(profile, [(*plans[name], measured[name]) for name in FITTED])
     predicted = {name: simulate(fitted, *plans[name]).step_s for name in plans}
     return profile, fitted, predicted, measured
 
