@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from horizon.auto_plan import plan_at_first_step
+from horizon.auto_plan import needs_plan, plan_for_batch
 from horizon.batch import check_batch, check_extras
 from horizon.callbacks import CallbackList
 from horizon.checkpoint.manager import CheckpointError, Checkpointer
@@ -125,6 +125,8 @@ class Trainer:
         """For plan="auto": the planner's ``Solution`` once the first step has measured and solved."""
         self.plan_profile = None
         """For plan="auto": the calibrated ``Profile`` the plan was solved from."""
+        self.planned_shape: tuple[int, int] | None = None
+        """For plan="auto": the (rows, tokens per row) the plan is for; a larger batch is planned for first."""
         self.global_step = 0
         """Updates made so far (a skipped step does not count)."""
         self.skipped_steps = 0
@@ -202,8 +204,10 @@ class Trainer:
         dp = self.data_parallel
         if dp is not None:  # the loss of the concatenated global batch: divide by every rank's labels
             num_valid = dp.global_count(num_valid)
-        if self.config.plan == "auto" and self.plan_solution is None:
-            plan_at_first_step(self, input_ids, labels, extras)
+        if self.config.plan == "auto":
+            shape = tuple(input_ids.shape) if dp is None else dp.global_max(tuple(input_ids.shape))
+            if needs_plan(self, shape):
+                plan_for_batch(self, input_ids, labels, extras, shape)
         start_s = time.perf_counter()
         cfg, micro = self.config, self._micro
         first, last = micro.count == 0, micro.count == cfg.grad_accum_steps - 1

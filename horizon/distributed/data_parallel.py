@@ -101,6 +101,12 @@ class DataParallel:
         self._run("label count all-reduce", lambda: dist.all_reduce(total, group=self.world.scalars))
         return int(total)
 
+    def global_max(self, values: tuple[int, ...]) -> tuple[int, ...]:
+        """The element-wise maximum over ranks of ``values`` (the batch shapes plan="auto" plans for)."""
+        most = torch.tensor(values, dtype=torch.int64)
+        self._run("shape all-reduce", lambda: dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.world.scalars))
+        return tuple(int(v) for v in most)
+
     def global_sum(self, value: float) -> float:
         """The sum over ranks of ``value`` in float64 (the loss sums, for the reported loss)."""
         total = torch.tensor([value], dtype=torch.float64)

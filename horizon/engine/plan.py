@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping
 
 __all__ = ["ActivationPolicy", "Plan", "RowSplit"]
@@ -73,6 +74,10 @@ class Plan:
     """Device buffers for unit weights: 2 = double buffering, more = deeper prefetch."""
     loss_chunk_tokens: int | None = None
     """Tokens per loss-head chunk; None = as many as fit 256 MiB of fp32 logits."""
+    round_rows: bool = False
+    """A split's fraction that is not whole rows of a batch: False = a ValueError; True = its KEEP and
+    SWAP rows round down and the rest is recomputed (fewer device bytes than the plan's batch), so a
+    smaller batch (an epoch's last) runs within the budget. Plans from the planner set it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, ActivationPolicy):
@@ -87,6 +92,8 @@ class Plan:
             raise ValueError(f"Plan.num_slots must be at least 2 (double buffering), got {self.num_slots}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens <= 0:
             raise ValueError(f"Plan.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
+        if not isinstance(self.round_rows, bool):
+            raise ValueError(f"Plan.round_rows must be True or False, got {self.round_rows!r}")
 
     @classmethod
     def uniform(cls, policy: ActivationPolicy | str, **kwargs) -> "Plan":
@@ -104,8 +111,11 @@ class Plan:
         for f in (self.split(unit_name).keep, self.split(unit_name).swap):
             rows = round(f * batch_rows)
             if abs(f * batch_rows - rows) > 1e-9:
-                raise ValueError(f"Plan.splits[{unit_name!r}]: {f} of a batch of {batch_rows} rows is not a whole "
-                                 f"number of rows; use multiples of 1/{batch_rows} (splits divide the batch by rows)")
+                if not self.round_rows:
+                    raise ValueError(f"Plan.splits[{unit_name!r}]: {f} of a batch of {batch_rows} rows is not a "
+                                     f"whole number of rows; use multiples of 1/{batch_rows} (splits divide the batch "
+                                     "by rows), or Plan(round_rows=True) to round down")
+                rows = math.floor(f * batch_rows)
             out.append(rows)
         return out[0], out[1]
 

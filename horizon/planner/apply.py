@@ -9,6 +9,7 @@ is recognisable. ``auto_plan`` is the whole path the trainer takes for ``plan="a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -38,13 +39,13 @@ def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | No
     per_unit = {profile.units[u].name: whole[c] for u, c in solution.choices.items() if c in whole}
     splits = {profile.units[u].name: c for u, c in solution.choices.items() if c not in whole}
     return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, splits=splits,
-                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens)
+                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens, round_rows=True)
 
 
 def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
-              "loss_chunk_tokens": plan.loss_chunk_tokens,
+              "loss_chunk_tokens": plan.loss_chunk_tokens, "round_rows": plan.round_rows,
               "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
               "splits": {name: {"keep": c.keep, "swap": c.swap}
                          | ({"input_on_device": True} if c.input_on_device else {}) for name, c in plan.splits.items()},
@@ -89,24 +90,28 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
                 per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
                 splits={k: RowSplit(**v) for k, v in splits.items()},
-                num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"))
+                num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"),
+                round_rows=record.get("round_rows", False))
 
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
               batch_size: int, seq_len: int, budget_bytes: int,
-              recompute_step_s: Callable[[], float] | None = None,
+              recompute_step_s: Callable[[], float] | None = None, compute_scale: float | None = None,
               cache_dir: str | os.PathLike | None = None) -> tuple[Plan, Profile, Solution]:
     """Measure (or load from ``cache_dir``), calibrate, solve (the MIP; greedy if PuLP is not installed),
     and return the plan to execute.
 
     ``recompute_step_s()``: the measured seconds of one real step of the all-RECOMPUTE, 2-slot plan;
     when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does.
+    ``compute_scale``: a scale fitted before (at another batch shape), used as it is instead.
     ``cache_dir``: where measured profiles are kept per model shape and machine (``cache.py``); None = off."""
     from horizon.planner.calibrate import calibrate
 
     profile = _measured_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
                                 seq_len=seq_len, cache_dir=cache_dir)
-    if recompute_step_s is not None:
+    if compute_scale is not None:
+        profile = dataclasses.replace(profile, compute_scale=compute_scale)
+    elif recompute_step_s is not None:
         recompute = {u: ActivationPolicy.RECOMPUTE for u in profile.blocks}
         try:
             profile = calibrate(profile, [(recompute, 2, recompute_step_s())])

@@ -137,6 +137,47 @@ def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile, cap
     assert all(rel_err(state[k], keep[1][k]) <= 1e-5 for k in state)
 
 
+def test_auto_plan_plans_again_for_a_larger_batch_and_runs_a_smaller_one_within_budget(model_and_profile,
+                                                                                     monkeypatch):
+    """The plan is for the largest batch yet: a longer sequence is planned for before it runs (its profile
+    measured at the new shape, the first step's compute scale kept), shorter or narrower batches run on
+    the plan as it is (a split's rows rounded down), and every step stays within the budget."""
+    model, _ = model_and_profile
+    measured, real = [], horizon.planner.measure.measure_profile
+    monkeypatch.setattr(horizon.planner.measure, "measure_profile",
+                        lambda *a, **k: measured.append((k["batch_size"], k["seq_len"])) or real(*a, **k))
+    shapes = [(4, 16), (4, 64), (4, 16), (3, 64), (4, 64)]
+    data = [batches(1, batch=b, seq=t, seed=i)[0] for i, (b, t) in enumerate(shapes)]
+    keep = horizon_run(model, data, config=horizon.TrainConfig(plan="keep"))
+    recompute = horizon_run(model, data, config=horizon.TrainConfig(plan="recompute"))
+    budget = (keep[2].device_peak_bytes + recompute[2].device_peak_bytes) // 2
+    config = horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget, profile_cache_dir=None)
+    with horizon.Trainer(copy.deepcopy(model), config) as t:
+        losses, peaks, plans = [], [], []
+        for b in data:
+            losses.append(t.step(b).loss)
+            peaks.append(t.engine.ledger.peak_bytes)
+            plans.append((t.planned_shape, t.plan_profile.compute_scale))
+        state = {k: v.clone() for k, v in t.state_dict().items()}
+    assert measured == [(4, 16), (4, 64)]
+    assert [p[0] for p in plans] == [(4, 16), (4, 64), (4, 64), (4, 64), (4, 64)]
+    assert plans[1][1] == plans[0][1]  # the scale fitted at the first step
+    assert max(peaks) <= budget, (peaks, budget)
+    assert all(abs(a - b) <= 1e-6 * b for a, b in zip(losses, keep[0]))
+    assert all(rel_err(state[k], keep[1][k]) <= 1e-5 for k in state)
+
+
+def test_a_plan_may_round_a_splits_rows_down_for_a_smaller_batch():
+    plan = horizon.Plan(splits={"layers.0": horizon.RowSplit(keep=0.5),
+                                "layers.1": horizon.RowSplit(keep=0.75, swap=0.25)}, round_rows=True)
+    assert plan.rows("layers.0", 4) == (2, 0) and plan.rows("layers.0", 3) == (1, 0)
+    assert plan.rows("layers.1", 4) == (3, 1) and plan.rows("layers.1", 3) == (2, 0)
+    with pytest.raises(ValueError, match=r"Plan\(round_rows=True\) to round down"):
+        dataclasses.replace(plan, round_rows=False).rows("layers.0", 3)
+    with pytest.raises(ValueError, match="round_rows must be True or False"):
+        horizon.Plan(round_rows=1)
+
+
 def test_auto_plan_calibrates_on_the_measured_step(model_and_profile, monkeypatch):
     model, profile = model_and_profile
     # A compute-bound profile: the fixture's link is measured with copies of a few hundred KB, which in
