@@ -54,8 +54,10 @@ def _glibc() -> bool:
 def test_a_keep_step_faults_in_a_small_fraction_of_its_activations():
     on, off = _run("on"), _run("off")
     assert on["kept_bytes"] > 32 * 2**20, "the model keeps enough activations for the test to mean something"
-    # Measured: 4-8 KB a step with the setting, 22-77% of the kept bytes without it.
+    # Measured: 4-8 KB a step with the setting. Without it 12-77% of the kept bytes until session 9, and
+    # 4.5-23% since KEEP graphs stopped holding their outputs (less is freed and faulted in again).
     assert on["faulted_bytes_per_step"] < 0.01 * on["kept_bytes"], on
-    # The control: glibc's defaults hand the freed activations back and the next step faults them in.
-    assert off["faulted_bytes_per_step"] > 0.05 * off["kept_bytes"], off
+    # The control: glibc's defaults hand the freed activations back and the next step faults them in,
+    # over the bound the setting meets.
+    assert off["faulted_bytes_per_step"] > 0.01 * off["kept_bytes"], off
 
