@@ -32,6 +32,7 @@ from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitSpec
 from horizon.planner.profile import Profile
 from horizon.store.host_store import HostStore
+from horizon.store.layout import UnitLayout
 
 __all__ = ["FORMAT", "MEASURE_VERSION", "cpu_model", "default_cache_dir", "profile_identity", "cache_path",
            "load_cached", "save_cached"]
@@ -71,7 +72,7 @@ def _machine(device: torch.device) -> dict:
     return machine
 
 
-def _unit(spec: UnitSpec, layout) -> dict:
+def _unit(spec: UnitSpec, layout: UnitLayout) -> dict:
     text = f"{type(spec.module).__module__}.{type(spec.module).__qualname__}\n{spec.module!r}\n{spec.call.__qualname__}"
     return {"name": spec.name, "kind": spec.kind.value, "numel": layout.numel, "device_numel": layout.device_numel,
             "module_sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -83,7 +84,8 @@ def profile_identity(specs: list[UnitSpec], store: HostStore, *, device: torch.d
     return {"measure_version": MEASURE_VERSION, "torch": torch.__version__, "device": device.type,
             "machine": _machine(device), "link": transfer.describe(), "pinned": store.pinned,
             "compute_dtype": str(store.compute_dtype), "batch_size": batch_size, "seq_len": seq_len,
-            "fractions": list(fractions), "units": [_unit(s, u.layout) for s, u in zip(specs, store.units, strict=True)]}
+            "fractions": list(fractions),
+            "units": [_unit(s, u.layout) for s, u in zip(specs, store.units, strict=True)]}
 
 
 def cache_path(cache_dir: str | os.PathLike, identity: dict) -> str:

@@ -120,8 +120,8 @@ def test_auto_plan_fits_its_budget_and_keeps_the_numerics(model_and_profile, cap
     keep = horizon_run(model, data, config=horizon.TrainConfig(plan="keep"))
     recompute = horizon_run(model, data, config=horizon.TrainConfig(plan="recompute"))
     budget = (keep[2].device_peak_bytes + recompute[2].device_peak_bytes) // 2
-    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget)) as t, \
-            caplog.at_level(logging.INFO, logger="horizon.planner"):
+    config = horizon.TrainConfig(plan="auto", device_memory_budget_bytes=budget)
+    with horizon.Trainer(copy.deepcopy(model), config) as t, caplog.at_level(logging.INFO, logger="horizon.planner"):
         losses = [t.step(b).loss for b in data]
         state = {k: v.clone() for k, v in t.state_dict().items()}
         solution, peak = t.plan_solution, t.memory().device_peak_bytes
@@ -144,8 +144,12 @@ def test_auto_plan_plans_again_for_a_larger_batch_and_runs_a_smaller_one_within_
     the plan as it is (a split's rows rounded down), and every step stays within the budget."""
     model, _ = model_and_profile
     measured, real = [], horizon.planner.measure.measure_profile
-    monkeypatch.setattr(horizon.planner.measure, "measure_profile",
-                        lambda *a, **k: measured.append((k["batch_size"], k["seq_len"])) or real(*a, **k))
+
+    def counting(*args, **kwargs):
+        measured.append((kwargs["batch_size"], kwargs["seq_len"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(horizon.planner.measure, "measure_profile", counting)
     shapes = [(4, 16), (4, 64), (4, 16), (3, 64), (4, 64)]
     data = [batches(1, batch=b, seq=t, seed=i)[0] for i, (b, t) in enumerate(shapes)]
     keep = horizon_run(model, data, config=horizon.TrainConfig(plan="keep"))

@@ -108,11 +108,12 @@ def test_every_input_of_the_measurement_is_in_the_key(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(base.store, "pinned", not base.store.pinned)
             paths["pinned"] = cache.cache_path(tmp_path, _identity(base))
-        for name, attr, value in [("torch", "torch.__version__", "0.0.0"), ("cpu", "cache.cpu_model", lambda: "X"),
-                                  ("threads", "torch.get_num_threads", lambda: 997),
-                                  ("version", "cache.MEASURE_VERSION", cache.MEASURE_VERSION + 1)]:
+        for name, target, attr, value in [("torch", torch, "__version__", "0.0.0"),
+                                          ("cpu", cache, "cpu_model", lambda: "X"),
+                                          ("threads", torch, "get_num_threads", lambda: 997),
+                                          ("version", cache, "MEASURE_VERSION", cache.MEASURE_VERSION + 1)]:
             with monkeypatch.context() as m:
-                m.setattr(attr.replace("cache.", "horizon.planner.cache."), value)
+                m.setattr(target, attr, value)
                 paths[name] = cache.cache_path(tmp_path, _identity(base))
         block = base.engine.specs[1].module
         with monkeypatch.context() as m:  # a block that prints differently (another activation, say)
