@@ -55,8 +55,10 @@ class MemoryReport:
     host_bytes_by_role: dict[str, int]
     """host_bytes split by role: master, exp_avg, exp_avg_sq, grad, compute, activations."""
     slot_bytes: int
-    """Bytes of one device slot (the largest unit in the compute dtype)."""
+    """Bytes of one shared device slot (the largest unit that is not resident, in the compute dtype)."""
     num_slots: int
+    resident_bytes: int = 0
+    """Bytes of the device buffers of the plan's resident units (``Plan.resident``), all of them."""
     ssd_bytes_by_role: dict[str, int] = dataclasses.field(default_factory=dict)
     """Optimizer state on SSD by role (master, exp_avg, exp_avg_sq; TrainConfig.ssd); empty when none."""
 

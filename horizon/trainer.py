@@ -339,6 +339,7 @@ class Trainer:
             by_role["ssd_grad_ring"] = self.grad_ring.pool_bytes
         return MemoryReport(device_peak_bytes=peak, host_bytes=sum(by_role.values()), host_bytes_by_role=by_role,
                             slot_bytes=self.engine.pool.slot_bytes, num_slots=self.engine.pool.num_slots,
+                            resident_bytes=self.engine.pool.resident_bytes,
                             ssd_bytes_by_role=self.ssd.bytes_by_role if self.ssd is not None else {})
 
     def close(self) -> None:

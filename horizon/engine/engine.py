@@ -60,14 +60,15 @@ class Engine:
             keep_freed_memory_mapped()  # a KEEP step's activations are not faulted in again every step
         self.device, self.transfer = device, transfer
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
-        self.pool = SlotPool([s.module for s in specs], [unit.layout for unit in store.units], num_slots=plan.num_slots, device=device,
-                             dtype=store.compute_dtype, world_size=store.world_size if collectives else 1)
+        self.pool = SlotPool([s.module for s in specs], [unit.layout for unit in store.units], num_slots=plan.num_slots,
+                             device=device, dtype=store.compute_dtype, world_size=store.world_size if collectives else 1,
+                             resident=plan.resident_units([s.name for s in specs]))
         self.sharded = None if collectives is None else ShardedIO(store, self.pool, collectives=collectives,
                                                                   transfer=transfer, device=device)
         """A sharded store's (ZeRO-3) loads that all-gather and gradients that reduce-scatter; None otherwise."""
         self.ledger = DeviceLedger()
-        for slot in range(self.pool.num_slots):
-            self.ledger.hold(("slot", slot), self.pool.slot_bytes)
+        for slot, buffer in enumerate(self.pool.slots):
+            self.ledger.hold(("slot", slot), nbytes_of(buffer))
         splits = [plan.split(s.name) if s.kind is UnitKind.BLOCK else None for s in specs]
         # Blocks with rows to recompute: their inputs get host buffers.
         self._recompute_blocks = [u for u, split in enumerate(splits)
@@ -107,7 +108,7 @@ class Engine:
                 for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
-                       uses=assign_slots(order, self.pool.num_slots), next_restore=num_units,
+                       uses=assign_slots(order, self.pool.num_slots, self.pool.resident), next_restore=num_units,
                        load_after=load_after, grads_sent=grads_sent, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)

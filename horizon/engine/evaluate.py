@@ -46,7 +46,7 @@ def forward_loss_sum(engine: Engine, input_ids: torch.Tensor, labels: torch.Tens
     ``load_after(unit)``: the future a copy of ``unit``'s weights must wait for (its pending update)."""
     order = list(range(len(engine.specs)))
     sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
-                   uses=assign_slots(order, engine.pool.num_slots), load_after=load_after, extras=extras or {})
+                   uses=assign_slots(order, engine.pool.num_slots, engine.pool.resident), load_after=load_after, extras=extras or {})
     depth = engine.pool.num_slots - 1
     for position in range(min(depth, len(order))):
         engine.traffic.issue_weights(sweep, position)

@@ -3,8 +3,8 @@
 Why a plan object: the engine carries out decisions and never makes them. ``Plan`` is what the
 planner (or a user, by hand) hands it: an activation policy per block, or, MEMO-style, a split
 of the block's batch rows between KEEP, SWAP and RECOMPUTE (and where the recomputed rows' input
-waits: host or device); the number of device slots and the loss-head chunk size. The engine
-validates it against the model before a step.
+waits: host or device); the number of device slots, the units resident on the device and the
+loss-head chunk size. The engine validates it against the model before a step.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class Plan:
     """By unit name: the block's rows split between KEEP, SWAP and RECOMPUTE, overriding its policy."""
     num_slots: int = 2
     """Device buffers for unit weights: 2 = double buffering, more = deeper prefetch."""
+    resident: tuple[str, ...] = ()
+    """Units (any: ``embed_tokens``, ``layers.3``, ``lm_head``) with a device buffer of their own: copied in
+    once per step, after their update, instead of once for the forward and once more for the backward."""
     loss_chunk_tokens: int | None = None
     """Tokens per loss-head chunk; None = as many as fit 256 MiB of fp32 logits."""
     round_rows: bool = False
@@ -94,6 +97,10 @@ class Plan:
             raise ValueError(f"Plan.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
         if not isinstance(self.round_rows, bool):
             raise ValueError(f"Plan.round_rows must be True or False, got {self.round_rows!r}")
+        if not isinstance(self.resident, tuple) or not all(isinstance(n, str) for n in self.resident):
+            raise ValueError(f"Plan.resident must be a tuple of unit names, got {self.resident!r}")
+        if len(set(self.resident)) != len(self.resident):
+            raise ValueError(f"Plan.resident names a unit twice: {self.resident}")
 
     @classmethod
     def uniform(cls, policy: ActivationPolicy | str, **kwargs) -> "Plan":
@@ -124,6 +131,14 @@ class Plan:
         if unknown:
             raise ValueError(f"Plan names units the model does not have as blocks: {unknown}; "
                              f"blocks are {block_names[0]} … {block_names[-1]}")
+
+    def resident_units(self, unit_names: list[str]) -> list[int]:
+        """The indices of the resident units in the chain, in chain order; a ValueError for an unknown name."""
+        unknown = sorted(set(self.resident) - set(unit_names))
+        if unknown:
+            raise ValueError(f"Plan.resident names units the model does not have: {unknown}; its units are "
+                             f"{', '.join(unit_names[:3])} … {unit_names[-1]}")
+        return [u for u, name in enumerate(unit_names) if name in self.resident]
 
     def loss_chunk(self, vocab_size: int) -> int:
         if self.loss_chunk_tokens is not None:

@@ -4,40 +4,50 @@ Why: the device holds no model, only ``num_slots`` flat buffers, each big enough
 unit, and for each slot one template module per unit structure whose parameters are views into
 that slot. Loading a unit is one copy into a slot; binding is aliasing, never a second copy.
 Which slot each load goes to is decided once per step by ``assign_slots`` from the known order
-of units, so a unit still resident (the last block, used on both sides of the loss head) is not
-copied again.
+of units, so a unit still in a slot (the last block, used on both sides of the loss head) is not
+copied again. A unit the plan makes resident (``Plan.resident``) has a buffer of its own, sized to
+it: loaded once per step, before its forward, and used again by its backward without a copy.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from horizon.store.layout import UnitLayout
 
-__all__ = ["SlotUse", "assign_slots", "SlotPool", "slot_numel"]
+__all__ = ["SlotUse", "assign_slots", "SlotPool", "slot_numel", "shared_slot_numel"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SlotUse:
     slot: int
-    load: bool  # False when the unit is already resident in that slot
+    load: bool  # False when the unit is already in that slot
 
 
-def assign_slots(order: list[int], num_slots: int) -> list[SlotUse]:
+def assign_slots(order: list[int], num_slots: int, resident: Mapping[int, int] | None = None) -> list[SlotUse]:
     """Slot for each position of ``order``; loads for position j are issued ``num_slots - 1`` ahead.
 
     A load may not evict a slot used by any of the positions between its issue and its use
     (those units are computing or prefetched); among the others it evicts the unit whose next
-    use is farthest (Belady), so resident units are reused when the order allows it.
+    use is farthest (Belady), so units still in a slot are reused when the order allows it.
+    ``resident`` maps a unit to its own slot (indices from ``num_slots`` on): it is loaded at its
+    first position and never evicted.
     """
     depth = num_slots - 1
+    resident = resident or {}
     holder: list[int | None] = [None] * num_slots
     uses: list[SlotUse] = []
+    loaded: set[int] = set()
     for j, unit in enumerate(order):
+        if unit in resident:
+            uses.append(SlotUse(resident[unit], unit not in loaded))
+            loaded.add(unit)
+            continue
         if unit in holder:
             uses.append(SlotUse(holder.index(unit), False))
             continue
@@ -75,16 +85,26 @@ def _same_buffers(a: nn.Module, b: nn.Module) -> bool:
 def slot_numel(layouts: list[UnitLayout], world_size: int = 1) -> int:
     """Elements of one slot: the largest unit's, own and borrowed parameters (a sharded run all-gathers
     ``world_size`` equal pieces of ceil(numel / world_size) into a slot)."""
-    return max(max(layout.device_numel, -(-layout.numel // world_size) * world_size) for layout in layouts)
+    return max((max(layout.device_numel, -(-layout.numel // world_size) * world_size) for layout in layouts), default=0)
+
+
+def shared_slot_numel(layouts: list[UnitLayout], resident: Sequence[int] = (), world_size: int = 1) -> int:
+    """Elements of one shared slot: the largest unit that is not resident (0 when every unit is)."""
+    return slot_numel([layout for u, layout in enumerate(layouts) if u not in resident], world_size)
 
 
 class SlotPool:
-    """``num_slots`` device buffers and, per slot, one template for each unit structure."""
+    """``num_slots`` shared device buffers, one more per resident unit, and per buffer one template for
+    each unit structure it can hold."""
 
     def __init__(self, modules: list[nn.Module], layouts: list[UnitLayout], *, num_slots: int,
-                 device: torch.device, dtype: torch.dtype, world_size: int = 1) -> None:
-        self.slot_numel = slot_numel(layouts, world_size)
+                 device: torch.device, dtype: torch.dtype, world_size: int = 1, resident: Sequence[int] = ()) -> None:
+        self.slot_numel = shared_slot_numel(layouts, resident, world_size)
+        self.num_slots = num_slots
+        self.resident = {unit: num_slots + i for i, unit in enumerate(resident)}
+        """Resident unit -> its slot index (after the shared ones)."""
         self.slots = [torch.empty(self.slot_numel, dtype=dtype, device=device) for _ in range(num_slots)]
+        self.slots += [torch.empty(slot_numel([layouts[u]], world_size), dtype=dtype, device=device) for u in resident]
         self.device, self.dtype = device, dtype
         self._layouts = layouts
         self._key_of: list[int] = []
@@ -99,15 +119,19 @@ class SlotPool:
                 raise ValueError(f"unit {layout.name} has buffers that differ from other units of its structure; "
                                  "horizon streams parameters only, so per-unit buffers must be equal (or parameters)")
             self._key_of.append(keys[key])
-        self._templates = [[self._build(s, k) for k in range(len(self._prototypes))] for s in range(num_slots)]
+        streamed = {self._key_of[u] for u in range(len(layouts)) if u not in self.resident}
+        self._templates = {(s, k): self._build(s, k) for s in range(num_slots) for k in sorted(streamed)}
+        self._templates.update({(s, self._key_of[u]): self._build(s, self._key_of[u]) for u, s in self.resident.items()})
 
     @property
     def slot_bytes(self) -> int:
+        """Bytes of one shared slot."""
         return self.slot_numel * self.dtype.itemsize
 
     @property
-    def num_slots(self) -> int:
-        return len(self.slots)
+    def resident_bytes(self) -> int:
+        """Bytes of the resident units' buffers, all of them."""
+        return sum(self.slots[s].numel() for s in self.resident.values()) * self.dtype.itemsize
 
     def _build(self, slot: int, key: int) -> nn.Module:
         module, layout = self._prototypes[key]
@@ -127,12 +151,11 @@ class SlotPool:
         return template
 
     def set_training(self, training: bool) -> None:
-        for per_slot in self._templates:
-            for template in per_slot:
-                template.train(training)
+        for template in self._templates.values():
+            template.train(training)
 
     def template(self, slot: int, unit: int) -> nn.Module:
-        return self._templates[slot][self._key_of[unit]]
+        return self._templates[slot, self._key_of[unit]]
 
     def params(self, slot: int, unit: int) -> list[nn.Parameter]:
         """The template's parameters in layout order (own, then borrowed)."""

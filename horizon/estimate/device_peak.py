@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 
 from horizon.engine.traffic import GRADS_IN_FLIGHT
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.plan import ActivationPolicy
+from horizon.engine.slots import shared_slot_numel, slot_numel
 from horizon.store.layout import UnitLayout
 
 __all__ = ["DevicePeak", "replay_device_peak"]
@@ -51,17 +53,21 @@ def _own_grad_bytes(layout: UnitLayout, itemsize: int) -> int:
 
 
 def replay_device_peak(layouts: list[UnitLayout], policies: list[ActivationPolicy | None], *, num_slots: int,
-                       hidden_bytes: int, kept_bytes: list[int], itemsize: int) -> DevicePeak:
+                       hidden_bytes: int, kept_bytes: list[int], itemsize: int,
+                       resident: Sequence[int] = ()) -> DevicePeak:
     """The engine's ledger peak for units ``layouts`` (embedding, blocks, head) under ``policies``.
 
     ``policies[u]`` is None for the embedding and the head; ``kept_bytes[u]`` is what a KEEP
-    block's graph saves (unused for other units); ``itemsize`` is the compute dtype's size.
+    block's graph saves (unused for other units); ``itemsize`` is the compute dtype's size;
+    ``resident``: the units with a device buffer of their own (``Plan.resident``).
     """
     num_units = len(layouts)
     order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
     ledger = _PeakLedger()
     for slot in range(num_slots):
-        ledger.hold(("slot", slot), (max(layout.device_numel for layout in layouts)) * itemsize)
+        ledger.hold(("slot", slot), shared_slot_numel(layouts, resident) * itemsize)
+    for i, unit in enumerate(resident):
+        ledger.hold(("slot", num_slots + i), slot_numel([layouts[unit]]) * itemsize)
     hidden = _Hidden(ledger, hidden_bytes)
     offloads: list[int] = []
     grads: collections.deque[int] = collections.deque()

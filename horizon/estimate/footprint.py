@@ -22,7 +22,7 @@ from torch import nn
 
 from horizon.config import TrainConfig
 from horizon.engine.plan import ActivationPolicy
-from horizon.engine.slots import _structure_key
+from horizon.engine.slots import _structure_key, shared_slot_numel
 from horizon.estimate.device_peak import replay_device_peak
 from horizon.models.units import UnitKind, UnitSpec, find_units
 from horizon.store.host_store import _PCIE_ROLES
@@ -49,7 +49,8 @@ class MemoryEstimate:
     device_bytes_at_peak: dict[str, int]
     """``device_peak_bytes`` split by what was held at that moment."""
     slot_bytes: int
-    """One device slot: the largest unit (own plus tied parameters) in the compute dtype."""
+    """One shared device slot: the largest unit that is not resident (own plus tied parameters) in the
+    compute dtype."""
     num_slots: int
     ssd_bytes_by_role: dict[str, int] = dataclasses.field(default_factory=dict)
     """Bytes on SSD by role (master, exp_avg, exp_avg_sq; compute and grad with streamed weights):
@@ -191,13 +192,18 @@ def estimate_memory(model: nn.Module, config: TrainConfig | None = None, *, batc
             if key not in kept_by_structure:
                 kept_by_structure[key] = _kept_bytes(spec, hidden_shape, dtype)
             kept[u] = kept_by_structure[key]
+    resident = plan.resident_units([s.name for s in specs])
     peak = replay_device_peak(layouts, policies, num_slots=plan.num_slots, hidden_bytes=hidden_bytes,
-                              kept_bytes=kept, itemsize=itemsize)
+                              kept_bytes=kept, itemsize=itemsize, resident=resident)
     counts = {p: sum(q is p for q in policies) for p in ActivationPolicy}
     words = ", ".join(f"{n} {p.value}" for p, n in counts.items() if n)
     return MemoryEstimate(
         num_params=sum(layout.numel for layout in layouts), host_bytes_by_role=by_role, pinned_bytes=pinned,
         device_peak_bytes=peak.peak_bytes, device_bytes_at_peak=peak.bytes_by_part_at_peak,
-        slot_bytes=max(layout.device_numel for layout in layouts) * itemsize, num_slots=plan.num_slots,
+        slot_bytes=shared_slot_numel(layouts, resident) * itemsize, num_slots=plan.num_slots,
         ssd_bytes_by_role=on_ssd, ssd_units=tuple(sorted(ssd_units)),
-        plan=f"{plan.num_slots} slots; blocks: {words}; {dtype} compute on {config.device}")
+        plan=f"{plan.num_slots} slots{_resident_words(plan)}; blocks: {words}; {dtype} compute on {config.device}")
+
+
+def _resident_words(plan) -> str:
+    return f" and {len(plan.resident)} resident units" if plan.resident else ""

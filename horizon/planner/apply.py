@@ -23,6 +23,7 @@ from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitSpec
 from horizon.planner.mip import Solution, solve_mip
 from horizon.planner.profile import Profile
+from horizon.planner.residency import add_resident
 from horizon.planner.simulate import simulate
 from horizon.store.host_store import HostStore
 
@@ -39,20 +40,22 @@ def to_plan(profile: Profile, solution: Solution, *, loss_chunk_tokens: int | No
     per_unit = {profile.units[u].name: whole[c] for u, c in solution.choices.items() if c in whole}
     splits = {profile.units[u].name: c for u, c in solution.choices.items() if c not in whole}
     return Plan(default=ActivationPolicy.RECOMPUTE, per_unit=per_unit, splits=splits,
-                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens, round_rows=True)
+                num_slots=solution.num_slots, loss_chunk_tokens=loss_chunk_tokens, round_rows=True,
+                resident=tuple(profile.units[u].name for u in solution.resident))
 
 
 def save_plan(path: str | os.PathLike, plan: Plan, *, profile: Profile | None = None,
               budget_bytes: int | None = None, solution: Solution | None = None) -> None:
     record = {"format": FORMAT, "default": plan.default.value, "num_slots": plan.num_slots,
-              "loss_chunk_tokens": plan.loss_chunk_tokens, "round_rows": plan.round_rows,
+              "resident": list(plan.resident), "loss_chunk_tokens": plan.loss_chunk_tokens,
+              "round_rows": plan.round_rows,
               "per_unit": {name: p.value for name, p in plan.per_unit.items()}, 
               "splits": {name: {"keep": c.keep, "swap": c.swap}
                          | ({"input_on_device": True} if c.input_on_device else {}) for name, c in plan.splits.items()},
               "inputs": {"device_memory_budget_bytes": budget_bytes,
                          "profile": profile.to_dict() if profile is not None else None}}
     if solution is not None and profile is not None:
-        sim = simulate(profile, solution.choices, solution.num_slots)
+        sim = simulate(profile, solution.choices, solution.num_slots, solution.resident)
         record["prediction"] = {"model_step_s": solution.step_s, "simulated_step_s": sim.step_s,
                                 "peak_bytes": solution.peak_bytes, "optimal": solution.optimal,
                                 "solve_s": solution.solve_s}
@@ -74,7 +77,7 @@ def read_record(path: str | os.PathLike, fmt: str, what: str, hint: str = "") ->
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots)."""
+    """The ``Plan`` in a file written by ``save_plan`` (or by hand: format, per_unit, splits, num_slots, resident)."""
     record = read_record(path, FORMAT, "plan")
     words = {p.value for p in ActivationPolicy}
     per_unit = record.get("per_unit", {})
@@ -87,11 +90,14 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise ValueError(f"{path}: splits must map unit names to {{\"keep\": fraction, \"swap\": fraction}} "
                          f"(the rest of the rows recomputed; \"input_on_device\": true keeps their input on the "
                          f"device), got {splits!r}")
+    resident = record.get("resident", [])
+    if not isinstance(resident, list) or not all(isinstance(n, str) for n in resident):
+        raise ValueError(f"{path}: resident must be a list of unit names (e.g. [\"layers.0\"]), got {resident!r}")
     return Plan(default=ActivationPolicy(record.get("default", "recompute")),
                 per_unit={k: ActivationPolicy(v) for k, v in per_unit.items()},
                 splits={k: RowSplit(**v) for k, v in splits.items()},
                 num_slots=record.get("num_slots", 2), loss_chunk_tokens=record.get("loss_chunk_tokens"),
-                round_rows=record.get("round_rows", False))
+                round_rows=record.get("round_rows", False), resident=tuple(resident))
 
 
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
@@ -99,7 +105,7 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
               recompute_step_s: Callable[[], float] | None = None, compute_scale: float | None = None,
               cache_dir: str | os.PathLike | None = None) -> tuple[Plan, Profile, Solution]:
     """Measure (or load from ``cache_dir``), calibrate, solve (the MIP; greedy if PuLP is not installed),
-    and return the plan to execute.
+    spend the budget left on resident units (``residency.py``), and return the plan to execute.
 
     ``recompute_step_s()``: the measured seconds of one real step of the all-RECOMPUTE, 2-slot plan;
     when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does.
@@ -123,7 +129,7 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
         solve = solve_mip
     except ImportError:
         from horizon.planner.greedy import solve_greedy as solve
-    solution = solve(profile, budget_bytes)
+    solution = add_resident(profile, solve(profile, budget_bytes), budget_bytes)
     log.info("plan='auto': %s", describe(solution, budget_bytes))
     return to_plan(profile, solution), profile, solution
 
@@ -140,7 +146,8 @@ def describe(solution: Solution, budget_bytes: int) -> str:
     """One line: how many blocks take each policy, and the predicted step time and device peak."""
     counts = collections.Counter(_kind(c) for c in solution.choices.values())
     blocks = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-    return (f"{blocks} blocks, {solution.num_slots} slots; predicted {solution.step_s:.4g} s/step and a device "
+    resident = f" and {len(solution.resident)} resident units" if solution.resident else ""
+    return (f"{blocks} blocks, {solution.num_slots} slots{resident}; predicted {solution.step_s:.4g} s/step and a device "
             f"peak of {solution.peak_bytes:,} of {budget_bytes:,} bytes (solved in {solution.solve_s:.2f} s)")
 
 

@@ -62,7 +62,8 @@ class Solution:
     optimal: bool
     """False when a time limit stopped the solver with a feasible plan."""
     solve_s: float
-
+    resident: tuple[int, ...] = ()
+    """Units with a device buffer of their own (``residency.add_resident``; the solvers leave it empty)."""
 
 
 

@@ -3,7 +3,7 @@
 Why: the simulator (which replays one plan) and the MIP (which chooses among all of them) must
 agree with the engine, and with each other, about what is copied, computed, held and let go,
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
-positions ahead, restores as far ahead, each block's offload drained during the next unit,
+positions ahead (a resident unit's only before its forward), restores as far ahead, each block's offload drained during the next unit,
 at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
 ``Profile.copy_compute_s_per_byte``. Every amount is a ``Term``: a sum of coefficients,
 each counted always (unit None) or only when the named block has the named ``Choice`` (a
@@ -14,7 +14,7 @@ MIP's 0/1 variables it is a linear expression.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from horizon.engine.slots import assign_slots
 from horizon.engine.traffic import GRADS_IN_FLIGHT
@@ -22,7 +22,7 @@ from horizon.planner import choice as C
 from horizon.planner.choice import Choice
 from horizon.planner.profile import Profile
 
-__all__ = ["Term", "Event", "events", "value"]
+__all__ = ["Term", "Event", "events", "value", "shared_slot_bytes"]
 
 Term = tuple[tuple[float, int | None, Choice | None], ...]
 """((coefficient, unit, choice), ...): coefficients count when ``unit`` is None or has ``choice``."""
@@ -45,17 +45,27 @@ def _const(x: float) -> Term:
     return ((x, None, None),)
 
 
-def events(profile: Profile, num_slots: int) -> list[Event]:
-    """The program-order events of one step; each position starts with an "interval" event."""
-    return _Walk(profile, num_slots).run()
+def events(profile: Profile, num_slots: int, resident: Collection[int] = ()) -> list[Event]:
+    """The program-order events of one step; each position starts with an "interval" event.
+    ``resident``: the units with a device buffer of their own (``Plan.resident``)."""
+    return _Walk(profile, num_slots, resident).run()
+
+
+def shared_slot_bytes(profile: Profile, resident: Collection[int] = ()) -> float:
+    """One shared slot's bytes: the profile's, less what the largest unit's weights exceed the largest
+    streamed unit's by when the largest are resident (the engine sizes shared slots to streamed units)."""
+    largest = max(u.weight_bytes for u in profile.units)
+    streamed = max((u.weight_bytes for i, u in enumerate(profile.units) if i not in resident), default=0)
+    return profile.slot_bytes - (largest - streamed)
 
 
 class _Walk:
-    def __init__(self, profile: Profile, num_slots: int) -> None:
+    def __init__(self, profile: Profile, num_slots: int, resident: Collection[int]) -> None:
         self.p, self.depth = profile, num_slots - 1
         n = len(profile.units)
         self.order = list(range(n)) + list(range(n - 2, -1, -1))
-        self.uses = assign_slots(self.order, num_slots)
+        self.resident = sorted(resident)
+        self.uses = assign_slots(self.order, num_slots, {u: num_slots + i for i, u in enumerate(self.resident)})
         self.out: list[Event] = []
         self.copies = 0
         self.ready: dict[int, list[int]] = {}
@@ -91,7 +101,9 @@ class _Walk:
 
     def run(self) -> list[Event]:
         for slot in range(self.num_slots):
-            self.emit("hold", ("slot", slot), _const(self.p.slot_bytes))
+            self.emit("hold", ("slot", slot), _const(shared_slot_bytes(self.p, self.resident)))
+        for i, unit in enumerate(self.resident):
+            self.emit("hold", ("slot", self.num_slots + i), _const(self.p.units[unit].weight_bytes))
         for position in range(min(self.depth, len(self.order))):
             self.issue_weights(position)
         for position, unit in enumerate(self.order):

@@ -11,7 +11,7 @@ planners). Brute force checks the MIP against ``model_step_s``; the simulator ch
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from horizon.engine.plan import ActivationPolicy as P
 from horizon.planner.choice import Choice, as_choice, choices
@@ -52,7 +52,8 @@ class Prediction:
     """Time the copy queues were busy (summed over queues)."""
 
 
-def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction:
+def simulate(profile: Profile, policies: Policies, num_slots: int, resident: Collection[int] = ()) -> Prediction:
+    """One step of the plan replayed; ``resident``: the units with a device buffer of their own."""
     check_offered(profile, policies)
     choose = chooser(policies)
     now = compute = busy = 0.0
@@ -60,7 +61,7 @@ def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction
     ends: dict[int, float] = {}
     held: dict[object, float] = {}
     current = peak = 0.0
-    for e in events(profile, num_slots):
+    for e in events(profile, num_slots, resident):
         if e.kind == "compute":
             dt = value(e.amount, choose)
             now += dt
@@ -85,7 +86,7 @@ def simulate(profile: Profile, policies: Policies, num_slots: int) -> Prediction
     return Prediction(step_s=now, peak_bytes=int(round(peak)), compute_s=compute, link_busy_s=busy)
 
 
-def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
+def memory_rows(profile: Profile, num_slots: int, resident: Collection[int] = ()) -> list[Term]:
     """The ledger at each of its local maxima, as terms: a plan's peak is the largest row's value.
 
     Every amount is bytes (coefficients >= 0), so the ledger after a hold that another hold follows
@@ -93,7 +94,7 @@ def memory_rows(profile: Profile, num_slots: int) -> list[Term]:
     held: dict[object, Term] = {}
     rows: list[Term] = []
     rising = False
-    for e in events(profile, num_slots):
+    for e in events(profile, num_slots, resident):
         if e.kind == "hold":
             held[e.key], rising = e.amount, True
         elif e.kind == "release":
@@ -128,10 +129,10 @@ class Interval:
     d2h: Term
 
 
-def intervals(profile: Profile, num_slots: int) -> list[Interval]:
+def intervals(profile: Profile, num_slots: int, resident: Collection[int] = ()) -> list[Interval]:
     """Position by position (a prologue first: the weights issued before the first unit)."""
     out: list[dict[str, list]] = [{"compute": [], "h2d": [], "d2h": []}]
-    for e in events(profile, num_slots):
+    for e in events(profile, num_slots, resident):
         if e.kind == "interval":
             out.append({"compute": [], "h2d": [], "d2h": []})
         elif e.kind == "compute":
@@ -141,18 +142,18 @@ def intervals(profile: Profile, num_slots: int) -> list[Interval]:
     return [Interval(tuple(d["compute"]), tuple(d["h2d"]), tuple(d["d2h"])) for d in out]
 
 
-def model_step_s(profile: Profile, policies: Policies, num_slots: int) -> float:
+def model_step_s(profile: Profile, policies: Policies, num_slots: int, resident: Collection[int] = ()) -> float:
     """The MIP's objective for one plan: Σ over positions of max(compute, link time)."""
     check_offered(profile, policies)
     choose, bw = chooser(policies), profile.link_bytes_per_s
     total = 0.0
-    for iv in intervals(profile, num_slots):
+    for iv in intervals(profile, num_slots, resident):
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
         link = max(h2d, d2h) if profile.duplex else h2d + d2h
         total += max(value(iv.compute, choose), link)
     return total
 
 
-def peak_bytes(profile: Profile, policies: Policies, num_slots: int) -> int:
+def peak_bytes(profile: Profile, policies: Policies, num_slots: int, resident: Collection[int] = ()) -> int:
     """The plan's device peak: the largest ``memory_rows`` value, which the replay tracks as it goes."""
-    return simulate(profile, policies, num_slots).peak_bytes
+    return simulate(profile, policies, num_slots, resident).peak_bytes

@@ -24,6 +24,11 @@ CASES = {
     "mixed-4-slots": (dict(num_layers=4), dict(plan=KEEP_ONE)),
     "bf16-keep": (dict(num_layers=3), dict(plan="keep", compute_dtype=torch.bfloat16)),
     "accumulate": (dict(num_layers=2), dict(grad_accum_steps=2)),
+    # resident units: the largest two (a shared slot shrinks to a block), and blocks beside a tied head
+    "resident-big-vocab": (dict(num_layers=3, dim=32, vocab_size=4096),
+                           dict(plan=horizon.Plan(num_slots=3, resident=("embed_tokens", "lm_head")))),
+    "resident-blocks-tied": (dict(num_layers=4, tie_embeddings=True),
+                             dict(plan=horizon.Plan(default=ActivationPolicy.KEEP, resident=("layers.0", "layers.2")))),
 }
 
 
