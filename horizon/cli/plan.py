@@ -3,8 +3,8 @@
 Why offline: solving needs only the measured costs (``horizon profile``), not the machine, so a
 plan can be chosen, read and reviewed before a run, for as many budgets as you like. Prints per
 block the fractions of its rows kept, swapped and recomputed, the device bytes it holds until its backward and the predicted seconds of its
-positions in the step, then the predicted step time and peak against all-RECOMPUTE and all-KEEP;
-``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
+positions in the step, the units kept resident on the device with the memory left over, then the
+predicted step time and peak against all-RECOMPUTE and all-KEEP; ``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from horizon.engine.plan import ActivationPolicy as P
 from horizon.planner import Profile, simulate, solve_greedy, solve_mip
 from horizon.planner.choice import Choice, host_bytes_of, kept_bytes
 from horizon.planner.apply import save_plan, to_plan
+from horizon.planner.residency import add_resident
 from horizon.planner.schedule import value
 from horizon.planner.simulate import chooser, intervals
 from horizon.store import format_bytes
@@ -49,13 +50,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
 
 
-def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int) -> dict[int, float]:
+def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int,
+                 resident: tuple[int, ...] = ()) -> dict[int, float]:
     """Per unit, the model's seconds of the positions it computes in (forward and backward)."""
     n = len(profile.units)
     order = list(range(n)) + list(range(n - 2, -1, -1))
     choose = chooser(policies)
     bw, out = profile.link_bytes_per_s, {u: 0.0 for u in range(n)}
-    for unit, iv in zip(order, intervals(profile, num_slots)[1:]):  # [0] is the prologue
+    for unit, iv in zip(order, intervals(profile, num_slots, resident)[1:]):  # [0] is the prologue
         h2d, d2h = value(iv.h2d, choose) / bw, value(iv.d2h, choose) / bw
         link = max(h2d, d2h) if profile.duplex else h2d + d2h
         out[unit] += max(value(iv.compute, choose), link)
@@ -65,7 +67,8 @@ def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: i
 def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     solve = solve_mip if args.solver == "mip" else solve_greedy
-    solution = solve(profile, args.budget, num_slots=args.slot_options, time_limit_s=args.time_limit)
+    solution = add_resident(profile, solve(profile, args.budget, num_slots=args.slot_options,
+                                           time_limit_s=args.time_limit), args.budget)
     baselines = {}
     for name, policy in (("recompute", P.RECOMPUTE), ("keep", P.KEEP)):
         policies = {u: policy for u in profile.blocks}
@@ -73,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
         baselines[name] = {"simulated_step_s": sim.step_s, "peak_bytes": sim.peak_bytes,
                            "fits": sim.peak_bytes <= args.budget}
     choices = solution.choices
-    chosen = simulate(profile, choices, solution.num_slots)
-    seconds = unit_seconds(profile, choices, solution.num_slots)
+    chosen = simulate(profile, choices, solution.num_slots, solution.resident)
+    seconds = unit_seconds(profile, choices, solution.num_slots, solution.resident)
     report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
+              "resident": [profile.units[u].name for u in solution.resident],
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,
               "units": [{"unit": profile.units[u].name, "keep": choices[u].keep, "swap": choices[u].swap,
@@ -107,6 +111,8 @@ def _print_table(r: dict) -> None:
         print(row.format(u["unit"], f"{u['keep']:g}", f"{u['swap']:g}", recompute,
                          format_bytes(u["device_bytes"]), format_bytes(u["host_bytes"]),
                          f"{u['predicted_s'] * 1e3:.1f} ms"))
+    if r["resident"]:
+        print(f"  resident on the device (loaded once a step): {', '.join(r['resident'])}")
     print(f"predicted step {r['simulated_step_s']:.4f} s, peak {format_bytes(r['peak_bytes'])}")
     for name, b in r["baselines"].items():
         ratio = r["simulated_step_s"] / b["simulated_step_s"]

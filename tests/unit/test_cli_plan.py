@@ -56,18 +56,40 @@ def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profil
     assert rc == 0 and r["peak_bytes"] <= budget < r["baselines"]["keep"]["peak_bytes"]
     assert r["baselines"]["recompute"]["fits"] and not r["baselines"]["keep"]["fits"]
     policies = {u: RowSplit(row["keep"], row["swap"], row["input_on_device"]) for u, row in zip(profile.blocks, r["units"])}
-    assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"]), rel=1e-9)
+    resident = [u for u, unit in enumerate(profile.units) if unit.name in r["resident"]]
+    assert r["model_step_s"] == pytest.approx(model_step_s(profile, policies, r["num_slots"], resident), rel=1e-9)
     # Per-unit seconds plus the prologue (weights issued before the first unit) are the step.
-    prologue = intervals(profile, r["num_slots"])[0]
+    prologue = intervals(profile, r["num_slots"], resident)[0]
     choose = chooser(policies)
     prologue_s = value(prologue.h2d, choose) / profile.link_bytes_per_s
-    assert sum(unit_seconds(profile, policies, r["num_slots"]).values()) + prologue_s == pytest.approx(
+    assert sum(unit_seconds(profile, policies, r["num_slots"], resident).values()) + prologue_s == pytest.approx(
         r["model_step_s"], rel=1e-9)
     with horizon.Trainer(tiny_decoder(num_layers=LAYERS), horizon.TrainConfig(plan=str(out))) as t:
-        assert t.engine.plan.num_slots == r["num_slots"]
+        assert t.engine.plan.num_slots == r["num_slots"] and list(t.engine.plan.resident) == r["resident"]
         assert [t.engine.plan.split(row["unit"]) for row in r["units"]] == list(policies.values())
         t.step(batches(1, batch=BATCH, seq=SEQ)[0])
         assert t.memory().device_peak_bytes == r["peak_bytes"]
+
+
+def test_a_slow_link_and_memory_to_spare_make_units_resident(profile_path, tmp_path, capsys):
+    """On one copy queue at 1 MB/s the copies set the step; with the budget of all-KEEP and then some, the
+    plan keeps units resident, and says so; its file drives a run at the predicted peak. (On a duplex link
+    with nothing but weights and gradients it would not: a backward position's gradient going out takes as
+    long as the weights coming in that residency saves.)"""
+    record = json.loads(profile_path.read_text())
+    record["profile"]["link_bytes_per_s"], record["profile"]["duplex"] = 1e6, False
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(record))
+    profile = load_profile(str(slow))
+    budget, out = 4 * simulate(profile, {u: P.KEEP for u in profile.blocks}, 3).peak_bytes, tmp_path / "plan.json"
+    rc, r = _plan_json(capsys, ["plan", "--profile", str(slow), "--budget", str(budget), "--out", str(out)])
+    assert rc == 0 and r["resident"] and r["peak_bytes"] <= budget
+    assert r["simulated_step_s"] < r["baselines"]["keep"]["simulated_step_s"]
+    assert main(["plan", "--profile", str(slow), "--budget", str(budget)]) == 0
+    assert "resident on the device" in capsys.readouterr().out
+    with horizon.Trainer(tiny_decoder(num_layers=LAYERS), horizon.TrainConfig(plan=str(out))) as t:
+        t.step(batches(1, batch=BATCH, seq=SEQ)[0])
+        assert t.memory().device_peak_bytes == r["peak_bytes"] and t.memory().resident_bytes > 0
 
 
 def test_table_names_every_block_and_both_baselines(profile_path, capsys):
