@@ -31,6 +31,10 @@ CASES |= {f"sharded_{name}": dataclasses.replace(config, distributed=SHARDED) fo
 CASES["sharded_duplex_swap"] = dataclasses.replace(CASES["sharded_no_clip"], plan="swap", cpu_link_duplex=True)
 """Sharded, every block SWAP, copies to the host on their own thread: the gathers and reduce-scatters
 must still reach gloo in one order on both ranks (they stay on the first transfer thread)."""
+CASES["sharded_resident"] = dataclasses.replace(CASES["sharded_clip"], plan=horizon.Plan(
+    default=horizon.ActivationPolicy.KEEP, resident=("embed_tokens", "layers.1")))
+"""Sharded with resident units: their own buffers are all-gathered into once a step (the tied head still
+gathers the embedding's weight into its slot)."""
 
 
 def global_batches() -> list[dict[str, torch.Tensor]]:
