@@ -103,3 +103,17 @@ def test_weights_refuse_what_they_cannot_do_yet(tmp_path):
         horizon.SSDConfig(dir=tmp_path, weights=True, weight_buffers=1)
     with pytest.raises(ValueError, match="weights must be True or False"):
         horizon.SSDConfig(dir=tmp_path, weights="yes")
+
+
+@pytest.mark.parametrize("schedule", [CLIP, EAGER], ids=["clip", "eager"])
+def test_streamed_units_can_be_resident(tmp_path, schedule):
+    """A resident unit (Plan.resident) whose weights stream from SSD: its one load a step reads the window
+    in step order like any other (WeightStream is told only the positions that load); bitwise RAM's."""
+    model = tiny_decoder(num_layers=3)
+    data = batches(4)
+    plan = horizon.Plan(default=horizon.ActivationPolicy.KEEP, resident=("embed_tokens", "layers.0", "layers.2"))
+    ram = run(model, data, plan=plan, **schedule)
+    ssd = run(model, data, plan=plan, **schedule, ssd=horizon.SSDConfig(dir=tmp_path, weights=True, weight_buffers=2))
+    assert ssd[3] == [0, 1, 2, 3, 4]
+    assert_same(ssd, ram)
+    assert_same(run(model, data, **schedule), ram)  # and resident or not, the same numbers
