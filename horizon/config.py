@@ -209,6 +209,14 @@ class TrainConfig:
         return self.grad_clip_norm is None and self.grad_accum_steps == 1 and self.on_nonfinite == "ignore"
 
     @property
+    def update_schedule(self) -> str:
+        """How the planner's simulator meets the optimizer (``Profile.update_schedule``): "eager" or
+        "deferred" as the updater runs them; "none" with accumulation (one update per several steps)."""
+        if self.eager_updates:
+            return "eager"
+        return "deferred" if self.grad_accum_steps == 1 else "none"
+
+    @property
     def resolved_plan(self) -> Plan:
         """The plan to start with: "auto" starts as all-RECOMPUTE until the planner has measured a step."""
         if isinstance(self.plan, Plan):

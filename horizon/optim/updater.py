@@ -37,10 +37,10 @@ from horizon.store.grad_ring import GradRing
 from horizon.store.host_store import HostStore, UnitBuffers
 from horizon.store.ssd import SSDTier
 
-__all__ = ["Updater", "NonFiniteGradientError"]
+__all__ = ["Updater", "NonFiniteGradientError", "WHOLE_CORE_UNITS"]
 
 
-_HEAD_UNITS = (0, 1)
+WHOLE_CORE_UNITS = (0, 1)
 """The embedding and the first block. Their updates come last in the eager schedule (and first in the
 deferred one), and the next step's first compute (the first block's forward) waits for both with
 nothing else to run: they are exposed, so they get every core (the timeline in docs/optim.md)."""
@@ -88,7 +88,7 @@ class Updater:
         and the engine's copies, so it leaves one core to the engine's threads."""
         self.all_threads = optimizer_threads()
         """Threads of a deferred update (one compute of the forward to hide under, so it needs the
-        kernel's full speed) and of the updates of ``_HEAD_UNITS``, which the engine can only wait for."""
+        kernel's full speed) and of the updates of ``WHOLE_CORE_UNITS``, which the engine can only wait for."""
         self.steps = [torch.zeros((), dtype=torch.float32) for _ in store.units]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="horizon-optimizer")
         self._pending: dict[int, concurrent.futures.Future] = {}
@@ -139,7 +139,7 @@ class Updater:
             self.ssd.release(unit)
 
     def _threads(self, unit: int, *, eager: bool) -> int:
-        return self.eager_threads if eager and unit not in _HEAD_UNITS else self.all_threads
+        return self.eager_threads if eager and unit not in WHOLE_CORE_UNITS else self.all_threads
 
     def _fold(self, unit: int, first: bool, last: bool, landed: Callable[[], None]) -> torch.Tensor | None:
         self._maybe_delay()

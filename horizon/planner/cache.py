@@ -38,7 +38,7 @@ __all__ = ["FORMAT", "MEASURE_VERSION", "cpu_model", "default_cache_dir", "profi
            "load_cached", "save_cached"]
 
 FORMAT = "horizon-profile-cache/1"
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2
 """Bump when ``measure.py`` changes what it measures or how: older cached profiles then miss."""
 
 log = logging.getLogger("horizon.planner")

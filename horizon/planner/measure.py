@@ -8,7 +8,8 @@ bytes come from the same hooks the engine uses (KEEP and SWAP), so they are exac
 row fraction the engine can execute at this batch (a copy of the first f·B rows, as the engine
 runs it), and so are the seconds of such a part, timed in the same rounds as the whole block; the
 link is timed through the engine's own transfer (throttled on CPU, a copy stream on CUDA), and so
-is what a copy costs the compute beside it.
+is what a copy costs the compute beside it; each unit's optimizer update is timed with the
+optimizer's kernel on scratch buffers (``update_cost.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from horizon.engine.slots import SlotPool
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.transfer import Transfer
 from horizon.models.units import UnitKind, UnitSpec
+from horizon.optim.adamw import optimizer_threads, overlap_threads
 from horizon.planner.profile import Profile, UnitCost, UnitRole
+from horizon.planner.update_cost import update_s_per_param
 from horizon.store.host_store import HostStore
 
 __all__ = ["measure_profile", "median_profile", "FRACTIONS"]
@@ -123,6 +126,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
                               grad_bytes=layout.numel * itemsize,
                               borrowed_grad_bytes=tuple((b.owner, b.owner_slot.numel * itemsize)
                                                         for b in layout.borrowed), **times))
+    costs = _with_update_times(costs, layouts, store.compute_dtype)
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
                    duplex=transfer.duplex, tokens=batch_size * seq_len, fractions=levels,
@@ -247,6 +251,15 @@ def _link_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, 
     return src.numel() * src.element_size() / _median_s(copy, device=device, reps=3, warmup=2)
 
 
+def _with_update_times(costs: list[UnitCost], layouts, compute_dtype: torch.dtype) -> list[UnitCost]:
+    """Each unit's AdamW update seconds, with every core and with the eager schedule's threads."""
+    every, overlap = optimizer_threads(), overlap_threads()
+    rate = update_s_per_param(compute_dtype, total_params=sum(layout.numel for layout in layouts),
+                              threads=tuple(sorted({every, overlap})))
+    return [dataclasses.replace(cost, update_s=layout.numel * rate[every], update_overlap_s=layout.numel * rate[overlap])
+            for cost, layout in zip(costs, layouts)]
+
+
 def median_profile(profiles: list[Profile]) -> Profile:
     """Per unit and per cost, the median over profiles of one model measured at different times.
 
@@ -263,7 +276,7 @@ def median_profile(profiles: list[Profile]) -> Profile:
 
     units = tuple(dataclasses.replace(u, **{f: median(i, f) for f in ("fwd_s", "fwd_grad_s", "bwd_s", "fwd_s_at",
                                                                         "fwd_grad_s_at", "bwd_s_at", "split_fwd_s",
-                                                                        "split_bwd_s")})
+                                                                        "split_bwd_s", "update_s", "update_overlap_s")})
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
                                link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-__all__ = ["UnitRole", "UnitCost", "Profile"]
+__all__ = ["UnitRole", "UnitCost", "Profile", "UPDATE_SCHEDULES"]
+
+UPDATE_SCHEDULES = ("none", "eager", "deferred")
 
 _AT_FIELDS = ("fwd_s_at", "fwd_grad_s_at", "bwd_s_at", "keep_bytes_at", "swap_bytes_at")
 """UnitCost's costs of a part of the rows, one entry per ``Profile.fractions``."""
@@ -58,6 +60,11 @@ class UnitCost:
     the engine copies a part's rows out and concatenates the parts' outputs."""
     split_bwd_s: float = 0.0
     """The same in backward: the parts' input gradients concatenated, their parameter gradients summed."""
+    update_s: float = 0.0
+    """The unit's AdamW update on the host with every core the optimizer may use (the deferred
+    schedule's updates, and the eager one's of the embedding and first block)."""
+    update_overlap_s: float = 0.0
+    """The same with one core left to the engine: the eager schedule's other updates (``optim/updater.py``)."""
 
     def __post_init__(self) -> None:
         for field in ("weight_bytes", "grad_bytes", "keep_bytes", "swap_bytes"):
@@ -66,7 +73,7 @@ class UnitCost:
         if any(not b >= 0 for b in self.keep_bytes_at + self.swap_bytes_at + self.fwd_s_at + self.fwd_grad_s_at
                + self.bwd_s_at):
             raise ValueError("UnitCost's per-fraction bytes and seconds (the *_at fields) must be >= 0")
-        for field in ("fwd_s", "fwd_grad_s", "bwd_s", "split_fwd_s", "split_bwd_s"):
+        for field in ("fwd_s", "fwd_grad_s", "bwd_s", "split_fwd_s", "split_bwd_s", "update_s", "update_overlap_s"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"UnitCost.{field} must be >= 0 seconds, got {getattr(self, field)}")
 
@@ -96,6 +103,12 @@ class Profile:
     """Seconds a copy adds to the compute running beside it, per byte copied: ~0 where a DMA engine
     copies; on the CPU device the copy takes one of the cores the compute runs on (measured:
     ``measure.py``). Not scaled by ``compute_scale``."""
+    update_schedule: str = "none"
+    """How the optimizer's updates meet the step (``optim/updater.py``): "eager" (each unit's update as
+    its gradient lands, on one worker), "deferred" (every update after the last gradient, in forward
+    order; global-norm clipping), or "none" (not simulated: a profile without update times, or a run
+    that accumulates gradients). The next step's load of a unit waits for its update. Not scaled by
+    ``compute_scale``."""
 
     def __post_init__(self) -> None:
         roles = [u.role for u in self.units]
@@ -117,6 +130,8 @@ class Profile:
             raise ValueError(f"Profile.compute_scale must be positive, got {self.compute_scale}")
         if not self.copy_compute_s_per_byte >= 0:
             raise ValueError(f"Profile.copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
+        if self.update_schedule not in UPDATE_SCHEDULES:
+            raise ValueError(f"Profile.update_schedule must be one of {UPDATE_SCHEDULES}, got {self.update_schedule!r}")
 
     @property
     def blocks(self) -> range:

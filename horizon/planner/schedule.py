@@ -34,6 +34,8 @@ class Event:
     key: object = None   # ledger key (hold/release) or copy id (copy/wait)
     amount: Term = ()    # bytes (hold/copy) or seconds (compute)
     direction: str = ""  # copies: "h2d" or "d2h"
+    unit: int | None = None  # copies: the unit whose weights come in, or whose gradient goes out
+    what: str = ""       # copies: "weights", "grad", or "" (activations)
 
 
 def value(term: Term, choose: Callable[[int, Choice], object]) -> object:
@@ -77,16 +79,16 @@ class _Walk:
         self.num_slots = num_slots
         self.choices = C.choices(profile)
 
-    def emit(self, kind: str, key=None, amount: Term = (), direction: str = "") -> None:
+    def emit(self, kind: str, key=None, amount: Term = ()) -> None:
         if kind == "compute":
             amount = tuple((c * self.p.compute_scale, unit, policy) for c, unit, policy in amount)
-        self.out.append(Event(kind, key, amount, direction))
+        self.out.append(Event(kind, key, amount))
 
-    def copy(self, direction: str, amount: Term) -> int:
+    def copy(self, direction: str, amount: Term, unit: int | None = None, what: str = "") -> int:
         """A copy issued now; what it costs the compute beside it (``copy_compute_s_per_byte``) counts as
         compute at the same position, outside ``compute_scale``."""
         self.copies += 1
-        self.emit("copy", self.copies, amount, direction)
+        self.out.append(Event("copy", self.copies, amount, direction, unit, what))
         if (per_byte := self.p.copy_compute_s_per_byte) and amount:
             self.out.append(Event("compute", amount=tuple((c * per_byte, unit, ch) for c, unit, ch in amount)))
         return self.copies
@@ -124,7 +126,8 @@ class _Walk:
     def issue_weights(self, position: int) -> None:
         if self.uses[position].load:
             unit = self.order[position]
-            self.ready.setdefault(position, []).append(self.copy("h2d", _const(self.p.units[unit].weight_bytes)))
+            self.ready.setdefault(position, []).append(
+                self.copy("h2d", _const(self.p.units[unit].weight_bytes), unit, "weights"))
 
     def wait_offload(self, unit: int) -> None:
         self.offloads.remove(unit)
@@ -184,7 +187,7 @@ class _Walk:
                 self.emit("release", ("pending", unit, other))
         while len(self.grads) >= GRADS_IN_FLIGHT:
             self.wait_grad()
-        self.grad_copy[unit] = self.copy("d2h", _const(cost.grad_bytes))
+        self.grad_copy[unit] = self.copy("d2h", _const(cost.grad_bytes), unit, "grad")
         self.grads.append(unit)
         self.emit("hold", ("grad", unit), _const(cost.grad_bytes))
 

@@ -6,6 +6,9 @@ the engine waits; its ledger is the engine's ledger, byte for byte. The MIP cann
 queue states, so it uses ``model_step_s``: per position of the step, the longer of its compute
 and the link time of the copies issued there (the epigraph form of Checkmate/MEMO-style
 planners). Brute force checks the MIP against ``model_step_s``; the simulator checks both.
+With a profile's update times (``Profile.update_schedule``) the replay also runs the optimizer's
+worker and replays three steps, so a unit's load waits for its update as in a run; the MIP's model
+leaves the optimizer out (it is the same for every plan but for what it hides).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 from collections.abc import Collection, Mapping
 
 from horizon.engine.plan import ActivationPolicy as P
+from horizon.optim.updater import WHOLE_CORE_UNITS
 from horizon.planner.choice import Choice, as_choice, choices
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Term, events, value
@@ -52,38 +56,80 @@ class Prediction:
     """Time the copy queues were busy (summed over queues)."""
 
 
+_STEADY_STEPS = 3
+"""Steps replayed when updates are simulated: the first meets no pending update, the second meets the
+first's; the third's length is the steady state's (the eager schedule's backlog settles by then)."""
+
+
 def simulate(profile: Profile, policies: Policies, num_slots: int, resident: Collection[int] = ()) -> Prediction:
-    """One step of the plan replayed; ``resident``: the units with a device buffer of their own."""
+    """One step of the plan replayed (the last of ``_STEADY_STEPS`` when the profile's updates are simulated,
+    each unit's next load waiting for its update); ``resident``: the units with a device buffer of their own."""
     check_offered(profile, policies)
-    choose = chooser(policies)
-    now = compute = busy = 0.0
-    free = {"h2d": 0.0, "d2h": 0.0}
-    ends: dict[int, float] = {}
-    held: dict[object, float] = {}
-    current = peak = 0.0
-    for e in events(profile, num_slots, resident):
-        if e.kind == "compute":
-            dt = value(e.amount, choose)
-            now += dt
-            compute += dt
-        elif e.kind == "copy":
-            nbytes = value(e.amount, choose)
-            if nbytes == 0:
-                ends[e.key] = now  # the engine issues no copy (or a DONE handle)
-                continue
-            queue = e.direction if profile.duplex else "h2d"
-            start = max(now, free[queue])
-            free[queue] = ends[e.key] = start + nbytes / profile.link_bytes_per_s
-            busy += nbytes / profile.link_bytes_per_s
-        elif e.kind == "wait":
-            now = max(now, ends[e.key])
-        elif e.kind == "hold":
-            held[e.key] = value(e.amount, choose)
-            current += held[e.key]
-            peak = max(peak, current)
-        elif e.kind == "release":
-            current -= held.pop(e.key)
-    return Prediction(step_s=now, peak_bytes=int(round(peak)), compute_s=compute, link_busy_s=busy)
+    replay = _Replay(profile, chooser(policies))
+    step_events = events(profile, num_slots, resident)
+    start = 0.0
+    for _ in range(1 if profile.update_schedule == "none" else _STEADY_STEPS):
+        start = replay.now
+        replay.step(step_events)
+    return Prediction(step_s=replay.now - start, peak_bytes=int(round(replay.peak)), compute_s=replay.compute,
+                      link_busy_s=replay.busy)
+
+
+class _Replay:
+    """The engine's compute thread, its copy queues and the optimizer's worker, event by event."""
+
+    def __init__(self, profile: Profile, choose) -> None:
+        self.p, self.choose = profile, choose
+        self.now = self.peak = 0.0
+        self.free = {"h2d": 0.0, "d2h": 0.0}
+        self.updater_free = 0.0
+        self.updated: dict[int, float] = {}  # by unit: when its last update ends (its next load waits)
+
+    def step(self, step_events: list) -> None:
+        """One step's events; the counters (compute, link busy) are this step's."""
+        self.compute = self.busy = 0.0
+        ends: dict[int, float] = {}
+        held: dict[object, float] = {}
+        current = 0.0
+        for e in step_events:
+            if e.kind == "compute":
+                dt = value(e.amount, self.choose)
+                self.now += dt
+                self.compute += dt
+            elif e.kind == "copy":
+                ends[e.key] = self._copy(e)
+                if e.what == "grad" and self.p.update_schedule == "eager":
+                    self._update(e.unit, ends[e.key])
+            elif e.kind == "wait":
+                self.now = max(self.now, ends[e.key])
+            elif e.kind == "hold":
+                held[e.key] = value(e.amount, self.choose)
+                current += held[e.key]
+                self.peak = max(self.peak, current)
+            elif e.kind == "release":
+                current -= held.pop(e.key)
+        if self.p.update_schedule == "deferred":  # the norm is known: every update, in forward order
+            for unit in range(len(self.p.units)):
+                self._update(unit, self.now)
+
+    def _copy(self, e) -> float:
+        """When the copy ends; a unit's weights wait for its pending update first."""
+        nbytes = value(e.amount, self.choose)
+        if nbytes == 0:
+            return self.now  # the engine issues no copy (or a DONE handle)
+        queue = e.direction if self.p.duplex else "h2d"
+        start = max(self.now, self.free[queue])
+        if e.what == "weights":
+            start = max(start, self.updated.get(e.unit, 0.0))
+        self.free[queue] = start + nbytes / self.p.link_bytes_per_s
+        self.busy += nbytes / self.p.link_bytes_per_s
+        return self.free[queue]
+
+    def _update(self, unit: int, ready: float) -> None:
+        cost = self.p.units[unit]
+        seconds = cost.update_overlap_s if self.p.update_schedule == "eager" and unit not in WHOLE_CORE_UNITS \
+            else cost.update_s
+        self.updater_free = self.updated[unit] = max(ready, self.updater_free) + seconds
 
 
 def memory_rows(profile: Profile, num_slots: int, resident: Collection[int] = ()) -> list[Term]:

@@ -1,5 +1,6 @@
 """``horizon profile`` and ``horizon plan``: the saved profile, the printed plan, and the plan file driving a run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -42,9 +43,17 @@ def test_profile_file_holds_exact_bytes_and_its_calibration(profile_path):
     assert record["cpu_link_duplex"] and profile.duplex  # the link was measured as two copy engines
     block_bytes = sum(p.numel() for p in tiny_decoder(num_layers=LAYERS).layers[0].parameters()) * 4
     assert all(profile.units[u].weight_bytes == block_bytes for u in profile.blocks)
-    # The compute scale makes the simulator reproduce the measured all-RECOMPUTE step.
+    # The compute scale makes the simulator reproduce the measured all-RECOMPUTE step, timed with no update
+    # pending; the profile then meets the optimizer as a run of the default configuration does.
     recompute = {u: P.RECOMPUTE for u in profile.blocks}
-    assert simulate(profile, recompute, 2).step_s == pytest.approx(record["calibration"]["measured_step_s"], rel=1e-6)
+    alone = dataclasses.replace(profile, update_schedule="none")
+    assert simulate(alone, recompute, 2).step_s == pytest.approx(record["calibration"]["measured_step_s"], rel=1e-6)
+    assert profile.update_schedule == horizon.TrainConfig().update_schedule != "none"
+    # The update is timed per parameter: every unit's seconds are its parameters times one rate.
+    numels = [u.grad_bytes // 4 for u in profile.units]
+    assert all(u.update_s > 0 and u.update_overlap_s > 0 for u in profile.units)
+    assert all(u.update_s / n == pytest.approx(profile.units[1].update_s / numels[1], rel=1e-9)
+               for u, n in zip(profile.units, numels))
 
 
 def test_plan_fits_the_budget_its_table_adds_up_and_its_file_drives_a_run(profile_path, tmp_path, capsys):

@@ -39,11 +39,13 @@ def _auto(cache_dir, **kwargs) -> horizon.TrainConfig:
 
 
 def _run(config, *, seed=0, seq=SEQ, dim=64):
-    """Two steps from a fresh model; the trainer's calibrated profile with its compute scale set back to 1."""
+    """Two steps from a fresh model; the trainer's calibrated profile as measured: its compute scale set back
+    to 1, and the run's update schedule (not part of what is measured or cached) back to "none"."""
     with horizon.Trainer(tiny_decoder(num_layers=3, dim=dim, seed=seed), config) as trainer:
         for b in batches(2, batch=BATCH, seq=seq):
             trainer.step(b)
-        return dataclasses.replace(trainer.plan_profile, compute_scale=1.0)
+        assert trainer.plan_profile.update_schedule == config.update_schedule
+        return dataclasses.replace(trainer.plan_profile, compute_scale=1.0, update_schedule="none")
 
 
 def _records(cache_dir) -> list[dict]:
