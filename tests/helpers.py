@@ -11,6 +11,16 @@ import horizon
 from horizon.models import Decoder, decoder_config
 
 
+def forbid_host_store(monkeypatch, why: str = "the host store was built") -> None:
+    """Fail the test if the trainer builds its host store: for errors that must come before anything is allocated."""
+    import horizon.trainer
+
+    def no_store(*args, **kwargs):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(horizon.trainer, "HostStore", no_store)
+
+
 def tiny_decoder(*, seed: int = 0, **overrides) -> Decoder:
     torch.manual_seed(seed)
     return Decoder(decoder_config("tiny", **overrides))

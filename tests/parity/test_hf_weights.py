@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import horizon  # noqa: E402
 from horizon.models.hf_weights import INDEX_FILE, empty_hf_model  # noqa: E402
+from helpers import forbid_host_store  # noqa: E402
 from test_hf import VOCAB, tiny_hf  # noqa: E402
 
 CASES = [("llama", False, "100KB"), ("gpt2", True, "5GB"), ("qwen2", True, "100KB"), ("mistral", False, "5GB")]
@@ -62,12 +63,7 @@ def test_export_then_load_resumes_the_weights(tmp_path):
 
 def test_mismatched_checkpoint_is_refused_before_allocating(tmp_path, monkeypatch):
     tiny_hf("llama", layers=2).save_pretrained(tmp_path)
-    import horizon.trainer as trainer_module
-
-    def no_store(*args, **kwargs):
-        raise AssertionError("the host store was built before the checkpoint was checked")
-
-    monkeypatch.setattr(trainer_module, "HostStore", no_store)
+    forbid_host_store(monkeypatch, "the host store was built before the checkpoint was checked")
     with pytest.raises(ValueError, match=r"model\.layers\.2\..* is missing.*empty_hf_model"):
         horizon.Trainer(empty_hf_model(tiny_hf("llama", layers=3).config),
                         horizon.TrainConfig(hf_weights=str(tmp_path)))

@@ -8,7 +8,7 @@ import random
 import pytest
 
 import horizon
-from helpers import batches, horizon_run, rel_err, tiny_decoder
+from helpers import batches, forbid_host_store, horizon_run, rel_err, tiny_decoder
 from horizon.planner import Profile, simulate
 from horizon.planner.apply import auto_plan, load_plan, save_plan, to_plan
 from horizon.planner.choice import DEVICE_INPUT_RECOMPUTE, choices
@@ -234,10 +234,6 @@ def test_bad_plan_configs_are_value_errors(tmp_path, monkeypatch):
         load_plan(bad)
     with pytest.raises(ValueError, match="needs rows to recompute"):
         horizon.RowSplit(keep=0.5, swap=0.5, input_on_device=True)
-
-    def no_store(*args, **kwargs):
-        raise AssertionError("the host store was built")
-
-    monkeypatch.setattr(horizon.trainer, "HostStore", no_store)  # a budget too small fails before allocating
+    forbid_host_store(monkeypatch)  # a budget too small fails before allocating
     with pytest.raises(ValueError, match="two weight slots"):
         horizon.Trainer(tiny_decoder(), horizon.TrainConfig(plan="auto", device_memory_budget_bytes=1000))

@@ -6,6 +6,7 @@ import torch
 
 import horizon
 import horizon.estimate.preflight as preflight_module
+from helpers import forbid_host_store
 from horizon.estimate import estimate_memory
 from horizon.estimate.preflight import preflight
 from horizon.models import Decoder, decoder_config
@@ -33,11 +34,7 @@ def test_refuses_before_any_allocation_with_the_shortfall(monkeypatch):
     config = horizon.TrainConfig()
     need = needed_bytes(model, config)
     monkeypatch.setattr(preflight_module, "probe_host_capacity", lambda: machine(need - 5 * 2**20, cgroup=64 * GIB))
-
-    def no_store(*args, **kwargs):
-        raise AssertionError("the host store was built")
-
-    monkeypatch.setattr(horizon.trainer, "HostStore", no_store)
+    forbid_host_store(monkeypatch)
     rss_before = psutil.Process().memory_info().rss
     with pytest.raises(HostMemoryError, match="5.0 MiB short") as info:
         horizon.Trainer(model, config)
