@@ -16,13 +16,12 @@ from horizon.engine.transfer import CpuTransfer
 from horizon.planner import simulate, solve_greedy, solve_mip
 from horizon.planner.apply import load_plan, save_plan, to_plan
 from horizon.planner.choice import choices
-from horizon.planner.measure import measure_profile
 from horizon.planner.residency import add_resident, reloaded_units
 from horizon.planner.simulate import model_step_s
 from test_planner import _budget_between, synthetic
+from test_planner_engine import BATCH, SEQ, model_and_profile  # noqa: F401  (the fixture: a measured tiny decoder)
 
 P = horizon.ActivationPolicy
-BATCH, SEQ = 2, 16
 NAMES = ["embed_tokens", "layers.0", "layers.1", "layers.2", "layers.3", "lm_head"]
 
 
@@ -120,15 +119,6 @@ def test_bad_resident_names_are_value_errors(tmp_path):
     path.write_text('{"format": "horizon-plan/1", "resident": "layers.0"}')
     with pytest.raises(ValueError, match="resident must be a list"):
         load_plan(path)
-
-
-@pytest.fixture(scope="module")
-def model_and_profile():
-    model = tiny_decoder(num_layers=4, tie_embeddings=True)
-    with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig()) as t:
-        profile = measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
-                                  batch_size=BATCH, seq_len=SEQ)
-    return model, profile
 
 
 @pytest.mark.parametrize("seed", range(6))
