@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from horizon.models import Decoder, decoder_config
 from horizon.planner.cache import cpu_model
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -102,3 +103,21 @@ def write_json(path: str | os.PathLike, record: dict) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def add_decoder_args(p, *, batch: int = 4, seq: int = 256, link_help: str = "throttled CPU link (GB/s)") -> None:
+    """The planner benches' model and link (bench/planner.py, residency.py, profile_cache.py): ``--layers``
+    blocks of ``--dim``, a ``--vocab`` head, ``--batch`` x ``--seq`` tokens a step, a ``--link-gbps`` link."""
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--link-gbps", type=float, default=0.5, help=link_help)
+
+
+def planner_decoder(a) -> Decoder:
+    """The decoder of ``add_decoder_args``' options (8 heads, 4 of them for keys and values)."""
+    torch.manual_seed(0)
+    return Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
+                                  num_kv_heads=4, ffn_dim=None))

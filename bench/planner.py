@@ -43,13 +43,13 @@ import torch
 
 import horizon
 from horizon.engine.engine import Engine
-from horizon.models import Decoder, decoder_config
 from horizon.planner import Profile, simulate, solve_greedy, solve_mip
 from horizon.planner.apply import to_plan
 from horizon.planner.calibrate import calibrate
 from horizon.planner.measure import measure_profile, median_profile
 
-from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
+from _common import (RESULTS_DIR, CpuMeter, add_decoder_args, median, planner_decoder, result_record,
+                     write_json)
 
 P = horizon.ActivationPolicy
 
@@ -58,13 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=11)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--link-gbps", type=float, default=0.5,
-                   help="throttled link, GB/s (0.5: a PCIe-like balance for the default shape on a 2-core CPU)")
+    add_decoder_args(p, batch=4, seq=256,
+                     link_help="throttled link, GB/s (0.5: a PCIe-like balance for the default shape on a 2-core CPU)")
     p.add_argument("--one-queue", action="store_true",
                    help="one copy queue for both directions (before session 8) instead of a duplex link")
     p.add_argument("--budget-frac", type=float, default=0.5,
@@ -149,9 +144,7 @@ def _balance(profile: Profile) -> dict[str, float]:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    torch.manual_seed(0)
-    model = Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
-                                   num_kv_heads=4, ffn_dim=None))
+    model = planner_decoder(a)
     link = {"cpu_link_bytes_per_s": a.link_gbps * 1e9, "cpu_link_duplex": not a.one_queue}
     profiler = horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link))
 

@@ -22,20 +22,15 @@ import time
 import torch
 
 import horizon
-from horizon.models import Decoder, decoder_config
 
-from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
+from _common import (RESULTS_DIR, CpuMeter, add_decoder_args, median, planner_decoder, result_record,
+                     write_json)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=3, help="cold and warm starts, alternated")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--link-gbps", type=float, default=0.5)
+    add_decoder_args(p, batch=4, seq=256)
     p.add_argument("--budget-gib", type=float, default=1.0, help="device budget (not binding by default)")
     p.add_argument("--out", default=str(RESULTS_DIR / "profile_cache.json"))
     return p.parse_args(argv)
@@ -57,9 +52,7 @@ def first_step_s(model, a, cache_dir: str) -> float:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    torch.manual_seed(0)
-    model = Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
-                                   num_kv_heads=4, ffn_dim=None))
+    model = planner_decoder(a)
     cold, warm = [], []
     meter = CpuMeter().start()
     for i in range(a.pairs):

@@ -24,13 +24,13 @@ import copy
 import torch
 
 import horizon
-from horizon.models import Decoder, decoder_config
 from horizon.planner import simulate, solve_mip
 from horizon.planner.apply import to_plan
 from horizon.planner.measure import measure_profile, median_profile
 from horizon.planner.residency import add_resident
 
-from _common import RESULTS_DIR, CpuMeter, median, result_record, write_json
+from _common import (RESULTS_DIR, CpuMeter, add_decoder_args, median, planner_decoder, result_record,
+                     write_json)
 from planner import PlanSwitch
 
 P = horizon.ActivationPolicy
@@ -40,12 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=11)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--link-gbps", type=float, default=0.5)
+    add_decoder_args(p, batch=1, seq=128)
     p.add_argument("--duplex", action="store_true", help="a copy queue per direction (a GPU's two copy engines)")
     p.add_argument("--spare-blocks", type=int, default=16, help="budget above all-KEEP's peak, in blocks' weights")
     p.add_argument("--out", default=str(RESULTS_DIR / "residency.json"))
@@ -54,9 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    torch.manual_seed(0)
-    model = Decoder(decoder_config("small", dim=a.dim, num_layers=a.layers, vocab_size=a.vocab, num_heads=8,
-                                   num_kv_heads=4, ffn_dim=None))
+    model = planner_decoder(a)
     link = {"cpu_link_bytes_per_s": a.link_gbps * 1e9, "cpu_link_duplex": a.duplex}
     with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link)) as t:
         profile = median_profile([measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
