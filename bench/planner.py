@@ -184,7 +184,8 @@ def main(argv=None) -> None:
         results[name] = median(times[name])
         peaks[name] = runs.device_peak_bytes(name)
     runs.close()
-    during = median_profile(profiles)
+    # The steps ran back to back on one trainer, each meeting the previous one's updates: the replay does too.
+    during = dataclasses.replace(median_profile(profiles), update_schedule=runs.trainer.config.update_schedule)
     fitted = calibrate(during, [(plans[n][1], plans[n][2], results[n]) for n in ("recompute", "keep_floor")])
     predicted = {name: simulate(fitted, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
     uncalibrated = {name: simulate(during, policies, slots).step_s for name, (_, policies, slots) in plans.items()}
