@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 
 from horizon.engine.plan import ActivationPolicy
 from horizon.planner.profile import Profile
-from horizon.planner.simulate import simulate
+from horizon.planner.schedule import events
+from horizon.planner.simulate import check_offered, priced, replay
 
 __all__ = ["calibrate", "MeasuredStep"]
 
@@ -38,10 +39,14 @@ def calibrate(profile: Profile, measured: Sequence[MeasuredStep]) -> Profile:
         if not seconds > 0:
             raise ValueError(f"measured step times must be positive seconds, got {seconds!r}")
 
+    plans = []  # each measured plan priced once; only the scale changes from one trial to the next
+    for policies, slots, seconds in measured:
+        check_offered(profile, policies)
+        plans.append((priced(events(profile, slots), policies), seconds))
+
     def loss(scale: float) -> float:
         scaled = dataclasses.replace(profile, compute_scale=scale)
-        return sum(math.log(simulate(scaled, policies, slots).step_s / seconds) ** 2
-                   for policies, slots, seconds in measured)
+        return sum(math.log(replay(scaled, plan).step_s / seconds) ** 2 for plan, seconds in plans)
 
     # Each term is unimodal in the scale (the simulated step is non-decreasing in it): a log grid,
     # then golden-section search between the best point's neighbours.

@@ -5,7 +5,8 @@ agree with the engine, and with each other, about what is copied, computed, held
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
 positions ahead (a resident unit's only before its forward), restores as far ahead, each block's offload drained during the next unit,
 at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
-``Profile.copy_compute_s_per_byte``. Every amount is a ``Term``: a sum of coefficients,
+``Profile.copy_compute_s_per_byte``. Compute is in measured seconds: ``Profile.compute_scale`` applies
+where a plan is priced (``simulate.py``), so one event list serves every scale (``calibrate.py``). Every amount is a ``Term``: a sum of coefficients,
 each counted always (unit None) or only when the named block has the named ``Choice`` (a
 policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a number; over the
 MIP's 0/1 variables it is a linear expression.
@@ -36,6 +37,7 @@ class Event:
     direction: str = ""  # copies: "h2d" or "d2h"
     unit: int | None = None  # copies: the unit whose weights come in, or whose gradient goes out
     what: str = ""       # copies: "weights", "grad", or "" (activations)
+    scaled: bool = False  # compute: a unit's measured seconds, times ``Profile.compute_scale`` when replayed
 
 
 def value(term: Term, choose: Callable[[int, Choice], object]) -> object:
@@ -80,9 +82,7 @@ class _Walk:
         self.choices = C.choices(profile)
 
     def emit(self, kind: str, key=None, amount: Term = ()) -> None:
-        if kind == "compute":
-            amount = tuple((c * self.p.compute_scale, unit, policy) for c, unit, policy in amount)
-        self.out.append(Event(kind, key, amount))
+        self.out.append(Event(kind, key, amount, scaled=kind == "compute"))
 
     def copy(self, direction: str, amount: Term, unit: int | None = None, what: str = "") -> int:
         """A copy issued now; what it costs the compute beside it (``copy_compute_s_per_byte``) counts as

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 from horizon.engine.plan import ActivationPolicy as P
 from horizon.optim.updater import WHOLE_CORE_UNITS
 from horizon.planner.choice import Choice, as_choice, choices
 from horizon.planner.profile import Profile
-from horizon.planner.schedule import Term, events, value
+from horizon.planner.schedule import Event, Term, events, value
 
-__all__ = ["Prediction", "simulate", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval", "chooser"]
+__all__ = ["Prediction", "simulate", "priced", "replay", "Priced", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval", "chooser"]
 
 Policies = Mapping[int, P | Choice]
 """A plan as the planner sees it: the policy (or policy and row fraction) of every block, by unit index."""
@@ -65,35 +66,59 @@ def simulate(profile: Profile, policies: Policies, num_slots: int, resident: Col
     """One step of the plan replayed (the last of ``_STEADY_STEPS`` when the profile's updates are simulated,
     each unit's next load waiting for its update); ``resident``: the units with a device buffer of their own."""
     check_offered(profile, policies)
-    replay = _Replay(profile, chooser(policies))
-    step_events = events(profile, num_slots, resident)
+    return replay(profile, priced(events(profile, num_slots, resident), policies))
+
+
+class Priced(NamedTuple):
+    """An event with its amount for one plan: bytes, or seconds (measured: ``scaled`` ones before the scale)."""
+
+    kind: str
+    key: object
+    amount: float
+    direction: str
+    unit: int | None
+    what: str
+    scaled: bool
+
+
+def priced(step_events: list[Event], policies: Policies) -> list[Priced]:
+    """``step_events`` with their amounts for the plan ``policies``: what ``replay`` runs."""
+    choose = chooser(policies)
+    return [Priced(e.kind, e.key, value(e.amount, choose), e.direction, e.unit, e.what, e.scaled)
+            for e in step_events]
+
+
+def replay(profile: Profile, step_events: list[Priced]) -> Prediction:
+    """A plan's priced events replayed at the profile's compute scale, link and update schedule."""
+    run = _Replay(profile)
     start = 0.0
     for _ in range(1 if profile.update_schedule == "none" else _STEADY_STEPS):
-        start = replay.now
-        replay.step(step_events)
-    return Prediction(step_s=replay.now - start, peak_bytes=int(round(replay.peak)), compute_s=replay.compute,
-                      link_busy_s=replay.busy)
+        start = run.now
+        run.step(step_events)
+    return Prediction(step_s=run.now - start, peak_bytes=int(round(run.peak)), compute_s=run.compute,
+                      link_busy_s=run.busy)
 
 
 class _Replay:
     """The engine's compute thread, its copy queues and the optimizer's worker, event by event."""
 
-    def __init__(self, profile: Profile, choose) -> None:
-        self.p, self.choose = profile, choose
+    def __init__(self, profile: Profile) -> None:
+        self.p = profile
         self.now = self.peak = 0.0
         self.free = {"h2d": 0.0, "d2h": 0.0}
         self.updater_free = 0.0
         self.updated: dict[int, float] = {}  # by unit: when its last update ends (its next load waits)
 
-    def step(self, step_events: list) -> None:
+    def step(self, step_events: list[Priced]) -> None:
         """One step's events; the counters (compute, link busy) are this step's."""
         self.compute = self.busy = 0.0
         ends: dict[int, float] = {}
         held: dict[object, float] = {}
         current = 0.0
+        scale = self.p.compute_scale
         for e in step_events:
             if e.kind == "compute":
-                dt = value(e.amount, self.choose)
+                dt = e.amount * scale if e.scaled else e.amount
                 self.now += dt
                 self.compute += dt
             elif e.kind == "copy":
@@ -103,7 +128,7 @@ class _Replay:
             elif e.kind == "wait":
                 self.now = max(self.now, ends[e.key])
             elif e.kind == "hold":
-                held[e.key] = value(e.amount, self.choose)
+                held[e.key] = e.amount
                 current += held[e.key]
                 self.peak = max(self.peak, current)
             elif e.kind == "release":
@@ -112,9 +137,9 @@ class _Replay:
             for unit in range(len(self.p.units)):
                 self._update(unit, self.now)
 
-    def _copy(self, e) -> float:
+    def _copy(self, e: Priced) -> float:
         """When the copy ends; a unit's weights wait for its pending update first."""
-        nbytes = value(e.amount, self.choose)
+        nbytes = e.amount
         if nbytes == 0:
             return self.now  # the engine issues no copy (or a DONE handle)
         queue = e.direction if self.p.duplex else "h2d"
@@ -182,7 +207,8 @@ def intervals(profile: Profile, num_slots: int, resident: Collection[int] = ()) 
         if e.kind == "interval":
             out.append({"compute": [], "h2d": [], "d2h": []})
         elif e.kind == "compute":
-            out[-1]["compute"].extend(e.amount)
+            scale = profile.compute_scale if e.scaled else 1.0
+            out[-1]["compute"].extend((c * scale, unit, choice) for c, unit, choice in e.amount)
         elif e.kind == "copy":
             out[-1][e.direction].extend(e.amount)
     return [Interval(tuple(d["compute"]), tuple(d["h2d"]), tuple(d["d2h"])) for d in out]
