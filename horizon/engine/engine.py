@@ -32,7 +32,7 @@ from horizon.engine.cpu_heap import keep_freed_memory_mapped
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import Plan
-from horizon.engine.slots import SlotPool, assign_slots
+from horizon.engine.slots import SlotPool, SlotUse, assign_slots
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.sharded import Collectives, ShardedIO
 from horizon.engine.sweep import Sweep, nbytes_of
@@ -84,6 +84,23 @@ class Engine:
         ``grads``: for ``store.streamed`` units (SSDConfig(weights=True)), where their compute copies are read
         from and where their gradients land, instead of the store's buffers."""
         self.vocab_size = specs[-1].module.head.out_features
+        self._fresh: set[int] = set()
+        """Resident units whose device buffer holds the weights the store has now (loaded since
+        ``weights_may_change``): their next sweep does not load them again."""
+
+    def weights_may_change(self) -> None:
+        """Load every resident unit again at its next use: the trainer calls it when an update window ends
+        (its updates are submitted) and starts (a hand edit between windows), and after a resume."""
+        self._fresh.clear()
+
+    def step_uses(self, order: list[int]) -> list[SlotUse]:
+        """``assign_slots`` for a sweep over ``order``, without the loads of resident units already fresh;
+        after it every resident unit is fresh (a sweep that fails calls ``weights_may_change``)."""
+        uses = assign_slots(order, self.pool.num_slots, self.pool.resident)
+        uses = [SlotUse(use.slot, False) if use.load and unit in self._fresh else use
+                for unit, use in zip(order, uses)]
+        self._fresh.update(self.pool.resident)
+        return uses
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -108,7 +125,7 @@ class Engine:
                 for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
-                       uses=assign_slots(order, self.pool.num_slots, self.pool.resident), next_restore=num_units,
+                       uses=self.step_uses(order), next_restore=num_units,
                        load_after=load_after, grads_sent=grads_sent, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -116,6 +133,7 @@ class Engine:
         try:
             self._sweep(sweep)
         except BaseException:
+            self.weights_may_change()
             self.traffic.abandon(sweep)
             raise
         self.traffic.drain(sweep)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from horizon.engine.engine import Engine
 from horizon.engine.sweep import Sweep
 from horizon.engine.loss import IGNORE_INDEX
-from horizon.engine.slots import assign_slots
 from horizon.models.units import UnitKind
 
 __all__ = ["forward_loss_sum"]
@@ -46,8 +45,16 @@ def forward_loss_sum(engine: Engine, input_ids: torch.Tensor, labels: torch.Tens
     ``load_after(unit)``: the future a copy of ``unit``'s weights must wait for (its pending update)."""
     order = list(range(len(engine.specs)))
     sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
-                   uses=assign_slots(order, engine.pool.num_slots, engine.pool.resident), load_after=load_after, extras=extras or {})
-    depth = engine.pool.num_slots - 1
+                   uses=engine.step_uses(order), load_after=load_after, extras=extras or {})
+    try:
+        return _sweep(engine, sweep, input_ids, labels)
+    except BaseException:
+        engine.weights_may_change()  # a resident unit's load may not have happened
+        raise
+
+
+def _sweep(engine: Engine, sweep: Sweep, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    order, depth = sweep.order, engine.pool.num_slots - 1
     for position in range(min(depth, len(order))):
         engine.traffic.issue_weights(sweep, position)
     hidden, loss_sum = input_ids, None

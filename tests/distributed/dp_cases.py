@@ -33,8 +33,10 @@ CASES["sharded_duplex_swap"] = dataclasses.replace(CASES["sharded_no_clip"], pla
 must still reach gloo in one order on both ranks (they stay on the first transfer thread)."""
 CASES["sharded_resident"] = dataclasses.replace(CASES["sharded_clip"], plan=horizon.Plan(
     default=horizon.ActivationPolicy.KEEP, resident=("embed_tokens", "layers.1")))
+CASES["sharded_resident_accum"] = dataclasses.replace(CASES["sharded_accum_clip"], plan=horizon.Plan(
+    resident=("embed_tokens", "layers.1")))
 """Sharded with resident units: their own buffers are all-gathered into once a step (the tied head still
-gathers the embedding's weight into its slot)."""
+gathers the embedding's weight into its slot), and with accumulation once per update."""
 
 
 def global_batches() -> list[dict[str, torch.Tensor]]:

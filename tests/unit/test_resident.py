@@ -185,3 +185,60 @@ def test_a_plan_file_keeps_its_resident_units(tmp_path, model_and_profile):
     assert plan.resident == tuple(profile.units[u].name for u in solution.resident)
     save_plan(tmp_path / "p.json", plan, profile=profile, budget_bytes=10**12, solution=solution)
     assert load_plan(tmp_path / "p.json") == plan
+
+
+def test_with_accumulation_a_resident_unit_is_loaded_once_per_update():
+    """Between the micro-batches of one update the weights do not change, so a resident unit is loaded by
+    the window's first step only; after the window's updates (and across an evaluation) it is loaded
+    again. Bit for bit the streamed run's numbers, and exactly the bytes counted from ``assign_slots``."""
+    model = tiny_decoder(num_layers=4)
+    data = batches(6, batch=BATCH, seq=SEQ)
+    resident = ("embed_tokens", "layers.2", "lm_head")
+    config = lambda **kw: horizon.TrainConfig(plan=horizon.Plan(default=P.KEEP, **kw), grad_accum_steps=3)  # noqa: E731
+
+    def run(trainer):
+        out = [trainer.step(b).loss for b in data[:3]]
+        out.append(trainer.evaluate(data[:1]).loss)  # right after the window: its updates are pending
+        out += [trainer.step(b).loss for b in data[3:5]]
+        out.append(trainer.evaluate(data[:1]).loss)  # inside a window
+        out.append(trainer.step(data[5]).loss)
+        return out, trainer.state_dict()
+
+    with horizon.Trainer(copy.deepcopy(model), config()) as t:
+        want, state = run(t)
+    counting = _CountingTransfer()
+    with horizon.Trainer(copy.deepcopy(model), config(resident=resident), transfer=counting) as t:
+        got, got_state = run(t)
+    assert got == want and all(torch.equal(v, state[k]) for k, v in got_state.items())
+    units = [u for u, n in enumerate(NAMES) if n in resident]
+    step, again = _load_bytes(model, 2, units), sum(_unit_bytes(model)[u] for u in units)
+    evaluation = sum(_unit_bytes(model))
+    assert counting.h2d_bytes == (step + 2 * (step - again)  # the first window: resident units loaded once
+                                  + evaluation                 # after it: loaded again (new weights)
+                                  + step                       # the second window's first step loads them again
+                                  + (step - again)
+                                  + (evaluation - again)       # an evaluation inside the window does not
+                                  + (step - again))
+
+
+def test_a_resume_loads_resident_units_again(tmp_path):
+    """A resume writes every weight: an evaluation after it sees the checkpoint's weights, not those an
+    evaluation before it left in the resident buffers."""
+    model = tiny_decoder(num_layers=2)
+    data = batches(4, batch=BATCH, seq=SEQ)
+
+    def run(plan, where):
+        ckpt = horizon.CheckpointConfig(dir=str(tmp_path / where), every_steps=1000)
+        with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(plan=plan, checkpoint=ckpt)) as t:
+            for b in data[:2]:
+                t.step(b)
+            t.save(wait=True)
+            for b in data[2:]:
+                t.step(b)
+            before = t.evaluate(data[:1]).loss
+            t.resume()
+            return before, t.evaluate(data[:1]).loss
+
+    streamed = run(horizon.Plan(), "streamed")
+    resident = run(horizon.Plan(resident=tuple(NAMES[:2]) + ("lm_head",)), "resident")
+    assert resident == streamed and streamed[0] != streamed[1]
