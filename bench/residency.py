@@ -10,7 +10,8 @@ plus ``--spare-blocks`` blocks' weights. Two plans take turns step by step on on
                (what plan="auto" runs): the budget left over spent on units copied once a step, not twice
 Both print beside the simulator's prediction. The link is one copy queue by default; ``--duplex``
 gives each direction its own, where residency pays only if a backward position brings in more than
-the gradient it sends out (docs/planner.md, "Resident units").
+the gradient it sends out (docs/planner.md, "Resident units"). ``--grad-accum K``: K micro-batches per
+update, the plans taking turns by update; a resident unit is then loaded once per update.
 
     python bench/residency.py [--steps 11 --warmup 3 --link-gbps 0.5 --duplex ...]
 Writes bench/results/residency.json (see --out).
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_decoder_args(p, batch=1, seq=128)
     p.add_argument("--duplex", action="store_true", help="a copy queue per direction (a GPU's two copy engines)")
     p.add_argument("--spare-blocks", type=int, default=16, help="budget above all-KEEP's peak, in blocks' weights")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per update: the plans take turns by update, a step's time is the mean of its micro-batches")
     p.add_argument("--out", default=str(RESULTS_DIR / "residency.json"))
     return p.parse_args(argv)
 
@@ -51,6 +54,7 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     model = planner_decoder(a)
     link = {"cpu_link_bytes_per_s": a.link_gbps * 1e9, "cpu_link_duplex": a.duplex}
+    train = {**link, "grad_accum_steps": a.grad_accum}
     with horizon.Trainer(copy.deepcopy(model), horizon.TrainConfig(**link)) as t:
         profile = median_profile([measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
                                                   batch_size=a.batch, seq_len=a.seq, reps=3, warmup=1)
@@ -60,7 +64,7 @@ def main(argv=None) -> None:
     streamed = solve_mip(profile, budget)
     resident = add_resident(profile, streamed, budget)
     solutions = {"streamed": streamed, "resident": resident}
-    runs = PlanSwitch(copy.deepcopy(model), link, {n: to_plan(profile, s) for n, s in solutions.items()})
+    runs = PlanSwitch(copy.deepcopy(model), train, {n: to_plan(profile, s) for n, s in solutions.items()})
     g = torch.Generator().manual_seed(0)
     times = {name: [] for name in solutions}
     meter = CpuMeter().start()
@@ -68,7 +72,8 @@ def main(argv=None) -> None:
         batch = {"input_ids": torch.randint(0, a.vocab, (a.batch, a.seq), generator=g),
                  "labels": torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)}
         for name in solutions:
-            seconds, _ = runs.step(name, batch)
+            # StepMetrics.seconds is the update's so far: the last micro-batch's is the whole update's
+            seconds = [runs.step(name, batch)[0] for _ in range(a.grad_accum)][-1] / a.grad_accum
             if i >= a.warmup:
                 times[name].append(seconds)
     load = meter.stop()
