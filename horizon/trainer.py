@@ -223,7 +223,7 @@ class Trainer:
 
         self.engine.set_training(self.model.training)
         if first:  # the weights may have changed since the last window (an update, a resume, a hand edit)
-            self.engine.weights_may_change()
+            self.engine.pool.mark_stale()
         # One micro-batch divides by its own label count; several sum token losses and divide at the update.
         divisor = num_valid if cfg.grad_accum_steps == 1 else 1
         loss_sum, norm = self.engine.forward_backward(input_ids.to(self.device), labels.to(self.device), divisor,
@@ -237,7 +237,7 @@ class Trainer:
         device_norm = scalars[1] if norm is not None else None
         grad_norm, skipped = self._end_update(lr, micro.tokens, device_norm) if last else (None, False)
         if last:  # updates are on their way: a resident unit's buffer holds the old weights
-            self.engine.weights_may_change()
+            self.engine.pool.mark_stale()
         micro.seconds += time.perf_counter() - start_s
         errors = self.checkpoints.after_step(updated=last and not skipped)
         metrics = StepMetrics(step=self.global_step, loss=micro.loss_sum / micro.tokens, tokens=micro.tokens,
@@ -281,7 +281,7 @@ class Trainer:
         were loaded, so resident units are loaded again."""
         self.global_step, self.skipped_steps, self.tokens_seen = step, skipped_steps, tokens_seen
         self._micro = _MicroBatches()
-        self.engine.weights_may_change()
+        self.engine.pool.mark_stale()
 
     def param_names(self) -> list[list[str]]:
         """Per unit, the model's names of its own parameters in store order."""

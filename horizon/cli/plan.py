@@ -4,7 +4,8 @@ Why offline: solving needs only the measured costs (``horizon profile``), not th
 plan can be chosen, read and reviewed before a run, for as many budgets as you like. Prints per
 block the fractions of its rows kept, swapped and recomputed, the device bytes it holds until its backward and the predicted seconds of its
 positions in the step, the units kept resident on the device with the memory left over, then the
-predicted step time and peak against all-RECOMPUTE and all-KEEP; ``--out`` saves a plan JSON that ``TrainConfig(plan="plan.json")`` executes.
+predicted step time and peak against all-RECOMPUTE and all-KEEP; ``--out`` saves a plan JSON that
+``TrainConfig(plan="plan.json")`` executes.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ The copies (weights in, restores in, gradients out) are ``traffic.py``'s; this m
 and issues a block's offloads as its forward runs.
 
 The order of units in one step is ``embedding, block 0 … block N-1, head, block N-1 … block 0,
-embedding``; ``assign_slots`` maps it onto the slots once per step.
+embedding``; ``SlotPool.uses`` (``assign_slots``) maps it onto the slots once per step.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from horizon.engine.cpu_heap import keep_freed_memory_mapped
 from horizon.engine.ledger import DeviceLedger
 from horizon.engine.loss import head_forward_backward
 from horizon.engine.plan import Plan
-from horizon.engine.slots import SlotPool, SlotUse, assign_slots
+from horizon.engine.slots import SlotPool
 from horizon.engine.swap import SwappedGraph
 from horizon.engine.sharded import Collectives, ShardedIO
 from horizon.engine.sweep import Sweep, nbytes_of
@@ -61,7 +61,8 @@ class Engine:
         self.device, self.transfer = device, transfer
         plan.check_names([s.name for s in specs if s.kind is UnitKind.BLOCK])
         self.pool = SlotPool([s.module for s in specs], [unit.layout for unit in store.units], num_slots=plan.num_slots,
-                             device=device, dtype=store.compute_dtype, world_size=store.world_size if collectives else 1,
+                             device=device, dtype=store.compute_dtype,
+                             world_size=store.world_size if collectives else 1,
                              resident=plan.resident_units([s.name for s in specs]))
         self.sharded = None if collectives is None else ShardedIO(store, self.pool, collectives=collectives,
                                                                   transfer=transfer, device=device)
@@ -84,23 +85,6 @@ class Engine:
         ``grads``: for ``store.streamed`` units (SSDConfig(weights=True)), where their compute copies are read
         from and where their gradients land, instead of the store's buffers."""
         self.vocab_size = specs[-1].module.head.out_features
-        self._fresh: set[int] = set()
-        """Resident units whose device buffer holds the weights the store has now (loaded since
-        ``weights_may_change``): their next sweep does not load them again."""
-
-    def weights_may_change(self) -> None:
-        """Load every resident unit again at its next use: the trainer calls it when an update window ends
-        (its updates are submitted) and starts (a hand edit between windows), and after a resume."""
-        self._fresh.clear()
-
-    def step_uses(self, order: list[int]) -> list[SlotUse]:
-        """``assign_slots`` for a sweep over ``order``, without the loads of resident units already fresh;
-        after it every resident unit is fresh (a sweep that fails calls ``weights_may_change``)."""
-        uses = assign_slots(order, self.pool.num_slots, self.pool.resident)
-        uses = [SlotUse(use.slot, False) if use.load and unit in self._fresh else use
-                for unit, use in zip(order, uses)]
-        self._fresh.update(self.pool.resident)
-        return uses
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -125,15 +109,15 @@ class Engine:
                 for u, s in enumerate(self.specs) if s.kind is UnitKind.BLOCK}
         order = list(range(num_units)) + list(range(num_units - 2, -1, -1))
         sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=loss_divisor, order=order,
-                       uses=self.step_uses(order), next_restore=num_units,
+                       uses=self.pool.uses(order), next_restore=num_units,
                        load_after=load_after, grads_sent=grads_sent, extras=extras or {}, rows=rows)
         if grad_norm:
             sweep.norm_sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.traffic.start(sweep)
         try:
+            self.traffic.start(sweep)
             self._sweep(sweep)
         except BaseException:
-            self.weights_may_change()
+            self.pool.mark_stale()  # a resident unit's load may not have happened
             self.traffic.abandon(sweep)
             raise
         self.traffic.drain(sweep)

@@ -45,11 +45,11 @@ def forward_loss_sum(engine: Engine, input_ids: torch.Tensor, labels: torch.Tens
     ``load_after(unit)``: the future a copy of ``unit``'s weights must wait for (its pending update)."""
     order = list(range(len(engine.specs)))
     sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
-                   uses=engine.step_uses(order), load_after=load_after, extras=extras or {})
+                   uses=engine.pool.uses(order), load_after=load_after, extras=extras or {})
     try:
         return _sweep(engine, sweep, input_ids, labels)
     except BaseException:
-        engine.weights_may_change()  # a resident unit's load may not have happened
+        engine.pool.mark_stale()  # a resident unit's load may not have happened
         raise
 
 

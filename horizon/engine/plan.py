@@ -74,7 +74,8 @@ class Plan:
     """Device buffers for unit weights: 2 = double buffering, more = deeper prefetch."""
     resident: tuple[str, ...] = ()
     """Units (any: ``embed_tokens``, ``layers.3``, ``lm_head``) with a device buffer of their own: copied in
-    once per step, after their update, instead of once for the forward and once more for the backward."""
+    once per update (after it; a step without accumulation), instead of once for the forward and once more
+    for the backward of every step."""
     loss_chunk_tokens: int | None = None
     """Tokens per loss-head chunk; None = as many as fit 256 MiB of fp32 logits."""
     round_rows: bool = False

@@ -6,7 +6,8 @@ that slot. Loading a unit is one copy into a slot; binding is aliasing, never a 
 Which slot each load goes to is decided once per step by ``assign_slots`` from the known order
 of units, so a unit still in a slot (the last block, used on both sides of the loss head) is not
 copied again. A unit the plan makes resident (``Plan.resident``) has a buffer of its own, sized to
-it: loaded once per step, before its forward, and used again by its backward without a copy.
+it: loaded before its forward and used again by its backward without a copy (and, between the
+micro-batches of one update, not loaded again: ``SlotPool.uses``).
 """
 
 from __future__ import annotations
@@ -121,7 +122,23 @@ class SlotPool:
             self._key_of.append(keys[key])
         streamed = {self._key_of[u] for u in range(len(layouts)) if u not in self.resident}
         self._templates = {(s, k): self._build(s, k) for s in range(num_slots) for k in sorted(streamed)}
-        self._templates.update({(s, self._key_of[u]): self._build(s, self._key_of[u]) for u, s in self.resident.items()})
+        for unit, slot in self.resident.items():
+            self._templates[slot, self._key_of[unit]] = self._build(slot, self._key_of[unit])
+        self._fresh: set[int] = set()
+        """Resident units whose buffer holds the weights the store has now (loaded since ``mark_stale``)."""
+
+    def uses(self, order: list[int]) -> list[SlotUse]:
+        """``assign_slots`` for a sweep over ``order``, without the loads of resident units still fresh;
+        after it every resident unit is fresh (a sweep that fails calls ``mark_stale``)."""
+        uses = assign_slots(order, self.num_slots, self.resident)
+        uses = [SlotUse(use.slot, False) if use.load and unit in self._fresh else use for unit, use in zip(order, uses)]
+        self._fresh.update(self.resident)
+        return uses
+
+    def mark_stale(self) -> None:
+        """Load every resident unit again at its next use: the trainer calls it when an update window ends
+        (its updates are submitted) and starts (a hand edit between windows), and after a resume."""
+        self._fresh.clear()
 
     @property
     def slot_bytes(self) -> int:

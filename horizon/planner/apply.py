@@ -151,8 +151,8 @@ def describe(solution: Solution, budget_bytes: int) -> str:
     counts = collections.Counter(_kind(c) for c in solution.choices.values())
     blocks = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     resident = f" and {len(solution.resident)} resident units" if solution.resident else ""
-    return (f"{blocks} blocks, {solution.num_slots} slots{resident}; predicted {solution.step_s:.4g} s/step and a device "
-            f"peak of {solution.peak_bytes:,} of {budget_bytes:,} bytes (solved in {solution.solve_s:.2f} s)")
+    return (f"{blocks} blocks, {solution.num_slots} slots{resident}; predicted {solution.step_s:.4g} s/step and "
+            f"a device peak of {solution.peak_bytes:,} of {budget_bytes:,} bytes (solved in {solution.solve_s:.2f} s)")
 
 
 def _measured_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,

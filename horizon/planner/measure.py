@@ -256,8 +256,8 @@ def _with_update_times(costs: list[UnitCost], layouts, compute_dtype: torch.dtyp
     every, overlap = optimizer_threads(), overlap_threads()
     rate = update_s_per_param(compute_dtype, total_params=sum(layout.numel for layout in layouts),
                               threads=tuple(sorted({every, overlap})))
-    return [dataclasses.replace(cost, update_s=layout.numel * rate[every], update_overlap_s=layout.numel * rate[overlap])
-            for cost, layout in zip(costs, layouts)]
+    return [dataclasses.replace(cost, update_s=layout.numel * rate[every],
+                                update_overlap_s=layout.numel * rate[overlap]) for cost, layout in zip(costs, layouts)]
 
 
 def median_profile(profiles: list[Profile]) -> Profile:

@@ -3,13 +3,14 @@
 Why: the simulator (which replays one plan) and the MIP (which chooses among all of them) must
 agree with the engine, and with each other, about what is copied, computed, held and let go,
 and when. ``events`` walks ``Engine.forward_backward`` once: weights issued ``num_slots - 1``
-positions ahead (a resident unit's only before its forward), restores as far ahead, each block's offload drained during the next unit,
-at most two units of gradients in flight; a copy also costs the compute beside it its bytes times
-``Profile.copy_compute_s_per_byte``. Compute is in measured seconds: ``Profile.compute_scale`` applies
-where a plan is priced (``simulate.py``), so one event list serves every scale (``calibrate.py``). Every amount is a ``Term``: a sum of coefficients,
-each counted always (unit None) or only when the named block has the named ``Choice`` (a
-policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a number; over the
-MIP's 0/1 variables it is a linear expression.
+positions ahead (a resident unit's only before its forward), restores as far ahead, each block's
+offload drained during the next unit, at most two units of gradients in flight; a copy also
+costs the compute beside it its bytes times ``Profile.copy_compute_s_per_byte``. Compute is in
+measured seconds: ``Profile.compute_scale`` applies where a plan is priced (``simulate.py``), so
+one event list serves every scale (``calibrate.py``). Every amount is a ``Term``: a sum of
+coefficients, each counted always (unit None) or only when the named block has the named
+``Choice`` (a policy and a row fraction, ``choice.py``). Evaluated for one plan a term is a
+number; over the MIP's 0/1 variables it is a linear expression.
 """
 
 from __future__ import annotations

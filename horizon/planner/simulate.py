@@ -23,7 +23,8 @@ from horizon.planner.choice import Choice, as_choice, choices
 from horizon.planner.profile import Profile
 from horizon.planner.schedule import Event, Term, events, value
 
-__all__ = ["Prediction", "simulate", "priced", "replay", "Priced", "model_step_s", "memory_rows", "peak_bytes", "intervals", "Interval", "chooser"]
+__all__ = ["Prediction", "simulate", "priced", "replay", "Priced", "model_step_s", "memory_rows", "peak_bytes",
+           "intervals", "Interval", "chooser"]
 
 Policies = Mapping[int, P | Choice]
 """A plan as the planner sees it: the policy (or policy and row fraction) of every block, by unit index."""
