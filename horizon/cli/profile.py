@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(0)
     profiles, steps_s = [], []
     with horizon.Trainer(model, config) as trainer:
+        pinned = trainer.store.pinned
         for i in range(_WARMUP_ROUNDS + args.rounds):
             trainer.updater.wait_all()  # the units' weights stay put while they are timed
             profile = measure_profile(trainer.engine.specs, trainer.store, device=trainer.device,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                                   update_schedule=config.update_schedule)
     record = {"format": FORMAT, "model": spec.description, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "device": args.device, "cpu_link_bytes_per_s": link,
-              "cpu_link_duplex": args.cpu_link_duplex, "torch": torch.__version__,
+              "cpu_link_duplex": args.cpu_link_duplex, "pinned": pinned, "torch": torch.__version__,
               "calibration": {"plan": "recompute", "num_slots": 2, "measured_step_s": measured_s},
               "profile": profile.to_dict()}
     with open(args.out, "w") as f:
@@ -104,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{spec.description}: {len(profile.blocks)} blocks at {args.batch_size} x {args.seq_len} tokens on "
           f"{args.device}; all-RECOMPUTE step {measured_s:.4f} s measured, compute scale "
-          f"{profile.compute_scale:.2f}; link {profile.link_bytes_per_s / 1e9:.2f} GB/s")
+          f"{profile.compute_scale:.2f}; link {profile.link_bytes_per_s / 1e9:.2f} GB/s from the "
+          f"{'pinned' if pinned else 'pageable'} store, {profile.pageable_link_bytes_per_s / 1e9:.2f} GB/s "
+          "from pageable memory")
     print(f"wrote {args.out}")
     return 0
 

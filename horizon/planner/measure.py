@@ -129,6 +129,7 @@ def measure_profile(specs: list[UnitSpec], store: HostStore, *, device: torch.de
     costs = _with_update_times(costs, layouts, store.compute_dtype)
     return Profile(units=tuple(costs), hidden_bytes=hidden.numel() * hidden.element_size(),
                    slot_bytes=pool.slot_bytes, link_bytes_per_s=_link_bytes_per_s(transfer, store, slot, device),
+                   pageable_link_bytes_per_s=_pageable_bytes_per_s(transfer, store, slot, device),
                    duplex=transfer.duplex, tokens=batch_size * seq_len, fractions=levels,
                    copy_compute_s_per_byte=copy_cost)
 
@@ -241,8 +242,19 @@ def _time_embedding(spec: UnitSpec, template, params, ids, median_s) -> dict:
 
 
 def _link_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, device: torch.device) -> float:
-    """Bandwidth of one host-to-device copy of the largest unit, through the engine's transfer."""
-    src = max((u.compute for u in store.units), key=lambda t: t.numel())
+    """Bandwidth of one host-to-device copy of the largest unit from the store, through the engine's transfer."""
+    return _copy_rate(transfer, max((u.compute for u in store.units), key=lambda t: t.numel()), slot, device)
+
+
+def _pageable_bytes_per_s(transfer: Transfer, store: HostStore, slot: torch.Tensor, device: torch.device) -> float:
+    """The same copy from pageable memory (a fresh buffer of up to ``COPY_PROBE_BYTES``): what the link gives
+    when pinning fails or is off (``TrainConfig(pin_memory=False)``)."""
+    largest = max((u.compute for u in store.units), key=lambda t: t.numel())
+    src = torch.ones(min(largest.numel(), COPY_PROBE_BYTES // largest.element_size()), dtype=largest.dtype)
+    return _copy_rate(transfer, src, slot, device)
+
+
+def _copy_rate(transfer: Transfer, src: torch.Tensor, slot: torch.Tensor, device: torch.device) -> float:
     dst = slot[:src.numel()]
 
     def copy() -> None:
@@ -280,4 +292,6 @@ def median_profile(profiles: list[Profile]) -> Profile:
                   for i, u in enumerate(first.units))
     return dataclasses.replace(first, units=units,
                                link_bytes_per_s=statistics.median(p.link_bytes_per_s for p in profiles),
+                               pageable_link_bytes_per_s=statistics.median(p.pageable_link_bytes_per_s
+                                                                           for p in profiles),
                                copy_compute_s_per_byte=statistics.median(p.copy_compute_s_per_byte for p in profiles))

@@ -87,7 +87,10 @@ class Profile:
     slot_bytes: int
     """One device slot: the largest unit's weights."""
     link_bytes_per_s: float
-    """Host↔device bandwidth of the copy engine."""
+    """Host↔device bandwidth of the copy engine, from the store's buffers (pinned where the store is)."""
+    pageable_link_bytes_per_s: float = 0.0
+    """The same from pageable host memory (0: not measured): what unpinned buffers would get. Informational:
+    every buffer the engine copies is pinned or not as the store is, which ``link_bytes_per_s`` measured."""
     duplex: bool = False
     """True: host-to-device and device-to-host copies run at once (two CUDA copy engines, or the CPU
     transfer's two threads with ``cpu_link_duplex``); False: one queue for both."""
@@ -128,6 +131,9 @@ class Profile:
                                  f"({len(self.fractions)}), got lengths {sorted(lengths)}")
         if not self.compute_scale > 0:
             raise ValueError(f"Profile.compute_scale must be positive, got {self.compute_scale}")
+        if not self.pageable_link_bytes_per_s >= 0:
+            raise ValueError(f"Profile.pageable_link_bytes_per_s must be >= 0, got "
+                             f"{self.pageable_link_bytes_per_s}")
         if not self.copy_compute_s_per_byte >= 0:
             raise ValueError(f"Profile.copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
         if self.update_schedule not in UPDATE_SCHEDULES:

@@ -41,6 +41,10 @@ def test_profile_file_holds_exact_bytes_and_its_calibration(profile_path):
     assert [u.name for u in profile.units] == ["embed_tokens", *(f"layers.{i}" for i in range(LAYERS)), "lm_head"]
     assert profile.hidden_bytes == BATCH * SEQ * dim * 4 and profile.tokens == BATCH * SEQ
     assert record["cpu_link_duplex"] and profile.duplex  # the link was measured as two copy engines
+    # On the CPU nothing is pinned: the store's link and a copy from fresh pageable memory of the same size
+    # are both the throttled transfer.
+    assert record["pinned"] is False
+    assert 0.67 < profile.pageable_link_bytes_per_s / profile.link_bytes_per_s < 1.5
     block_bytes = sum(p.numel() for p in tiny_decoder(num_layers=LAYERS).layers[0].parameters()) * 4
     assert all(profile.units[u].weight_bytes == block_bytes for u in profile.blocks)
     # The compute scale makes the simulator reproduce the measured all-RECOMPUTE step, timed with no update
