@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 
 import torch
 
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
         profile = median_profile([measure_profile(t.engine.specs, t.store, device=t.device, transfer=t.transfer,
                                                   batch_size=a.batch, seq_len=a.seq, reps=3, warmup=1)
                                   for _ in range(3)])
+    profile = dataclasses.replace(profile, accumulation=a.grad_accum)  # resident units load once per update
     keep_peak = simulate(profile, {u: P.KEEP for u in profile.blocks}, 2).peak_bytes
     budget = keep_peak + a.spare_blocks * profile.units[1].weight_bytes
     streamed = solve_mip(profile, budget)

@@ -69,7 +69,8 @@ def plan_for_batch(trainer, input_ids: torch.Tensor, labels: torch.Tensor, extra
                          recompute_step_s=recompute_step_s if first else None,
                          compute_scale=None if first else trainer.plan_profile.compute_scale,
                          cache_dir=trainer.config.profile_cache_dir,
-                         update_schedule=trainer.config.update_schedule)
+                         update_schedule=trainer.config.update_schedule,
+                         accumulation=trainer.config.grad_accum_steps)
 
     dp = trainer.data_parallel
     plan, trainer.plan_profile, trainer.plan_solution = dp.from_rank_zero(solve) if dp is not None else solve()

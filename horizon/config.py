@@ -210,11 +210,9 @@ class TrainConfig:
 
     @property
     def update_schedule(self) -> str:
-        """How the planner's simulator meets the optimizer (``Profile.update_schedule``): "eager" or
-        "deferred" as the updater runs them; "none" with accumulation (one update per several steps)."""
-        if self.eager_updates:
-            return "eager"
-        return "deferred" if self.grad_accum_steps == 1 else "none"
+        """How the planner's simulator meets the optimizer (``Profile.update_schedule``, with
+        ``Profile.accumulation = grad_accum_steps``): "eager" or "deferred", as the updater runs them."""
+        return "eager" if self.eager_updates else "deferred"
 
     @property
     def resolved_plan(self) -> Plan:

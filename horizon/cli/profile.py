@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     # Each step was timed with no update pending (wait_all before each round): calibrated without the
     # optimizer, then the profile meets the optimizer as a run of this configuration does.
     profile = dataclasses.replace(calibrate(profile, [(recompute, 2, measured_s)]),
-                                  update_schedule=config.update_schedule)
+                                  update_schedule=config.update_schedule, accumulation=config.grad_accum_steps)
     record = {"format": FORMAT, "model": spec.description, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "device": args.device, "cpu_link_bytes_per_s": link,
               "cpu_link_duplex": args.cpu_link_duplex, "pinned": pinned, "torch": torch.__version__,

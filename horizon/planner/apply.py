@@ -103,8 +103,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
 def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, transfer: Transfer,
               batch_size: int, seq_len: int, budget_bytes: int,
               recompute_step_s: Callable[[], float] | None = None, compute_scale: float | None = None,
-              cache_dir: str | os.PathLike | None = None,
-              update_schedule: str = "none") -> tuple[Plan, Profile, Solution]:
+              cache_dir: str | os.PathLike | None = None, update_schedule: str = "none",
+              accumulation: int = 1) -> tuple[Plan, Profile, Solution]:
     """Measure (or load from ``cache_dir``), calibrate, solve (the MIP; greedy if PuLP is not installed),
     spend the budget left on resident units (``residency.py``), and return the plan to execute.
 
@@ -112,7 +112,8 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
     when given, the profile's compute scale is fitted to it (``calibrate.py``), as ``horizon profile`` does.
     ``compute_scale``: a scale fitted before (at another batch shape), used as it is instead.
     ``cache_dir``: where measured profiles are kept per model shape and machine (``cache.py``); None = off.
-    ``update_schedule``: how the run's optimizer meets its steps (``TrainConfig.update_schedule``), simulated."""
+    ``update_schedule``, ``accumulation``: how the run's optimizer meets its steps (``TrainConfig.update_schedule``,
+    ``grad_accum_steps``), simulated."""
     from horizon.planner.calibrate import calibrate
 
     profile = _measured_profile(specs, store, device=device, transfer=transfer, batch_size=batch_size,
@@ -132,7 +133,7 @@ def auto_plan(specs: list[UnitSpec], store: HostStore, *, device: torch.device, 
     except ImportError:
         from horizon.planner.greedy import solve_greedy as solve
     # Calibrated on steps timed with no update pending (above), the profile now meets the run's optimizer.
-    profile = dataclasses.replace(profile, update_schedule=update_schedule)
+    profile = dataclasses.replace(profile, update_schedule=update_schedule, accumulation=accumulation)
     solution = add_resident(profile, solve(profile, budget_bytes), budget_bytes)
     log.info("plan='auto': %s", describe(solution, budget_bytes))
     return to_plan(profile, solution), profile, solution

@@ -108,10 +108,12 @@ class Profile:
     ``measure.py``). Not scaled by ``compute_scale``."""
     update_schedule: str = "none"
     """How the optimizer's updates meet the step (``optim/updater.py``): "eager" (each unit's update as
-    its gradient lands, on one worker), "deferred" (every update after the last gradient, in forward
-    order; global-norm clipping), or "none" (not simulated: a profile without update times, or a run
-    that accumulates gradients). The next step's load of a unit waits for its update. Not scaled by
-    ``compute_scale``."""
+    its gradient lands, on one worker), "deferred" (every update after the update's last gradient, in
+    forward order: global-norm clipping, accumulation), or "none" (not simulated). The next step's
+    load of a unit waits for its update. Not scaled by ``compute_scale``."""
+    accumulation: int = 1
+    """Micro-batches per update (``TrainConfig.grad_accum_steps``): a deferred update follows every
+    ``accumulation``-th step, and resident units are loaded by the first of them only."""
 
     def __post_init__(self) -> None:
         roles = [u.role for u in self.units]
@@ -136,6 +138,10 @@ class Profile:
                              f"{self.pageable_link_bytes_per_s}")
         if not self.copy_compute_s_per_byte >= 0:
             raise ValueError(f"Profile.copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
+        if isinstance(self.accumulation, bool) or not isinstance(self.accumulation, int) or self.accumulation < 1:
+            raise ValueError(f"Profile.accumulation must be an int >= 1, got {self.accumulation!r}")
+        if self.update_schedule == "eager" and self.accumulation > 1:
+            raise ValueError("Profile.update_schedule='eager' updates every step: it needs accumulation=1")
         if self.update_schedule not in UPDATE_SCHEDULES:
             raise ValueError(f"Profile.update_schedule must be one of {UPDATE_SCHEDULES}, got {self.update_schedule!r}")
 

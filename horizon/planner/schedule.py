@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection
 
-from horizon.engine.slots import assign_slots
+from horizon.engine.slots import SlotUse, assign_slots
 from horizon.engine.traffic import GRADS_IN_FLIGHT
 from horizon.planner import choice as C
 from horizon.planner.choice import Choice
@@ -50,10 +50,11 @@ def _const(x: float) -> Term:
     return ((x, None, None),)
 
 
-def events(profile: Profile, num_slots: int, resident: Collection[int] = ()) -> list[Event]:
+def events(profile: Profile, num_slots: int, resident: Collection[int] = (), *, fresh: bool = False) -> list[Event]:
     """The program-order events of one step; each position starts with an "interval" event.
-    ``resident``: the units with a device buffer of their own (``Plan.resident``)."""
-    return _Walk(profile, num_slots, resident).run()
+    ``resident``: the units with a device buffer of their own (``Plan.resident``); ``fresh``: they hold
+    the current weights already (a micro-batch after an update's first: ``SlotPool.uses``), so they load nothing."""
+    return _Walk(profile, num_slots, resident, fresh).run()
 
 
 def shared_slot_bytes(profile: Profile, resident: Collection[int] = ()) -> float:
@@ -65,12 +66,14 @@ def shared_slot_bytes(profile: Profile, resident: Collection[int] = ()) -> float
 
 
 class _Walk:
-    def __init__(self, profile: Profile, num_slots: int, resident: Collection[int]) -> None:
+    def __init__(self, profile: Profile, num_slots: int, resident: Collection[int], fresh: bool) -> None:
         self.p, self.depth = profile, num_slots - 1
         n = len(profile.units)
         self.order = list(range(n)) + list(range(n - 2, -1, -1))
         self.resident = sorted(resident)
         self.uses = assign_slots(self.order, num_slots, {u: num_slots + i for i, u in enumerate(self.resident)})
+        if fresh:
+            self.uses = [SlotUse(use.slot, use.load and unit not in resident) for unit, use in zip(self.order, self.uses)]
         self.out: list[Event] = []
         self.copies = 0
         self.ready: dict[int, list[int]] = {}

@@ -7,8 +7,9 @@ queue states, so it uses ``model_step_s``: per position of the step, the longer 
 and the link time of the copies issued there (the epigraph form of Checkmate/MEMO-style
 planners). Brute force checks the MIP against ``model_step_s``; the simulator checks both.
 With a profile's update times (``Profile.update_schedule``) the replay also runs the optimizer's
-worker and replays three steps, so a unit's load waits for its update as in a run; the MIP's model
-leaves the optimizer out (it is the same for every plan but for what it hides).
+worker and replays three update windows (``Profile.accumulation`` steps each), so a unit's load waits
+for its update as in a run; the MIP's model leaves the optimizer out (it is the same for every plan
+but for what it hides).
 """
 
 from __future__ import annotations
@@ -58,16 +59,20 @@ class Prediction:
     """Time the copy queues were busy (summed over queues)."""
 
 
-_STEADY_STEPS = 3
-"""Steps replayed when updates are simulated: the first meets no pending update, the second meets the
-first's; the third's length is the steady state's (the eager schedule's backlog settles by then)."""
+_STEADY_UPDATES = 3
+"""Updates replayed when they are simulated: the first window meets no pending update, the second meets
+the first's; the third's length is the steady state's (the eager schedule's backlog settles by then)."""
 
 
 def simulate(profile: Profile, policies: Policies, num_slots: int, resident: Collection[int] = ()) -> Prediction:
-    """One step of the plan replayed (the last of ``_STEADY_STEPS`` when the profile's updates are simulated,
-    each unit's next load waiting for its update); ``resident``: the units with a device buffer of their own."""
+    """One step of the plan replayed: with updates simulated, the mean step of the last of ``_STEADY_UPDATES``
+    update windows (``Profile.accumulation`` steps each), each unit's next load waiting for its update;
+    ``resident``: the units with a device buffer of their own (loaded by a window's first step only)."""
     check_offered(profile, policies)
-    return replay(profile, priced(events(profile, num_slots, resident), policies))
+    first = priced(events(profile, num_slots, resident), policies)
+    if not resident or profile.accumulation == 1:
+        return replay(profile, first)
+    return replay(profile, first, priced(events(profile, num_slots, resident, fresh=True), policies))
 
 
 class Priced(NamedTuple):
@@ -89,15 +94,17 @@ def priced(step_events: list[Event], policies: Policies) -> list[Priced]:
             for e in step_events]
 
 
-def replay(profile: Profile, step_events: list[Priced]) -> Prediction:
-    """A plan's priced events replayed at the profile's compute scale, link and update schedule."""
-    run = _Replay(profile)
-    start = 0.0
-    for _ in range(1 if profile.update_schedule == "none" else _STEADY_STEPS):
+def replay(profile: Profile, first: list[Priced], rest: list[Priced] | None = None) -> Prediction:
+    """A plan's priced events replayed at the profile's compute scale, link and update schedule: ``first``
+    for an update window's first step, ``rest`` (default: the same) for its other steps."""
+    run, k = _Replay(profile), profile.accumulation
+    for _ in range(1 if profile.update_schedule == "none" else _STEADY_UPDATES):
         start = run.now
-        run.step(step_events)
-    return Prediction(step_s=run.now - start, peak_bytes=int(round(run.peak)), compute_s=run.compute,
-                      link_busy_s=run.busy)
+        run.compute = run.busy = 0.0
+        for micro in range(k):
+            run.step(first if micro == 0 or rest is None else rest, last=micro == k - 1)
+    return Prediction(step_s=(run.now - start) / k, peak_bytes=int(round(run.peak)), compute_s=run.compute / k,
+                      link_busy_s=run.busy / k)
 
 
 class _Replay:
@@ -105,14 +112,13 @@ class _Replay:
 
     def __init__(self, profile: Profile) -> None:
         self.p = profile
-        self.now = self.peak = 0.0
+        self.now = self.peak = self.compute = self.busy = 0.0
         self.free = {"h2d": 0.0, "d2h": 0.0}
         self.updater_free = 0.0
         self.updated: dict[int, float] = {}  # by unit: when its last update ends (its next load waits)
 
-    def step(self, step_events: list[Priced]) -> None:
-        """One step's events; the counters (compute, link busy) are this step's."""
-        self.compute = self.busy = 0.0
+    def step(self, step_events: list[Priced], *, last: bool) -> None:
+        """One step's events (``last``: the update window's last, whose deferred updates follow it)."""
         ends: dict[int, float] = {}
         held: dict[object, float] = {}
         current = 0.0
@@ -134,7 +140,7 @@ class _Replay:
                 self.peak = max(self.peak, current)
             elif e.kind == "release":
                 current -= held.pop(e.key)
-        if self.p.update_schedule == "deferred":  # the norm is known: every update, in forward order
+        if last and self.p.update_schedule == "deferred":  # the norm is known: every update, in forward order
             for unit in range(len(self.p.units)):
                 self._update(unit, self.now)
 

@@ -15,10 +15,11 @@ import torch
 import horizon
 from helpers import batches
 from horizon.models import Decoder, decoder_config
-from horizon.planner import Profile, simulate
+from horizon.planner import Profile, simulate, solve_mip
 from horizon.planner.calibrate import calibrate
 from horizon.planner.choice import as_choice
 from horizon.planner.measure import measure_profile
+from horizon.planner.residency import add_resident
 from horizon.planner.schedule import value
 from horizon.planner.simulate import chooser, intervals
 from test_planner import synthetic
@@ -38,20 +39,43 @@ def _forward_compute_s(profile: Profile, policies, slots: int) -> float:
     return sum(value(iv.compute, choose) for iv in positions)
 
 
+@pytest.mark.parametrize("accumulation", [1, 3])
 @pytest.mark.parametrize("seed", range(8))
-def test_a_deferred_step_is_the_update_chain_then_the_head_and_backward(seed):
+def test_a_deferred_step_is_the_update_chain_then_the_head_and_backward(seed, accumulation):
     """With a free link and every update longer than any forward, the forward of unit u starts when update
-    u of the previous step ends: the step is Σ updates + (head and backward) exactly."""
+    u of the previous window ends: a window is Σ updates + (head and backward) + its other steps, exactly;
+    the prediction is its mean step."""
     rng = random.Random(seed)
     base = dataclasses.replace(synthetic(rng, rng.randint(2, 5)), link_bytes_per_s=1e18)
     policies = {u: rng.choice([P.KEEP, P.RECOMPUTE, P.SWAP]) for u in base.blocks}
     slots = rng.choice([2, 3])
     c = 1.0  # seconds: far above any synthetic unit's compute
     alone = simulate(base, policies, slots).step_s
-    deferred = simulate(_with_updates(base, "deferred", c), policies, slots).step_s
-    n = len(base.units)
-    assert deferred == pytest.approx(n * c + alone - _forward_compute_s(base, policies, slots), rel=1e-9)
-    assert simulate(_with_updates(base, "deferred", 0.0), policies, slots).step_s == pytest.approx(alone, rel=1e-12)
+    slow = dataclasses.replace(_with_updates(base, "deferred", c), accumulation=accumulation)
+    n, k = len(base.units), accumulation
+    window = n * c + alone - _forward_compute_s(base, policies, slots) + (k - 1) * alone
+    assert simulate(slow, policies, slots).step_s == pytest.approx(window / k, rel=1e-9)
+    free = dataclasses.replace(_with_updates(base, "deferred", 0.0), accumulation=accumulation)
+    assert simulate(free, policies, slots).step_s == pytest.approx(alone, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_accumulation_residency_pays_on_a_duplex_link(seed):
+    """On a duplex link a backward position's gradient going out takes as long as the weights coming in,
+    so residency saves little in one step; with 4 micro-batches per update a resident unit's copies are
+    gone from 3 of them, forward and backward, and the planner prices that (``Profile.accumulation``)."""
+    rng = random.Random(seed)
+    profile = synthetic(rng, 4, link=2e7, duplex=True)
+    base = solve_mip(profile, 10**12)
+    one = add_resident(profile, base, 10**12)
+    four = dataclasses.replace(profile, accumulation=4)
+    out = add_resident(four, base, 10**12)
+    assert out.resident and len(out.resident) >= len(one.resident)
+    assert simulate(four, out.choices, out.num_slots, out.resident).step_s < \
+        simulate(four, base.choices, base.num_slots).step_s
+    # without resident units every micro-batch is the same step
+    assert simulate(four, base.choices, base.num_slots).step_s == pytest.approx(
+        simulate(profile, base.choices, base.num_slots).step_s, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -66,9 +90,14 @@ def test_an_eager_step_is_bounded_by_the_updaters_work(seed):
     assert eager.peak_bytes == simulate(base, policies, 2).peak_bytes  # host-side work holds no device bytes
 
 
-def test_profiles_refuse_an_unknown_schedule():
+def test_profiles_refuse_an_unknown_schedule_and_eager_accumulation():
+    profile = synthetic(random.Random(0), 2)
     with pytest.raises(ValueError, match="update_schedule"):
-        dataclasses.replace(synthetic(random.Random(0), 2), update_schedule="lazy")
+        dataclasses.replace(profile, update_schedule="lazy")
+    with pytest.raises(ValueError, match="accumulation=1"):
+        dataclasses.replace(profile, update_schedule="eager", accumulation=2)
+    with pytest.raises(ValueError, match="int >= 1"):
+        dataclasses.replace(profile, accumulation=0)
 
 
 BATCH, SEQ, VOCAB, LINK = 4, 64, 1024, 0.5e9
