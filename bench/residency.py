@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duplex", action="store_true", help="a copy queue per direction (a GPU's two copy engines)")
     p.add_argument("--spare-blocks", type=int, default=16, help="budget above all-KEEP's peak, in blocks' weights")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per update: the plans take turns by update, a step's time is the mean of its micro-batches")
+                   help="micro-batches per update: the plans take turns by update, a step's time is the mean of "
+                        "its micro-batches")
     p.add_argument("--out", default=str(RESULTS_DIR / "residency.json"))
     return p.parse_args(argv)
 

@@ -11,6 +11,7 @@ predicted step time and peak against all-RECOMPUTE and all-KEEP; ``--out`` saves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from horizon.cli.estimate import parse_bytes
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solver", default="mip", choices=["mip", "greedy"], help="MIP (HiGHS or CBC) or greedy")
     parser.add_argument("--slots", default="2,3", help="slot counts to consider (comma-separated counts, each >= 2)")
     parser.add_argument("--time-limit", type=float, default=30.0, help="MIP time limit per slot count (seconds)")
+    parser.add_argument("--grad-accum", type=int, default=None,
+                        help="micro-batches per update the run will use (count; default: the profile's); "
+                             "resident units are then loaded once per update")
     parser.add_argument("--out", help="plan JSON to write, for TrainConfig(plan=...) (path)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
@@ -49,6 +53,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--budget must be positive, got {args.budget}")
     if not args.time_limit > 0:
         parser.error(f"--time-limit must be positive seconds, got {args.time_limit}")
+    if args.grad_accum is not None and args.grad_accum < 1:
+        parser.error(f"--grad-accum must be at least 1, got {args.grad_accum}")
 
 
 def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: int,
@@ -67,6 +73,9 @@ def unit_seconds(profile: Profile, policies: dict[int, P | Choice], num_slots: i
 
 def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
+    if args.grad_accum is not None:  # accumulation updates after the window (the deferred schedule)
+        schedule = "deferred" if args.grad_accum > 1 and profile.update_schedule == "eager" else profile.update_schedule
+        profile = dataclasses.replace(profile, accumulation=args.grad_accum, update_schedule=schedule)
     solve = solve_mip if args.solver == "mip" else solve_greedy
     solution = add_resident(profile, solve(profile, args.budget, num_slots=args.slot_options,
                                            time_limit_s=args.time_limit), args.budget)
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = simulate(profile, choices, solution.num_slots, solution.resident)
     seconds = unit_seconds(profile, choices, solution.num_slots, solution.resident)
     report = {"budget_bytes": args.budget, "solver": args.solver, "num_slots": solution.num_slots,
+              "accumulation": profile.accumulation,
               "resident": [profile.units[u].name for u in solution.resident],
               "optimal": solution.optimal, "solve_s": solution.solve_s,
               "model_step_s": solution.step_s, "simulated_step_s": chosen.step_s, "peak_bytes": solution.peak_bytes,

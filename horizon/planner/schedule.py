@@ -73,7 +73,8 @@ class _Walk:
         self.resident = sorted(resident)
         self.uses = assign_slots(self.order, num_slots, {u: num_slots + i for i, u in enumerate(self.resident)})
         if fresh:
-            self.uses = [SlotUse(use.slot, use.load and unit not in resident) for unit, use in zip(self.order, self.uses)]
+            self.uses = [SlotUse(use.slot, use.load and unit not in resident)
+                         for unit, use in zip(self.order, self.uses)]
         self.out: list[Event] = []
         self.copies = 0
         self.ready: dict[int, list[int]] = {}

@@ -105,6 +105,23 @@ def test_a_slow_link_and_memory_to_spare_make_units_resident(profile_path, tmp_p
         assert t.memory().device_peak_bytes == r["peak_bytes"] and t.memory().resident_bytes > 0
 
 
+def test_grad_accum_prices_resident_units_loaded_once_per_update(profile_path, tmp_path, capsys):
+    """--grad-accum K plans for K micro-batches per update: the prediction is the mean step of such a window
+    (resident units loaded by its first step only), as the simulator gives it for that profile."""
+    profile = load_profile(str(profile_path))
+    budget = 4 * simulate(profile, {u: P.KEEP for u in profile.blocks}, 3).peak_bytes
+    rc, r = _plan_json(capsys, ["plan", "--profile", str(profile_path), "--budget", str(budget), "--grad-accum", "4"])
+    assert rc == 0 and r["accumulation"] == 4
+    windowed = dataclasses.replace(profile, accumulation=4)
+    policies = {u: RowSplit(row["keep"], row["swap"], row["input_on_device"])
+                for u, row in zip(profile.blocks, r["units"])}
+    resident = [u for u, unit in enumerate(profile.units) if unit.name in r["resident"]]
+    predicted = simulate(windowed, policies, r["num_slots"], resident).step_s
+    assert r["simulated_step_s"] == pytest.approx(predicted, rel=1e-9)
+    with pytest.raises(SystemExit):
+        main(["plan", "--profile", str(profile_path), "--budget", str(budget), "--grad-accum", "0"])
+
+
 def test_table_names_every_block_and_both_baselines(profile_path, capsys):
     profile = load_profile(str(profile_path))
     budget = simulate(profile, {u: P.KEEP for u in profile.blocks}, 3).peak_bytes
