@@ -141,6 +141,31 @@ def test_injected_delays_change_no_number(monkeypatch, where):
     assert _err(stormy[1], calm[1]) <= 1e-4
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resident_units_on_cuda_change_no_number(monkeypatch, grad_accum):
+    """A resident unit's buffer is written once per update (each step without accumulation) and read by
+    its forward and its backward: with the compute stream slowed before each block, a load that did not
+    wait for the last read of the buffer, or a micro-batch that skipped a load it needed, would show."""
+    from horizon.models import units as units_module
+
+    model = tiny_decoder(num_layers=4, dim=128, num_heads=4, num_kv_heads=2, ffn_dim=256)
+    data = batches(4, seq=64)
+    keep = dict(default=horizon.ActivationPolicy.KEEP)
+    streamed = _horizon(model, data, plan=horizon.Plan(**keep), grad_accum_steps=grad_accum)
+    block = units_module._call_block
+
+    def slow_block(module, x):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU busy-wait on the compute stream
+        return block(module, x)
+
+    monkeypatch.setattr(units_module, "_call_block", slow_block)
+    plan = horizon.Plan(**keep, resident=("embed_tokens", "layers.0", "layers.3", "lm_head"))
+    resident = _horizon(model, data, plan=plan, grad_accum_steps=grad_accum)
+    assert max(abs(a - b) for a, b in zip(streamed[0], resident[0])) <= 1e-4
+    assert _err(resident[1], streamed[1]) <= 1e-4
+    assert resident[2].resident_bytes > 0
+
+
 def test_host_store_is_pinned():
     with horizon.Trainer(tiny_decoder(num_layers=2), horizon.TrainConfig(device="cuda")) as t:
         assert t.store.pinned
