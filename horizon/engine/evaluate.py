@@ -47,17 +47,17 @@ def forward_loss_sum(engine: Engine, input_ids: torch.Tensor, labels: torch.Tens
     sweep = Sweep(input_ids=input_ids, labels=labels, loss_divisor=1, order=order,
                    uses=engine.pool.uses(order), load_after=load_after, extras=extras or {})
     try:
-        return _sweep(engine, sweep, input_ids, labels)
+        return _sweep(engine, sweep)
     except BaseException:
         engine.pool.mark_stale()  # a resident unit's load may not have happened
         raise
 
 
-def _sweep(engine: Engine, sweep: Sweep, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _sweep(engine: Engine, sweep: Sweep) -> torch.Tensor:
     order, depth = sweep.order, engine.pool.num_slots - 1
     for position in range(min(depth, len(order))):
         engine.traffic.issue_weights(sweep, position)
-    hidden, loss_sum = input_ids, None
+    hidden, loss_sum = sweep.input_ids, None
     for position, unit in enumerate(order):
         if position + depth < len(order):
             engine.traffic.issue_weights(sweep, position + depth)
@@ -66,7 +66,7 @@ def _sweep(engine: Engine, sweep: Sweep, input_ids: torch.Tensor, labels: torch.
         spec, template = engine.specs[unit], engine.pool.template(sweep.uses[position].slot, unit)
         with torch.profiler.record_function(f"horizon.evaluate.{spec.name}"):
             if spec.kind is UnitKind.HEAD:
-                loss_sum = _head_loss_sum(lambda x: spec.call(template, x), hidden, labels,
+                loss_sum = _head_loss_sum(lambda x: spec.call(template, x), hidden, sweep.labels,
                                           engine.plan.loss_chunk(engine.vocab_size))
             else:
                 hidden = engine._call(sweep, unit, template, hidden)

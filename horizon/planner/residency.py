@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from horizon.engine.slots import assign_slots
 from horizon.planner.mip import Solution
 from horizon.planner.profile import Profile
 from horizon.planner.simulate import model_step_s, simulate
@@ -27,14 +28,12 @@ _GAIN_S = 1e-9
 """A resident unit must shorten the simulated step by more than this (a tie keeps the memory free)."""
 _WORTH = 0.01
 """Residency is searched only if every candidate resident at once saves this share of the step: below
-it the link hardly sets the step, and a search costs two replays per candidate (~0.05 s each at 80 blocks)."""
+it the link hardly sets the step, and a search costs two replays per candidate (~30 ms each at 80 blocks)."""
 
 
 def reloaded_units(profile: Profile, num_slots: int) -> list[int]:
     """The units a step copies to the device more than once with every unit streamed: the only ones
     whose residency saves a copy (the head runs once; a unit the slots hold at the turn is not reloaded)."""
-    from horizon.engine.slots import assign_slots
-
     n = len(profile.units)
     order = list(range(n)) + list(range(n - 2, -1, -1))
     loads = [u for u, use in zip(order, assign_slots(order, num_slots)) if use.load]
